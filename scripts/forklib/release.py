@@ -1,0 +1,178 @@
+"""The pin and the upstream release it names: fetch with pip, check the sha256, read the files.
+
+The pin (``upstream.json`` at the repository root) names the upstream version, the release file
+on the package index with its sha256, and the git tag and commit of the same release.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+PIN_FILE = "upstream.json"
+PACKAGE = "diffusers"
+PREFIX = "src/diffusers/"  # where the package's files live, in the tree and in every patch
+
+
+class ForkError(Exception):
+    """Anything the fork tool refuses or cannot do; the message says what and why."""
+
+
+def load_pin(root: Path) -> dict:
+    path = Path(root) / PIN_FILE
+    try:
+        pin = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ForkError(f"no pin: {path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ForkError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in ("version", "file", "sha256", "tag", "fork_release") if k not in pin]
+    if missing:
+        raise ForkError(f"{path}: missing field(s) {', '.join(missing)}")
+    return pin
+
+
+def save_pin(root: Path, pin: dict) -> None:
+    (Path(root) / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
+
+
+def fork_version(pin: dict) -> str:
+    """PEP 440 local version: the upstream version plus our release number."""
+    return f"{pin['version']}+flash.{pin['fork_release']}"
+
+
+def describe(pin: dict) -> str:
+    return f"upstream diffusers {pin['version']} ({pin['file']}, sha256 {pin['sha256'][:12]}..., tag {pin['tag']})"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir(root: Path) -> Path:
+    return Path(os.environ.get("DIFFUSERS_FLASH_CACHE") or Path(root) / ".upstream")
+
+
+def check_hash(path: Path, expected: str) -> None:
+    actual = sha256(path)
+    if actual != expected:
+        raise ForkError(
+            f"release file {path} does not match the pin: expected sha256 {expected}, got {actual}; "
+            "refusing to use it (delete it to fetch again, or fix the pin)"
+        )
+
+
+def fetch(root: Path, version: str, filename: str, expected: str | None) -> Path:
+    """The release file in the cache, fetched with pip when absent; checked against ``expected``."""
+    cache = cache_dir(root)
+    path = cache / filename
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        _download(version, filename, cache)
+        if not path.exists():
+            raise ForkError(f"downloaded {PACKAGE}=={version} but {filename} is not among the files")
+    if expected:
+        check_hash(path, expected)
+    return path
+
+
+def _download(version: str, filename: str, dest: Path) -> None:
+    kind = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PIP_TARGET")}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp, f"{PACKAGE}=={version}"]
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            ok = res.returncode == 0 and (Path(tmp) / filename).exists()
+            err = res.stderr.strip().splitlines()[-1:] if res.returncode else []
+        except OSError as e:
+            ok, err = False, [str(e)]
+        if not ok:  # an environment without pip (uv): the index's JSON API
+            ok = _download_json_api(version, filename, Path(tmp))
+        if not ok:
+            raise ForkError(f"could not download {PACKAGE}=={version} ({filename}) with pip: {' '.join(err) or 'no such file'}")
+        shutil.move(str(Path(tmp) / filename), dest / filename)
+
+
+def _download_json_api(version: str, filename: str, dest: Path) -> bool:
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    base = index[: -len("/simple")] if index.endswith("/simple") else index
+    try:
+        with urllib.request.urlopen(f"{base}/pypi/{PACKAGE}/{version}/json", timeout=60) as r:
+            urls = json.load(r)["urls"]
+        url = next(u["url"] for u in urls if u["filename"] == filename)
+        with urllib.request.urlopen(url, timeout=120) as r, open(dest / filename, "wb") as f:
+            shutil.copyfileobj(r, f)
+        return True
+    except Exception:
+        return False
+
+
+def index_sha256(version: str, filename: str) -> str | None:
+    """The sha256 the index publishes for a release file (PyPI JSON API), or None offline."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    base = index[: -len("/simple")] if index.endswith("/simple") else index
+    try:
+        with urllib.request.urlopen(f"{base}/pypi/{PACKAGE}/{version}/json", timeout=60) as r:
+            urls = json.load(r)["urls"]
+        return next(u["digests"]["sha256"] for u in urls if u["filename"] == filename)
+    except Exception:
+        return None
+
+
+def read_release(path: Path) -> dict:
+    """The package's files in a release file (wheel or sdist), as ``src/diffusers/...`` -> text."""
+    path = Path(path)
+    files = {}
+    if path.name.endswith(".whl"):
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.filename.startswith(PACKAGE + "/") and not info.is_dir():
+                    files["src/" + info.filename] = z.read(info).decode("utf-8")
+    elif path.name.endswith((".tar.gz", ".tgz")):
+        with tarfile.open(path) as t:
+            for m in t.getmembers():
+                parts = m.name.split("/", 1)
+                if m.isfile() and len(parts) == 2 and parts[1].startswith(PREFIX):
+                    files[parts[1]] = t.extractfile(m).read().decode("utf-8")
+    else:
+        raise ForkError(f"{path}: not a wheel or sdist")
+    files = {k: v for k, v in files.items() if "__pycache__" not in k and not k.endswith((".pyc", ".ipynb"))}
+    if not files:
+        raise ForkError(f"{path}: holds no {PREFIX} files")
+    return files
+
+
+def read_git_tag(repo: str, tag: str) -> dict:
+    """The package's files at ``tag`` of an upstream git clone (README files left out, as the releases do)."""
+    try:
+        names = subprocess.run(["git", "-C", repo, "ls-tree", "-r", "--name-only", tag, "--", PREFIX],
+                               check=True, capture_output=True, text=True).stdout.split()
+    except subprocess.CalledProcessError as e:
+        raise ForkError(f"{repo}: no tag {tag} ({e.stderr.strip()})") from None
+    data = subprocess.run(["git", "-C", repo, "archive", "--format=tar", tag, "--", *names],
+                          check=True, capture_output=True).stdout
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            if m.isfile() and m.name.endswith(".py"):
+                files[m.name] = t.extractfile(m).read().decode("utf-8")
+    return files
+
+
+def pristine(root: Path, pin: dict | None = None) -> dict:
+    pin = pin or load_pin(root)
+    return read_release(fetch(root, pin["version"], pin["file"], pin["sha256"]))
