@@ -1,0 +1,137 @@
+# diffusers-flash: Stable Diffusion pipelines built locally, with random weights, for machines that
+# cannot download checkpoints (CI, air-gapped GPUs): the README's default job, the tests, the benchmark.
+"""Build a Stable Diffusion pipeline without the Hub.
+
+``size="tiny"`` is the small configuration of upstream's own fast tests (runs in seconds on a CPU);
+``size="sd1"`` is the full Stable Diffusion v1.x architecture (UNet 860M, VAE 84M, CLIP text 123M),
+whose timings equal real weights'. Every part is the real class: UNet2DConditionModel,
+AutoencoderKL, CLIPTextModel, CLIPTokenizer (a byte-level vocabulary written locally),
+StableDiffusionSafetyChecker and CLIPImageProcessor, so ``save_pretrained``/``from_pretrained``
+and the pipelines run their real code. Images are noise-like: the weights are random.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+CONFIGS = {
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+        vae=dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                 up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4),
+        text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                  max_position_embeddings=77),
+        vision=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                    image_size=32, patch_size=8),
+        projection_dim=32, image_size=256,  # latents 32x32; the 2-block VAE decodes them to 64x64 pixels
+    ),
+    "sd1": dict(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                  out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        vae=dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, layers_per_block=2,
+                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 latent_channels=4, sample_size=512),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  max_position_embeddings=77, hidden_act="quick_gelu"),
+        vision=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                    image_size=224, patch_size=32),
+        projection_dim=768, image_size=512,
+    ),
+}
+
+
+def _bytes_to_unicode():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tokenizer(directory: str | None = None):
+    """A CLIPTokenizer over a byte-level vocabulary (each byte, each byte ending a word, specials).
+    Unknown to the Hub, so it works offline; any text encodes (to one token per byte)."""
+    from transformers import CLIPTokenizer
+
+    directory = directory or tempfile.mkdtemp(prefix="diffusers-flash-tokenizer-")
+    os.makedirs(directory, exist_ok=True)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
+                         model_max_length=77, pad_token="<|endoftext|>")
+
+
+def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> dict:
+    """The pipeline's parts with random weights drawn from ``seed`` (same seed, same weights)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+
+    from .models import AutoencoderKL, UNet2DConditionModel
+    from .pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+
+    if size not in CONFIGS:
+        raise ValueError(f"size must be one of {sorted(CONFIGS)}, not {size!r}")
+    cfg = CONFIGS[size]
+    tokenizer = make_tokenizer()
+    vocab = max(len(tokenizer), 1000 if size == "tiny" else 49408)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**cfg["vae"])
+    torch.manual_seed(seed + 2)
+    text_config = CLIPTextConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 layer_norm_eps=1e-5, **cfg["text"])
+    text_encoder = CLIPTextModel(text_config).eval()
+    torch.manual_seed(seed + 3)
+    safety_config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                num_hidden_layers=1, vocab_size=vocab,
+                                                bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id),
+                               vision_config=cfg["vision"], projection_dim=cfg["projection_dim"])
+    safety_checker = StableDiffusionSafetyChecker(safety_config).eval()
+    px = cfg["vision"]["image_size"]
+    feature_extractor = CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    schedulers = {
+        "pndm": lambda: PNDMScheduler(skip_prk_steps=True, **betas),
+        "ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **betas),
+        "lms": lambda: LMSDiscreteScheduler(**betas),
+    }
+    if scheduler not in schedulers:
+        raise ValueError(f"scheduler must be one of {sorted(schedulers)}, not {scheduler!r}")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler=schedulers[scheduler](), safety_checker=safety_checker,
+                feature_extractor=feature_extractor)
+
+
+def default_image_size(size: str = "tiny") -> int:
+    return CONFIGS[size]["image_size"]
+
+
+def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm", pipeline_class=None):
+    """A StableDiffusionPipeline (or ``pipeline_class``: img2img, inpaint) built locally."""
+    from .pipelines import StableDiffusionPipeline
+
+    return (pipeline_class or StableDiffusionPipeline)(**components(size, seed, scheduler))
