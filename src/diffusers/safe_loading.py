@@ -1,0 +1,227 @@
+# diffusers-flash: load and save model weights safely. ModelMixin.from_pretrained/save_pretrained
+# call into this module (patch 0005-safe-loading.patch); everything else about loading stays upstream's.
+"""Safe weight files for Diffusers 0.4.
+
+- The weights file is ``diffusion_pytorch_model.safetensors`` when there is one, else
+  ``diffusion_pytorch_model.bin``: in a local folder, and from the Hub (the safetensors name is
+  asked for first; the ``.bin`` name is asked for only when the Hub, or the offline cache, has no
+  safetensors file).
+- ``.safetensors`` files are read with the safetensors package: no pickle at all.
+- ``.bin`` files are read with ``torch.load(..., weights_only=True)`` on every torch (2.1+), so a
+  pickle that would import or call anything but tensor-building code is refused
+  (:class:`UnsafeCheckpointError`) instead of run.
+- A truncated or corrupted file (:class:`CorruptCheckpointError`), a folder with no weights file
+  (:class:`MissingWeightsError`) and weights whose shapes do not fit the model built from its
+  config (:class:`ShapeMismatchError`) each raise an error that names the file and the problem.
+- ``save_pretrained(..., safe_serialization=True)`` writes ``diffusion_pytorch_model.safetensors``.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import re
+from typing import Callable, Optional
+
+import torch
+
+from .utils import WEIGHTS_NAME, logging
+
+logger = logging.get_logger(__name__)
+
+SAFE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
+_GIT_LFS_POINTER = b"version https://git-lfs"
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format (a pickle, protocol 2+)
+_MAX_LISTED = 5
+
+
+class CheckpointError(OSError):
+    """A weights file cannot be loaded; ``path`` names it (or the folder that lacks one)."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle (``.bin``) that asks to import or call code: refused, never run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weights file that is truncated, corrupted, a git-lfs pointer, or not a state dict."""
+
+
+class MissingWeightsError(CheckpointError, FileNotFoundError):
+    """A model folder with neither weights file."""
+
+
+class ShapeMismatchError(CheckpointError, RuntimeError):
+    """Weights whose shapes differ from the model's (a RuntimeError too, as upstream's was)."""
+
+
+# ---------------------------------------------------------------- finding the file
+def local_weights_file(folder, subfolder: Optional[str] = None) -> str:
+    """The weights file of a local model folder (upstream's order: ``folder``, then ``folder/subfolder``;
+    in each, safetensors before ``.bin``)."""
+    folders = [str(folder)] + ([os.path.join(str(folder), subfolder)] if subfolder else [])
+    for directory in folders:
+        for name in WEIGHTS_NAMES:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                return path
+    raise MissingWeightsError(
+        folders[-1], f"no weights file: looked for {' and '.join(WEIGHTS_NAMES)} in {' and '.join(folders)}"
+    )
+
+
+def hub_weights_file(repo_id: str, **kwargs) -> str:
+    """Download (or find in the cache) a Hub model's weights file: the safetensors file if the repo has one,
+    else the ``.bin``. ``kwargs`` are hf_hub_download's (cache_dir, subfolder, revision, local_files_only...)."""
+    from huggingface_hub.utils import EntryNotFoundError
+
+    from .hub_compat import HubOfflineError, hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename=SAFE_WEIGHTS_NAME, **kwargs)
+    except (EntryNotFoundError, HubOfflineError) as e:  # not in the repo, or not cached while offline
+        logger.debug("%s has no %s (%s): trying %s", repo_id, SAFE_WEIGHTS_NAME, type(e).__name__, WEIGHTS_NAME)
+    return hf_hub_download(repo_id, filename=WEIGHTS_NAME, **kwargs)
+
+
+# ---------------------------------------------------------------- loading
+def load_state_dict(path) -> dict:
+    """The state dict in ``path``: safetensors by name, anything else as a weights-only PyTorch pickle."""
+    path = str(path)
+    head = _head(path)
+    if path.endswith(".safetensors"):
+        state_dict = _load_safetensors(path)
+    else:
+        state_dict = _load_pickle(path, head)
+    return _check_state_dict(state_dict, path)
+
+
+def _head(path: str) -> bytes:
+    """The file's first bytes, after refusing a missing or empty file and a git-lfs pointer."""
+    if not os.path.isfile(path):
+        raise MissingWeightsError(path, "no such weights file")
+    with open(path, "rb") as f:
+        head = f.read(len(_GIT_LFS_POINTER))
+    if not head:
+        raise CorruptCheckpointError(path, "the file is empty (an interrupted download or save?)")
+    if head == _GIT_LFS_POINTER:
+        raise CorruptCheckpointError(
+            path, "this is a git-lfs pointer, not the weights: the repository was cloned without git-lfs; "
+                  "run `git lfs install` and `git lfs pull` in it"
+        )
+    return head
+
+
+def _load_safetensors(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError (its import path varies by release) and OSError
+        problem = f"not a readable safetensors file: truncated or corrupted ({_brief(e)})"
+        raise CorruptCheckpointError(path, problem) from None
+
+
+def _load_pickle(path: str, head: bytes) -> dict:
+    if not head.startswith(_TORCH_MAGIC):
+        raise CorruptCheckpointError(
+            path, "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle): truncated or corrupted"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise UnsafeCheckpointError(path, _unsafe_reason(str(e))) from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # zip reader RuntimeError, EOFError, KeyError... from a damaged file
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(path, f"not a readable PyTorch checkpoint: truncated or corrupted ({_brief(e)})")
+
+
+def _unsafe_reason(message: str) -> str:
+    detail = message.split("WeightsUnpickler error:", 1)[-1].strip()
+    found = re.search(r"\b(?:GLOBAL|class)\s+([\w.]+)", detail)
+    if found:
+        what = f"it asks to import {found.group(1)}"
+    else:
+        what = "it holds pickle instructions outside tensor data" + (f" ({detail.splitlines()[0]})" if detail else "")
+    return (
+        f"refused to unpickle: {what}, which could run arbitrary code, and a weights file holds only tensors. "
+        f"Nothing in it was run. If you trust the file, convert it to {SAFE_WEIGHTS_NAME} where it is safe to do so"
+    )
+
+
+def _check_state_dict(state_dict, path: str) -> dict:
+    if not isinstance(state_dict, dict):
+        raise CorruptCheckpointError(path, f"holds a {type(state_dict).__name__}, not a state dict of named tensors")
+    odd = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if odd:
+        raise CorruptCheckpointError(
+            path, f"not a plain state dict: {len(odd)} entr{'y is' if len(odd) == 1 else 'ies are'} not named tensors "
+                  f"({', '.join(repr(k) for k in odd[:_MAX_LISTED])})"
+        )
+    return state_dict
+
+
+def check_shapes(model: torch.nn.Module, state_dict: dict, path, ignore_mismatched_sizes: bool = False) -> None:
+    """Raise :class:`ShapeMismatchError` if a weight in ``state_dict`` has another shape than the model's
+    (unless ``ignore_mismatched_sizes``, where upstream drops those weights with a warning)."""
+    if ignore_mismatched_sizes:
+        return
+    expected = model.state_dict()
+    bad = [(k, tuple(v.shape), tuple(expected[k].shape))
+           for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if not bad:
+        return
+    listed = "; ".join(f"{k}: {got} in the file, {want} in the model" for k, got, want in bad[:_MAX_LISTED])
+    more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
+    raise ShapeMismatchError(
+        path, f"{len(bad)} weight(s) do not fit the {type(model).__name__} built from its config: {listed}{more}. "
+              "The config and the weights come from different models; pass ignore_mismatched_sizes=True to "
+              "leave those weights newly initialized"
+    )
+
+
+# ---------------------------------------------------------------- saving
+def save_state_dict(state_dict: dict, directory, save_function: Callable = torch.save,
+                    safe_serialization: bool = False) -> str:
+    """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
+    ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
+    ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream."""
+    if not safe_serialization:
+        path = os.path.join(str(directory), WEIGHTS_NAME)
+        save_function(state_dict, path)
+        return path
+    from safetensors.torch import save_file
+
+    if save_function is not torch.save:
+        logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
+                       SAFE_WEIGHTS_NAME)
+    path = os.path.join(str(directory), SAFE_WEIGHTS_NAME)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+    return path
+
+
+def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
+    """``{"safe_serialization": True}`` for a pipeline component whose save method takes it (diffusers and
+    transformers models), else nothing: each library's own default stays."""
+    if not safe_serialization:
+        return {}
+    try:
+        params = inspect.signature(save_method).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"safe_serialization": True} if "safe_serialization" in params else {}
+
+
+def _brief(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

@@ -1,0 +1,297 @@
+"""Safe weight loading (diffusers.safe_loading, patch 0005): safetensors first, no pickle code execution,
+clear errors naming the file for unsafe, truncated, missing and mis-shaped weights. Tiny models built here."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel, local_pipelines
+from diffusers import safe_loading as sl
+
+BIN, SAFE = sl.WEIGHTS_NAME, sl.SAFE_WEIGHTS_NAME
+UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,
+            norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+
+
+def _unet(seed):
+    torch.manual_seed(seed)
+    return UNet2DModel(**UNET).eval()
+
+
+def _out(model):
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x, 10).sample
+
+
+def _files(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith("diffusion_pytorch_model"))
+
+
+def _bin_to_safetensors(src, dst):
+    """Convert a .bin model folder to a safetensors-only one (config copied)."""
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    save_file(torch.load(os.path.join(src, BIN), weights_only=True), os.path.join(dst, SAFE))
+
+
+class _Payload:
+    """Unpickling this creates the file ``path``: what a malicious .bin could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _evil_bin(folder, target):
+    """A model folder whose .bin, if unpickled, creates ``target``."""
+    _unet(0).save_pretrained(folder)
+    state = torch.load(os.path.join(folder, BIN), weights_only=True)
+    state["payload"] = _Payload(target)
+    torch.save(state, os.path.join(folder, BIN))
+
+
+# ---------------------------------------------------------------- preference and equality
+def test_safetensors_only_folder_loads_with_the_outputs_of_the_bin_it_came_from(tmp_path):
+    model = _unet(0)
+    model.save_pretrained(tmp_path / "bin")
+    _bin_to_safetensors(tmp_path / "bin", tmp_path / "safe")
+    assert _files(tmp_path / "safe") == [SAFE]
+    from_bin = UNet2DModel.from_pretrained(tmp_path / "bin")
+    from_safe = UNet2DModel.from_pretrained(tmp_path / "safe")
+    expected = _out(model)
+    assert torch.equal(_out(from_bin), expected)
+    assert torch.equal(_out(from_safe), expected)
+    assert not torch.equal(_out(_unet(1)), expected)  # another seed differs: the comparison can fail
+
+
+def test_folder_with_both_files_loads_the_safetensors_one(tmp_path):
+    _unet(0).save_pretrained(tmp_path)  # .bin from seed 0
+    other = _unet(1)
+    save_file(other.state_dict(), str(tmp_path / SAFE))  # .safetensors from seed 1
+    assert _files(tmp_path) == [BIN, SAFE]
+    loaded = UNet2DModel.from_pretrained(tmp_path)
+    assert torch.equal(_out(loaded), _out(other))
+    assert not torch.equal(_out(loaded), _out(_unet(0)))
+
+
+def test_safetensors_is_preferred_in_a_subfolder_and_an_evil_bin_beside_it_is_never_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "pwned"
+    _evil_bin(tmp_path / "unet", target)
+    other = _unet(1)
+    save_file(other.state_dict(), str(tmp_path / "unet" / SAFE))
+    loaded = UNet2DModel.from_pretrained(tmp_path, subfolder="unet")
+    assert torch.equal(_out(loaded), _out(other))
+    assert not target.exists()
+
+
+def test_local_weights_file_lookup_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / BIN).write_bytes(b"x")
+    assert sl.local_weights_file(tmp_path, "sub") == str(tmp_path / "sub" / BIN)
+    (tmp_path / "sub" / SAFE).write_bytes(b"x")
+    assert sl.local_weights_file(tmp_path, "sub") == str(tmp_path / "sub" / SAFE)
+    (tmp_path / BIN).write_bytes(b"x")  # upstream's order: the folder itself before its subfolder
+    assert sl.local_weights_file(tmp_path, "sub") == str(tmp_path / BIN)
+
+
+# ---------------------------------------------------------------- no code execution
+def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    proof = tmp_path / "proof"
+    torch.save({"x": _Payload(proof)}, tmp_path / "proof.bin")
+    torch.load(tmp_path / "proof.bin", weights_only=False)
+    assert proof.exists()  # the payload is real: a plain torch.load runs it
+
+    # torch >= 2.6 would default to weights_only=False under this variable if we did not pass it ourselves
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "pwned"
+    _evil_bin(tmp_path / "model", target)
+    with pytest.raises(sl.UnsafeCheckpointError) as err:
+        UNet2DModel.from_pretrained(tmp_path / "model")
+    message = str(err.value)
+    assert str(tmp_path / "model" / BIN) in message
+    assert "refused to unpickle" in message and "open" in message and "arbitrary code" in message
+    assert not target.exists()
+    with pytest.raises(sl.UnsafeCheckpointError):  # the module-level upstream function is safe too
+        from diffusers.modeling_utils import load_state_dict
+
+        load_state_dict(tmp_path / "model" / BIN)
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- clear errors
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_truncated_file_names_the_file(tmp_path, safe):
+    _unet(0).save_pretrained(tmp_path, safe_serialization=safe)
+    path = tmp_path / (SAFE if safe else BIN)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(sl.CorruptCheckpointError) as err:
+        UNet2DModel.from_pretrained(tmp_path)
+    assert str(path) in str(err.value) and "truncated or corrupted" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no deep torch trace attached
+
+
+@pytest.mark.parametrize("content,words", [(b"", "empty"),
+                                           (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\n", "git-lfs"),
+                                           (b"plain text, not a checkpoint", "truncated or corrupted")])
+def test_empty_pointer_and_garbage_files_name_the_file(tmp_path, content, words):
+    (tmp_path / BIN).write_bytes(content)
+    with pytest.raises(sl.CorruptCheckpointError) as err:
+        sl.load_state_dict(tmp_path / BIN)
+    assert str(tmp_path / BIN) in str(err.value) and words in str(err.value)
+
+
+def test_non_state_dict_pickle_names_the_file(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / BIN)
+    with pytest.raises(sl.CorruptCheckpointError) as err:
+        sl.load_state_dict(tmp_path / BIN)
+    assert str(tmp_path / BIN) in str(err.value) and "'state_dict'" in str(err.value)
+
+
+def test_missing_weights_file_names_the_folder_and_both_names(tmp_path):
+    _unet(0).save_config(tmp_path)
+    with pytest.raises(sl.MissingWeightsError) as err:
+        UNet2DModel.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and SAFE in message and BIN in message
+    assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_weights_that_do_not_fit_the_config_name_the_file_and_the_weight(tmp_path, safe):
+    _unet(0).save_pretrained(tmp_path, safe_serialization=safe)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["block_out_channels"] = [8, 24]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(sl.ShapeMismatchError) as err:
+        UNet2DModel.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / (SAFE if safe else BIN)) in message
+    assert "in the file" in message and "in the model" in message and "ignore_mismatched_sizes" in message
+    assert "(16,)" in message and "(24,)" in message  # a bias of 16 in the file against 24 in the config
+    model = UNet2DModel.from_pretrained(tmp_path, ignore_mismatched_sizes=True)  # upstream's escape hatch
+    assert model.config.block_out_channels == [8, 24]
+
+
+def test_device_map_auto_path_is_checked_the_same_way(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    model = _unet(0)
+    model.save_pretrained(tmp_path / "ok", safe_serialization=True)
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path / "ok", device_map="auto")), _out(model))
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    target = tmp_path / "pwned"
+    _evil_bin(tmp_path / "evil", target)
+    with pytest.raises(sl.UnsafeCheckpointError, match="refused to unpickle"):  # before accelerate reads it
+        UNet2DModel.from_pretrained(tmp_path / "evil", device_map="auto")
+    assert not target.exists()
+
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 24]}))
+    with pytest.raises(sl.ShapeMismatchError, match=str(tmp_path / "ok" / SAFE)):
+        UNet2DModel.from_pretrained(tmp_path / "ok", device_map="auto")
+
+
+# ---------------------------------------------------------------- saving
+def test_safe_serialization_round_trips_and_replaces_the_bin(tmp_path):
+    model = _unet(0)
+    model.save_pretrained(tmp_path)
+    assert _files(tmp_path) == [BIN]
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert _files(tmp_path) == [SAFE]  # the old .bin is gone: it cannot shadow or go stale
+    assert load_file(str(tmp_path / SAFE)).keys() == model.state_dict().keys()
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path)), _out(model))
+
+    vae = AutoencoderKL(block_out_channels=[8], norm_num_groups=4, latent_channels=2).eval()
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = vae(x, sample_posterior=False).sample
+        got = AutoencoderKL.from_pretrained(tmp_path / "vae")(x, sample_posterior=False).sample
+    assert _files(tmp_path / "vae") == [SAFE] and torch.equal(got, expected)
+
+
+def test_tiny_pipeline_saved_with_safetensors_loads_through_from_pretrained(tmp_path):
+    pipe = local_pipelines.stable_diffusion("tiny", seed=3)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    for part in ("unet", "vae"):
+        assert _files(tmp_path / part) == [SAFE]
+    assert not list(tmp_path.rglob("*.bin"))  # the transformers models wrote safetensors as well
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    for part in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    def run(p):
+        p.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        return p("a red bicycle", num_inference_steps=2, height=64, width=64, generator=g, output_type="np").images
+
+    expected = run(pipe)
+    assert np.isfinite(expected).all() and expected.std() > 0
+    np.testing.assert_array_equal(run(loaded), expected)
+
+
+# ---------------------------------------------------------------- the Hub download path (offline cache)
+def _hub_cache(cache, repo, files):
+    """A huggingface_hub cache holding ``files`` ({relative path: source file}) for ``repo`` at main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    for rel, src in files.items():
+        dst = root / "snapshots" / commit / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+
+
+def test_hub_path_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a, b = _unet(0), _unet(1)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b", safe_serialization=True)
+    cache = tmp_path / "cache"
+    config = tmp_path / "a" / "config.json"
+    _hub_cache(cache, "org/both", {"unet/config.json": config, f"unet/{BIN}": tmp_path / "a" / BIN,
+                                   f"unet/{SAFE}": tmp_path / "b" / SAFE})
+    _hub_cache(cache, "org/old", {"unet/config.json": config, f"unet/{BIN}": tmp_path / "a" / BIN})
+    kw = dict(subfolder="unet", cache_dir=str(cache), local_files_only=True)
+    assert torch.equal(_out(UNet2DModel.from_pretrained("org/both", **kw)), _out(b))
+    assert torch.equal(_out(UNet2DModel.from_pretrained("org/old", **kw)), _out(a))
+
+
+def test_hub_path_asks_for_safetensors_first_and_for_bin_only_on_entry_not_found(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+
+    _unet(0).save_pretrained(tmp_path)
+    asked = []
+
+    def fake_download(repo_id, filename=None, **kwargs):
+        asked.append(filename)
+        if filename == SAFE:
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert sl.hub_weights_file("org/old", subfolder="unet") == str(tmp_path / BIN)
+    assert asked == [SAFE, BIN]
+
+    def no_connection(repo_id, filename=None, **kwargs):
+        asked.append(filename)
+        raise ValueError("cannot reach the Hub")  # what upstream's except clause reads as "couldn't connect"
+
+    asked.clear()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_connection)
+    with pytest.raises(ValueError):  # any other error is not a reason to try the .bin
+        sl.hub_weights_file("org/none")
+    assert asked == [SAFE]
