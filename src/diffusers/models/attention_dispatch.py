@@ -324,7 +324,7 @@ def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h = q.shape[:2]
     limit = slice_size if slice_size and slice_size < b * h else None
-    if q.device.type == "cuda" and b * h > MAX_BATCH_HEADS:
+    if b * h > MAX_BATCH_HEADS:
         limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
     if limit is None:
         name = choose(q, k, v, backend, upcast, scale)
