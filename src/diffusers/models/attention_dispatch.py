@@ -212,8 +212,8 @@ class FlashAttn(Backend):
 
 BACKENDS = {b.name: b for b in (
     FlashAttn(),
-    SDPA("sdpa-cudnn", "CUDNN_ATTENTION", "can_use_cudnn_attention"),
-    SDPA("sdpa-flash", "FLASH_ATTENTION", "can_use_flash_attention"),
+    SDPA("sdpa-cudnn", "CUDNN_ATTENTION", "can_use_cudnn_attention", max_head_dim=256),
+    SDPA("sdpa-flash", "FLASH_ATTENTION", "can_use_flash_attention", max_head_dim=256),
     SDPA("sdpa-efficient", "EFFICIENT_ATTENTION", "can_use_efficient_attention", dtypes=HALF + (torch.float32,)),
     SDPA("sdpa"),
     Math(),
