@@ -115,8 +115,8 @@ def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> di
     feature_extractor = CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     schedulers = {
-        "pndm": lambda: PNDMScheduler(skip_prk_steps=True, **betas),
-        "ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **betas),
+        "pndm": lambda: PNDMScheduler(skip_prk_steps=True, steps_offset=1, **betas),
+        "ddim": lambda: DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **betas),
         "lms": lambda: LMSDiscreteScheduler(**betas),
     }
     if scheduler not in schedulers:

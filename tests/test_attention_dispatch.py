@@ -1,0 +1,266 @@
+"""The attention dispatcher on the CPU: numerics against a float64 reference on fresh random inputs,
+slicing, edge inputs, and the dispatcher's logic with stand-in backends."""
+import logging as pylogging
+import math
+
+import pytest
+import torch
+
+from diffusers.models import attention_dispatch as ad
+from diffusers.models.attention import AttentionBlock, CrossAttention
+
+CPU_BACKENDS = [n for n, ok, _ in ad.backend_status() if ok and n in ("math", "sdpa")]
+
+
+def reference(q, k, v, scale):
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    monkeypatch.delenv(ad.ENV_VAR, raising=False)
+    ad.set_attention_backend(None)
+    ad._cache.clear()
+    yield
+    ad.set_attention_backend(None)
+    ad._cache.clear()
+
+
+# ------------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+@pytest.mark.parametrize("head_dim", [40, 80, 160, 512, 24, 72, 200, 320])
+def test_matches_float64_reference(backend, head_dim):
+    sk = 77 if head_dim == 40 else 33  # cross-attention length for one case
+    q, k, v = rand(2, 3, 50, head_dim), rand(2, 3, sk, head_dim), rand(2, 3, sk, head_dim)
+    scale = head_dim**-0.5
+    out = ad.attention(q, k, v, scale, backend=backend)
+    torch.testing.assert_close(out.double(), reference(q, k, v, scale), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    # (B, S, H, D) memory seen as (B, H, S, D), as the attention modules hand them over
+    q, k, v = (rand(2, 64, 4, 40).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    out = ad.attention(q, k, v, 40**-0.5, backend=backend)
+    torch.testing.assert_close(out.double(), reference(q, k, v, 40**-0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_propagate_as_math(backend):
+    q, k, v = rand(1, 2, 16, 8), rand(1, 2, 16, 8), rand(1, 2, 16, 8)
+    q[0, 0, 3, 1] = float("nan")
+    v[0, 1, 5, 2] = float("inf")
+    k[0, 1, 7, 0] = float("-inf")
+    out = ad.attention(q, k, v, 8**-0.5, backend=backend)
+    ref = ad.attention(q, k, v, 8**-0.5, backend="math")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out).any()  # the poisoned rows really are poisoned
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slice_size", [1, 3, 4, 5, 7, 12])
+def test_sliced_equals_unsliced(backend, slice_size):
+    q, k, v = rand(3, 4, 20, 16), rand(3, 4, 9, 16), rand(3, 4, 9, 16)  # 12 rows of batch x heads
+    whole = ad.attention(q, k, v, 0.25, backend=backend)
+    sliced = ad.attention(q, k, v, 0.25, backend=backend, slice_size=slice_size)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_heads_over_limit_go_in_chunks(monkeypatch):
+    seen = []
+    real = ad.BACKENDS["math"].run
+
+    def spy(c):
+        seen.append(c.q.shape[0] * c.q.shape[1])
+        return real(c)
+
+    monkeypatch.setattr(ad.BACKENDS["math"], "run", spy)
+    monkeypatch.setattr(ad, "MAX_BATCH_HEADS", 6)
+    q, k, v = rand(5, 3, 10, 8), rand(5, 3, 10, 8), rand(5, 3, 10, 8)
+    out = ad.attention(q, k, v, 8**-0.5, backend="math")
+    assert max(seen) <= 6 and sum(seen) == 15
+    torch.testing.assert_close(out.double(), reference(q, k, v, 8**-0.5), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused_clearly():
+    with pytest.raises(ValueError, match="4-d"):
+        ad.attention(rand(2, 10, 8), rand(2, 10, 8), rand(2, 10, 8))
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        ad.attention(rand(1, 2, 10, 8), rand(1, 2, 10, 4), rand(1, 2, 10, 4))
+
+
+# ------------------------------------------------------------------------------------------ the modules
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_cross_attention_module_sliced_and_not(backend):
+    torch.manual_seed(0)
+    attn = CrossAttention(query_dim=64, context_dim=48, heads=4, dim_head=20).eval()
+    x, ctx = rand(3, 30, 64), rand(3, 11, 48)
+    q = attn.to_q(x).unflatten(-1, (4, 20)).transpose(1, 2)
+    k = attn.to_k(ctx).unflatten(-1, (4, 20)).transpose(1, 2)
+    v = attn.to_v(ctx).unflatten(-1, (4, 20)).transpose(1, 2)
+    expected = attn.to_out(reference(q, k, v, 20**-0.5).float().transpose(1, 2).flatten(2))
+    with torch.no_grad():
+        with ad.attention_backend(backend):
+            plain = attn(x, context=ctx)
+            attn._slice_size = 5  # does not divide 12 rows: upstream 0.4.2 left the last rows at zero
+            sliced = attn(x, context=ctx)
+    torch.testing.assert_close(plain, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliced, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+def test_vae_attention_block(backend):
+    torch.manual_seed(0)
+    block = AttentionBlock(64, num_groups=8).eval()
+    x = rand(2, 64, 8, 8)
+    with torch.no_grad(), ad.attention_backend("math"):
+        ref = block(x)
+    with torch.no_grad(), ad.attention_backend(backend):
+        out = block(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # and math itself against float64 written out independently
+    with torch.no_grad():
+        h = block.group_norm(x).flatten(2).transpose(1, 2)
+        q, k, v = block.query(h), block.key(h), block.value(h)
+        att = torch.softmax(q.double() @ k.double().transpose(1, 2) / math.sqrt(64), -1) @ v.double()
+        manual = block.proj_attn(att.float()).transpose(1, 2).reshape(x.shape) + x
+    torch.testing.assert_close(ref, manual, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ dispatcher logic
+class StandIn(ad.Backend):
+    def __init__(self, name, devices=("cpu",), dtypes=None, max_head_dim=None):
+        self.name, self.devices, self.dtypes, self.max_head_dim = name, devices, dtypes, max_head_dim
+        self.calls = 0
+
+    def unavailable(self):
+        return None
+
+    def run(self, c):
+        self.calls += 1
+        return ad.BACKENDS["math"].run(c)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    fast = StandIn("fast", dtypes=(torch.float16,))  # refuses fp32
+    mid = StandIn("mid", max_head_dim=64)
+    slow = StandIn("slow")
+    backends = {"fast": fast, "mid": mid, "slow": slow, "math": ad.BACKENDS["math"]}
+    monkeypatch.setattr(ad, "BACKENDS", backends)
+    monkeypatch.setattr(ad, "NAMES", (ad.AUTO,) + tuple(backends))
+    monkeypatch.setattr(ad, "auto_order", lambda c: ["fast", "mid", "slow", "math"])
+    return backends
+
+
+@pytest.fixture
+def debug_log():
+    records = []
+
+    class Keep(pylogging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    root = pylogging.getLogger("diffusers")
+    handler, level = Keep(level=pylogging.DEBUG), root.level
+    root.addHandler(handler)
+    root.setLevel(pylogging.DEBUG)
+    yield records
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_auto_takes_first_eligible_and_logs_why_once(stand_ins, debug_log):
+    q = rand(1, 2, 8, 32)
+    assert ad.choose(q, q, q) == "mid"
+    assert ad.choose(q, q, q) == "mid"
+    chosen = [m for m in debug_log if "attention auto" in m]
+    assert len(chosen) == 1, debug_log
+    assert "mid" in chosen[0] and "fast (dtype float32 not in {float16})" in chosen[0]
+    big = rand(1, 2, 8, 128)  # a new shape: head dim too large for "mid"
+    assert ad.choose(big, big, big) == "slow"
+    chosen = [m for m in debug_log if "attention auto" in m]
+    assert len(chosen) == 2 and "head dim 128 > 64" in chosen[1]
+    ad.attention(big, big, big)
+    assert stand_ins["slow"].calls == 1
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons(stand_ins):
+    q = rand(1, 2, 8, 128)
+    with pytest.raises(ad.AttentionBackendError, match=r"'mid' cannot serve.*head dim 128 > 64"):
+        ad.attention(q, q, q, backend="mid")
+    with pytest.raises(ad.AttentionBackendError, match="dtype float32 not in"):
+        with ad.attention_backend("fast"):
+            ad.attention(q, q, q)
+
+
+def test_no_backend_lists_every_reason(stand_ins, monkeypatch):
+    monkeypatch.setattr(ad, "auto_order", lambda c: ["fast", "mid"])
+    q = rand(1, 2, 8, 128)
+    with pytest.raises(ad.AttentionBackendError, match=r"no attention backend(.|\n)*fast: dtype(.|\n)*mid: head dim"):
+        ad.attention(q, q, q)
+
+
+def test_unknown_names_refused_when_set():
+    with pytest.raises(ad.AttentionBackendError, match="unknown attention backend 'flash3'"):
+        ad.set_attention_backend("flash3")
+    with pytest.raises(ad.AttentionBackendError):
+        with ad.attention_backend("nope"):
+            pass
+    from diffusers import UNet2DModel
+
+    model = UNet2DModel(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    with pytest.raises(ad.AttentionBackendError, match="unknown attention backend 'bogus'"):
+        model.set_attention_backend("bogus")
+
+
+def test_env_var_and_precedence(monkeypatch, stand_ins):
+    monkeypatch.setenv(ad.ENV_VAR, "slow")
+    module = CrossAttention(8, heads=2, dim_head=4)
+    assert ad.current(module) == "slow"
+    ad.set_attention_backend("mid")
+    assert ad.current(module) == "mid"
+    module._attention_backend = "math"
+    assert ad.current(module) == "math"
+    with ad.attention_backend("fast"):
+        assert ad.current(module) == "fast"
+        with ad.attention_backend("slow"):
+            assert ad.current(module) == "slow"
+        assert ad.current(module) == "fast"
+    assert ad.current(module) == "math"
+    monkeypatch.setenv(ad.ENV_VAR, "warp-drive")
+    ad.set_attention_backend(None)
+    with pytest.raises(ad.AttentionBackendError, match=r"\$DIFFUSERS_ATTENTION_BACKEND: unknown"):
+        ad.current()
+
+
+def test_model_and_pipeline_setters_reach_every_attention_module():
+    from diffusers import local_pipelines
+
+    pipe = local_pipelines.stable_diffusion("tiny")
+    pipe.set_attention_backend("math")
+    mods = [m for model in (pipe.unet, pipe.vae) for m in model.modules()
+            if isinstance(m, (CrossAttention, AttentionBlock))]
+    assert mods and all(m._attention_backend == "math" for m in mods)
+    pipe.unet.set_attention_backend("sdpa")
+    assert all(m._attention_backend == "sdpa" for m in pipe.unet.modules() if isinstance(m, CrossAttention))
+    assert all(m._attention_backend == "math" for m in pipe.vae.modules() if isinstance(m, AttentionBlock))
+
+
+def test_backend_status_lists_every_backend_with_a_reason():
+    status = {n: (ok, why) for n, ok, why in ad.backend_status()}
+    assert set(status) == set(ad.BACKENDS)
+    assert status["math"][0] and status["sdpa"][0]
+    for name, (ok, why) in status.items():
+        assert ok or why and why != "available", name
+    if not torch.cuda.is_available():
+        assert status["sdpa-cudnn"] == (False, "no CUDA device")

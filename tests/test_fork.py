@@ -1,0 +1,223 @@
+"""The fork itself: materialize / refresh / verify on a scratch copy of this repository, and the
+compatibility patches on today's huggingface_hub and transformers."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from forklib import release, tree  # noqa: E402
+
+PIN = release.load_pin(ROOT)
+
+
+@pytest.fixture(scope="session")
+def release_file(tmp_path_factory):
+    """The pinned release file, from this checkout's cache or fetched (checked against the pin)."""
+    cache = tmp_path_factory.mktemp("cache")
+    mine = release.cache_dir(ROOT) / PIN["file"]
+    if mine.exists():
+        shutil.copy(mine, cache / PIN["file"])
+    os.environ["DIFFUSERS_FLASH_CACHE"] = str(cache)
+    return release.fetch(ROOT, PIN["version"], PIN["file"], PIN["sha256"])
+
+
+@pytest.fixture
+def fork(tmp_path, release_file):
+    """A scratch copy of the repository's own files (no laid-down upstream), git-tracked, materialized."""
+    dst = tmp_path / "fork"
+    for rel in ("upstream.json", "PATCHES.md", "patches", "scripts"):
+        src = ROOT / rel
+        shutil.copytree(src, dst / rel) if src.is_dir() else (dst.mkdir(exist_ok=True), shutil.copy(src, dst / rel))
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "src/diffusers"], capture_output=True, text=True).stdout
+    for rel in files.split():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, dst / rel)
+    subprocess.run(["git", "init", "-q", str(dst)], check=True)
+    subprocess.run(["git", "-C", str(dst), "add", "-A"], check=True)
+    tree.materialize(dst, log=lambda m: None)
+    return dst
+
+
+def fork_py(root, *args):
+    return subprocess.run([sys.executable, str(root / "scripts" / "fork.py"), *args], capture_output=True, text=True,
+                          env=dict(os.environ))
+
+
+def test_materialize_then_verify_ok_and_idempotent(fork):
+    res = fork_py(fork, "verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"upstream diffusers {PIN['version']}" in res.stdout
+    again = fork_py(fork, "materialize")
+    assert again.returncode == 0 and "(0 file(s) written)" in again.stdout
+    status = subprocess.run(["git", "-C", str(fork), "status", "--porcelain"], capture_output=True, text=True).stdout
+    assert [ln for ln in status.splitlines() if not ln.startswith("A ")] == []  # laid-down files are all ignored
+
+
+def test_hand_edit_is_caught_and_kept_from_materialize(fork):
+    target = fork / "src/diffusers/schedulers/scheduling_ddim.py"
+    target.write_text(target.read_text() + "# hand edit\n")
+    res = fork_py(fork, "verify")
+    assert res.returncode == 1 and "scheduling_ddim.py: differs from pristine + series" in res.stdout
+    res = fork_py(fork, "materialize")
+    assert res.returncode == 2 and "scheduling_ddim.py" in res.stderr and "--force" in res.stderr
+    assert target.read_text().endswith("# hand edit\n")
+    assert fork_py(fork, "materialize", "--force").returncode == 0
+    assert fork_py(fork, "verify").returncode == 0
+
+
+def test_refresh_turns_an_edit_into_a_patch_and_is_stable(fork):
+    target = fork / "src/diffusers/models/attention.py"  # touched by 0004: the edit goes there
+    text = target.read_text()
+    target.write_text(text.replace("class AttentionBlock(nn.Module):", "class AttentionBlock(nn.Module):  # edited", 1))
+    before = (fork / "patches/0004-attention-dispatch.patch").read_text()
+    assert fork_py(fork, "refresh").returncode == 0
+    after = (fork / "patches/0004-attention-dispatch.patch").read_text()
+    assert after != before and "+class AttentionBlock(nn.Module):  # edited" in after
+    assert fork_py(fork, "verify").returncode == 0
+    snapshot = {p.name: p.read_text() for p in (fork / "patches").iterdir()}
+    res = fork_py(fork, "refresh")
+    assert "nothing changed" in res.stdout
+    assert snapshot == {p.name: p.read_text() for p in (fork / "patches").iterdir()}
+
+
+def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
+    target = fork / "src/diffusers/training_utils.py"
+    target.write_text(target.read_text() + "# new\n")
+    res = fork_py(fork, "refresh")
+    assert res.returncode == 2 and "training_utils.py" in res.stderr and "--patch" in res.stderr
+    res = fork_py(fork, "refresh", "--patch", "0099-training-note.patch")
+    assert res.returncode == 0
+    assert (fork / "patches/series").read_text().splitlines()[-1] == "0099-training-note.patch"
+    assert "0099-training-note.patch" in (fork / "PATCHES.md").read_text()
+    assert fork_py(fork, "verify").returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "unlisted", "offset"])
+def test_verify_names_a_bad_patch(fork, damage):
+    patch = fork / "patches/0003-fork-version.patch"
+    if damage == "corrupt":
+        patch.write_text(patch.read_text().replace(" from .utils import logging\n", " from .utils import logg\n"))
+        expect = "0003-fork-version.patch: src/diffusers/__init__.py: hunk 1"
+    elif damage == "missing":
+        patch.unlink()
+        expect = "patches/series lists 0003-fork-version.patch but"
+    elif damage == "unlisted":
+        shutil.copy(patch, fork / "patches/0042-stray.patch")
+        expect = "patch file 0042-stray.patch is not listed in patches/series"
+    else:
+        patch.write_text(patch.read_text().replace("@@ -14,6 +14,7 @@", "@@ -10,6 +10,7 @@"))
+        expect = "applies at offset +4"
+    res = fork_py(fork, "verify")
+    assert res.returncode != 0
+    assert expect in res.stdout + res.stderr
+
+
+def test_release_file_hash_mismatch_is_refused(fork, tmp_path, release_file):
+    bad = tmp_path / "badcache"
+    bad.mkdir()
+    data = bytearray(Path(release_file).read_bytes())
+    data[-100] ^= 0xFF
+    (bad / PIN["file"]).write_bytes(bytes(data))
+    env = dict(os.environ, DIFFUSERS_FLASH_CACHE=str(bad))
+    res = subprocess.run([sys.executable, str(fork / "scripts/fork.py"), "verify"], capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 2
+    assert PIN["file"] in res.stderr and f"expected sha256 {PIN['sha256']}" in res.stderr and "got " in res.stderr
+
+
+def test_no_file_of_ours_may_shadow_upstream(fork):
+    ours = fork / "src/diffusers/schedulers/scheduling_pndm.py"  # an upstream path, now tracked as ours
+    subprocess.run(["git", "-C", str(fork), "add", "-f", str(ours)], check=True)
+    res = fork_py(fork, "verify")
+    assert res.returncode == 1 and "scheduling_pndm.py: a file of ours shadows" in res.stdout
+
+
+# ------------------------------------------------------------------------------ the installed package
+def test_version_and_public_api():
+    import diffusers
+    from diffusers import (AutoencoderKL, DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler,  # noqa: F401
+                           StableDiffusionPipeline, UNet2DConditionModel)
+
+    assert diffusers.__version__ == release.fork_version(PIN)
+    assert diffusers.__version__.startswith("0.4.2+flash")
+
+
+def test_hub_keywords_are_mapped_for_todays_huggingface_hub():
+    from diffusers import hub_compat
+
+    def today(repo_id, filename=None, *, token=None, cache_dir=None):
+        return token
+
+    kwargs = hub_compat._normalize(today, dict(use_auth_token="hf_x", resume_download=True, proxies=None,
+                                                cache_dir="c"))
+    assert kwargs == {"token": "hf_x", "cache_dir": "c"}
+    assert hub_compat._normalize(today, dict(use_auth_token="old", token="new"))["token"] == "new"
+    assert hub_compat.HfFolder.get_token() == hub_compat._get_token()
+
+
+def test_uncached_repo_offline_names_the_repo(tmp_path):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.hub_compat import HubOfflineError
+
+    with pytest.raises(HubOfflineError, match="someone/not-cached-anywhere"):
+        UNet2DConditionModel.from_pretrained("someone/not-cached-anywhere", cache_dir=tmp_path,
+                                             local_files_only=True, use_auth_token="x", resume_download=True)
+    code = ("from diffusers import StableDiffusionPipeline as P\n"
+            "P.from_pretrained('CompVis/stable-diffusion-v1-4', cache_dir=%r)" % str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode != 0
+    assert "HubOfflineError: CompVis/stable-diffusion-v1-4" in res.stderr and "HF_HUB_OFFLINE" in res.stderr
+    assert StableDiffusionPipeline  # imported for the subprocess's sake too
+
+
+def test_pipeline_round_trip_with_clip_feature_extractor_name(tmp_path):
+    import numpy as np
+    import torch
+
+    from diffusers import StableDiffusionPipeline, local_pipelines
+
+    pipe = local_pipelines.stable_diffusion("tiny", seed=3)
+    pipe.save_pretrained(tmp_path)
+    index_path = tmp_path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["feature_extractor"] = ["transformers", "CLIPFeatureExtractor"]  # as real SD 1.x checkpoints say
+    index_path.write_text(json.dumps(index))
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path)
+    outs = []
+    for p in (pipe, loaded):
+        g = torch.Generator().manual_seed(0)
+        outs.append(p("a cat", num_inference_steps=3, height=128, width=128, generator=g, output_type="np").images)
+    assert outs[0].shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    loaded.save_pretrained(tmp_path / "again")  # image processor and tokenizer find their save methods
+    assert (tmp_path / "again/feature_extractor/preprocessor_config.json").exists()
+    assert (tmp_path / "again/tokenizer/tokenizer_config.json").exists()
+
+
+def test_clip_feature_extractor_name_resolves():
+    import transformers
+
+    from diffusers.transformers_compat import CLIPFeatureExtractor, import_library
+
+    assert issubclass(CLIPFeatureExtractor, transformers.ImageProcessingMixin)
+    assert import_library("transformers").CLIPFeatureExtractor is CLIPFeatureExtractor
+    with pytest.raises(AttributeError):
+        import_library("transformers").NoSuchClassAnywhere  # noqa: B018
+
+
+def test_too_new_jax_makes_flax_unavailable_with_a_reason():
+    from diffusers.utils import flax_compat
+
+    assert flax_compat.usable("0.3.6")
+    assert not flax_compat.usable("0.11.2")
+    msg = flax_compat.import_error("default {0}").format("FlaxStableDiffusionPipeline")
+    assert "jax 0.11.2 is installed" in msg and msg.startswith("FlaxStableDiffusionPipeline cannot be used")
+    flax_compat._reason = None
