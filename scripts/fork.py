@@ -53,11 +53,13 @@ def main(argv=None):
     p.set_defaults(func=cmd_materialize)
 
     p = sub.add_parser("refresh", help="turn edits in the laid-down tree back into patch files",
-                       description="Each edited upstream file goes back into the last patch of the series that "
-                                   "touches it; files no patch touches need --patch. Zero fuzz, stable output: "
-                                   "running it twice changes nothing.")
-    p.add_argument("--patch", metavar="NNNN-topic.patch", help="patch to hold edits to files no patch touches yet "
-                                                               "(created and appended to the series if new)")
+                       description="Without --patch, each edited upstream file goes back into the last patch of "
+                                   "the series that touches it (files no patch touches need --patch). With --patch, "
+                                   "every edit goes into that patch, also beneath later patches that touch the same "
+                                   "file, as long as they still apply on top. Zero fuzz, stable output: running it "
+                                   "twice changes nothing.")
+    p.add_argument("--patch", metavar="NNNN-topic.patch", help="the patch to hold the edits (created and appended to the "
+                                                               "series if new)")
     p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("verify", help="check the tree equals pristine + series, byte for byte",

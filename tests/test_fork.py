@@ -99,6 +99,21 @@ def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
     assert fork_py(fork, "verify").returncode == 0
 
 
+def test_refresh_can_put_an_edit_into_an_earlier_patch(fork):
+    # modeling_utils.py is touched by 0001 (hub), 0004 (attention) and 0005 (safe loading)
+    target = fork / "src/diffusers/modeling_utils.py"
+    text = target.read_text()
+    assert "import os\n" in text
+    target.write_text(text.replace("import os\n", "import os  # hub: an edit that belongs to 0001\n", 1))
+    res = fork_py(fork, "refresh", "--patch", "0001-hub-compat.patch")
+    assert res.returncode == 0, res.stderr
+    assert "+import os  # hub: an edit that belongs to 0001" in (fork / "patches/0001-hub-compat.patch").read_text()
+    for later in ("0004-attention-dispatch.patch", "0005-safe-loading.patch"):
+        assert "an edit that belongs" not in (fork / "patches" / later).read_text()
+    assert fork_py(fork, "verify").returncode == 0
+    assert target.read_text().count("an edit that belongs to 0001") == 1
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "unlisted", "offset"])
 def test_verify_names_a_bad_patch(fork, damage):
     patch = fork / "patches/0003-fork-version.patch"

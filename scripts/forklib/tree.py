@@ -169,8 +169,9 @@ def materialize(root: Path, force: bool = False, log=print) -> dict:
 def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
     """Turn edits in the laid-down tree back into patch files. Returns the patches rewritten.
 
-    Each edited file's change goes to the last patch in the series that touches that file; a file
-    that no patch touches goes to ``new_patch`` (created and appended to the series if needed).
+    Without ``new_patch`` each edited file's change goes to the last patch in the series that touches
+    that file. With it, every edit goes to ``new_patch`` (created and appended to the series if new),
+    moved beneath later patches that touch the same file where they still apply on top of it.
     """
     root = Path(root)
     pin = load_pin(root)
@@ -204,9 +205,10 @@ def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
             states.append(final)
             (root / "patches" / "series").write_text("".join(n + "\n" for n in names))
         k = names.index(new_patch)
-        if any(last.get(rel, -1) > k for rel in orphans):
-            raise ForkError(f"{new_patch} comes before a later patch that touches the same file(s): "
-                            + ", ".join(r for r in orphans if last.get(r, -1) > k))
+        below = [rel for rel in orphans if last.get(rel, -1) > k]
+        if below:  # a later patch touches these files too: carry the edits down to patch k, then refresh again
+            _sink(root, names, patches, states, final, disk, k, below)
+            return refresh(root, new_patch if len(below) < len(orphans) else None, log)
         for rel in orphans:
             last[rel] = k
     rewritten = []
@@ -240,6 +242,32 @@ def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
         rewritten.append("PATCHES.md")
     log(f"refreshed: {', '.join(rewritten) if rewritten else 'nothing changed'}")
     return rewritten
+
+
+def _sink(root, names, patches, states, final, disk, k, files):
+    """Rewrite patch k so that it makes the edits (final -> disk) to ``files``, which later patches also
+    touch: each edit is moved below them and must come out the same once they apply on top of it."""
+    name, after = names[k], (states[k + 1] if k + 1 < len(states) else final)
+    moved = {}
+    for rel in files:
+        if disk[rel] is None:
+            raise ForkError(f"{rel}: deleting a file that later patches touch cannot go into {name}")
+        edit = patchfile.parse(patchfile.diff_file(rel, final[rel], disk[rel]), "your edit").files[0]
+        try:
+            text = patchfile.apply_file(edit, after.get(rel), "your edit").text
+            chain = {rel: text}
+            for later in names[k + 1:]:
+                for fp in patches[later].files:
+                    if fp.path == rel:
+                        chain, _ = patchfile.apply(patchfile.Patch("", [fp]), chain, later)
+        except patchfile.PatchError as e:
+            raise ForkError(f"{rel}: the edit cannot be moved below the later patches that touch it ({e})") from None
+        if chain.get(rel) != disk[rel]:
+            raise ForkError(f"{rel}: the edit does not survive the later patches that touch it; put it in the last one")
+        moved[rel] = text
+    touched = sorted({fp.path for fp in patches[name].files} | set(moved))
+    diffs = [patchfile.diff_file(rel, states[k].get(rel), moved.get(rel, after.get(rel))) for rel in touched]
+    (Path(root) / "patches" / name).write_text(patchfile.render(patches[name].header, [d for d in diffs if d]))
 
 
 # ---------------------------------------------------------------- verify
