@@ -450,9 +450,11 @@ def finish(root: Path, st: dict, texts: dict) -> int:
           f"upstream.json {old['version']} -> {target['version']}; PATCHES.md updated")
     problems = tree.verify(root)
     print("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
+    imported = import_check(root / "src")
+    print(f"import: {imported}")
     ok, summary = run_tests(root, st["options"])
     print(f"tests: {summary}")
-    if problems or ok is False:
+    if problems or ok is False or imported != "ok":
         print(f"the rebased tree is in place; fix it and commit (then delete {WORK}/), "
               f"or 'fork.py rebase --abort' to restore {old['version']}", file=sys.stderr)
         return 1
