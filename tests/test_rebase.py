@@ -92,7 +92,8 @@ def env(tmp_path, monkeypatch):
     root.mkdir()
     git(root, "init", "-q")
     release.save_pin(root, {"package": "diffusers", "version": "1.0.0", "file": "diffusers-1.0.0-py3-none-any.whl",
-                            "sha256": published["1.0.0"][0]["digests"]["sha256"], "tag": "v1.0.0", "fork_release": 1})
+                            "sha256": published["1.0.0"][0]["digests"]["sha256"], "tag": "v1.0.0",
+                            "commit": git(upstream, "rev-parse", "v1.0.0").strip(), "repo": "fake", "fork_release": 1})
     (root / "patches").mkdir()
     (root / "patches" / "series").write_text("")
     (root / ".gitignore").write_text("/.rebase/\n__pycache__/\n")
@@ -134,6 +135,7 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
     pin = release.load_pin(env["root"])
     assert (pin["version"], pin["tag"], pin["file"]) == ("1.1.0", "v1.1.0", "diffusers-1.1.0-py3-none-any.whl")
     assert pin["sha256"] == env["published"]["1.1.0"][0]["digests"]["sha256"]
+    assert list(pin) == ["package", "version", "file", "sha256", "tag", "repo", "fork_release"]  # 1.0.0's commit dropped
     assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"}, prepend=3)
     assert tree.verify(env["root"]) == []  # zero fuzz, no offset, tree == pristine 1.1.0 + series
     assert "@@ -10,7 +10,7 @@" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()  # re-anchored
@@ -154,6 +156,7 @@ def test_rebase_from_a_git_tag_records_the_commit(env, capsys):
     pin = release.load_pin(env["root"])
     assert pin["commit"] == git(env["upstream"], "rev-parse", "v1.1.0^{commit}").strip()
     assert pin["version"] == "1.1.0" and tree.verify(env["root"]) == []
+    assert list(pin) == ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
 
 
 def test_upstream_repo_by_url_is_cloned_into_the_cache(env, capsys):

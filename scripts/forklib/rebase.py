@@ -437,11 +437,7 @@ def finish(root: Path, st: dict, texts: dict) -> int:
     try:
         for res in st["results"]:
             write_patch(root, res["name"], texts[res["name"]], target["version"], res["status"] == "resolved")
-        pin = {**old, **{k: target.get(k) for k in ("version", "file", "sha256", "tag")}}
-        pin["commit"] = target.get("commit")  # known from git only; a stale one would mislead
-        if pin["commit"] is None:
-            pin.pop("commit")
-        release.save_pin(root, pin)
+        release.save_pin(root, new_pin(old, target))
         tree.write_patches_doc(root)
         tree.materialize(root)
     except ForkError as e:
@@ -461,6 +457,14 @@ def finish(root: Path, st: dict, texts: dict) -> int:
     shutil.rmtree(work(root))
     print("done: review 'git diff' and commit")
     return 0
+
+
+def new_pin(old: dict, target: dict) -> dict:
+    """The pin for ``target``, fields in the usual order; the commit is known from git only (a stale one would mislead)."""
+    new = {**old, **{k: target.get(k) for k in ("version", "file", "sha256", "tag", "commit")}}
+    order = ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
+    return {k: new[k] for k in sorted(new, key=lambda k: order.index(k) if k in order else len(order))
+            if new[k] is not None}
 
 
 def write_patch(root: Path, name: str, text: str, version: str, by_hand: bool) -> None:
