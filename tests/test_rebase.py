@@ -170,7 +170,7 @@ def test_conflict_stops_and_changes_nothing(env, capsys):
     before = snapshot(env["root"])
     assert rebase(env, "1.3.0") == 1
     err = capsys.readouterr().err
-    assert "0001-ours-in-a.patch" in err and "src/diffusers/a.py" in err and "hunk 1" in err
+    assert "0001-ours-in-a.patch" in err and "src/diffusers/a.py: hunk 1 (@@ -7,7 +7,7 @@)" in err
     assert snapshot(env["root"]) == before
     marked = (env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py").read_text()
     assert "<<<<<<< " in marked and PATCHED_10 in marked and "x10 = 10  # upstream edit" in marked

@@ -153,7 +153,7 @@ def apply_file(fp: FilePatch, text: str | None, name: str = "<patch>") -> Applie
 
 
 def hunk_header(h: Hunk) -> str:
-    return f"@@ -{h.old_start} +{h.new_start} @@"
+    return f"@@ -{h.old_start},{len(h.old())} +{h.new_start},{len(h.new())} @@"
 
 
 def apply_hunks(fp: FilePatch, text: str) -> tuple[str, list]:

@@ -400,7 +400,8 @@ def cmd_continue(args) -> int:
                         "('fork.py rebase --abort', commit, start again)")
     texts[name] = text
     st["results"][k]["status"] = "resolved"
-    print(f"  {name:<34} resolved   by hand: {', '.join(p[len(PREFIX):] for p in sorted(edited))}")
+    hand = [c["path"][len(PREFIX):] for c in st["results"][k]["conflicts"]]
+    print(f"  {name:<34} resolved   by hand in {', '.join(hand)}; the patch now touches {len(edited)} file(s)")
     return proceed(root, st, k + 1, after, texts, patches, old_states)
 
 
