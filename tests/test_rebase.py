@@ -41,11 +41,14 @@ RELEASES = {
     "1.2.0": {"a.py": a_py({8: "x8 = 8  # upstream edit\n"})},         # context edited: three-way
     "1.3.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"})},      # our line edited: conflict
     "1.4.0": {"a.py": a_py(), "__init__.py": "raise ImportError('broken 1.4.0')\n"},
+    "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": B_PY},                 # a patched file renamed: .rej
+    "1.6.0": {"a.py": a_py(), "b.py": None, "sub/b.py": B_PY + "\n\ndef k():\n    return 3\n"},  # moved: followed
 }
 
 
 def files_of(version):
-    return {"__init__.py": INIT, "b.py": B_PY, **RELEASES[version]}
+    files = {"__init__.py": INIT, "b.py": B_PY, **RELEASES[version]}
+    return {rel: text for rel, text in files.items() if text is not None}
 
 
 def sha(path):
@@ -78,6 +81,8 @@ def env(tmp_path, monkeypatch):
                 z.writestr(f"diffusers/{rel}", text)
             z.writestr(f"diffusers-{version}.dist-info/METADATA", f"Name: diffusers\nVersion: {version}\n")
         published[version] = [{"filename": name, "digests": {"sha256": sha(cache / name)}, "url": "file:///nowhere"}]
+        for p in (upstream / "src" / "diffusers").rglob("*.py"):
+            p.unlink()
         for rel, text in files_of(version).items():
             tree.write(upstream, f"src/diffusers/{rel}", text)
         git(upstream, "add", "-A")
@@ -191,6 +196,30 @@ def test_continue_after_resolving(env, capsys):
     assert tree.verify(env["root"]) == []
 
 
+def test_file_gone_upstream_leaves_a_rej_and_continue_takes_the_move(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.5.0") == 1
+    err = capsys.readouterr().err
+    assert "src/diffusers/b.py: hunk 1 (@@ -1,5 +1,5 @@): the file is gone upstream" in err
+    assert snapshot(env["root"]) == before
+    work = env["root"] / ".rebase" / "tree" / "src" / "diffusers"
+    assert "-    return 1\n+    return -1" in (work / "b.py.rej").read_text()
+    (work / "c.py").write_text(B_PY.replace("return 1", "return -1"))  # the change, where upstream moved it
+    assert rebase(env, "--continue") == 2 and "b.py.rej" in capsys.readouterr().err
+    (work / "b.py.rej").unlink()
+    assert rebase(env, "--continue") == 0
+    assert "+++ b/src/diffusers/c.py" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()
+    assert laid(env, "c.py") == B_PY.replace("return 1", "return -1") and tree.verify(env["root"]) == []
+
+
+def test_a_file_upstream_moved_is_followed(env, capsys):
+    assert rebase(env, "1.6.0") == 0
+    assert "upstream moved b.py -> sub/b.py" in capsys.readouterr().out
+    assert laid(env, "sub/b.py") == B_PY.replace("return 1", "return -1") + "\n\ndef k():\n    return 3\n"
+    assert "+++ b/src/diffusers/sub/b.py" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()
+    assert tree.verify(env["root"]) == []
+
+
 def test_abort_after_conflict(env, capsys):
     before = snapshot(env["root"])
     assert rebase(env, "1.3.0") == 1
@@ -279,22 +308,24 @@ def expected_rows(out):
 def test_check_table(env, capsys, source):
     before = snapshot(env["root"])
     extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
-    assert rebase(env, "--check", "1.0.0..1.4.0", *extra) == 1  # 1.3.0 conflicts
+    assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
     rows = expected_rows(capsys.readouterr().out)
-    assert [rows[v][0] for v in RELEASES] == ["clean", "offsets", "three-way", "conflict", "clean"]
+    assert [rows[v][0] for v in RELEASES] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
+    assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
+    assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
     assert rows["1.1.0"][1] == "offsets: 0001 x1, 0002 x1"
-    assert rows["1.2.0"][1] == "0001 a.py hunk 1"
-    assert rows["1.3.0"][1] == "0001-ours-in-a.patch: a.py hunk 1"
-    assert rows["1.0.0"][2] == "ok" and rows["1.3.0"][2] == "-"
-    assert rows["1.4.0"][2] == "FAIL: ImportError: broken 1.4.0"
-    assert rows["1.0.0"][3] == "not run"
+    assert rows["1.2.0"][1] == "0001 three-way: a.py hunk 1"
+    assert rows["1.3.0"][1] == "0001-ours-in-a.patch: a.py"
+    assert rows["1.3.0"][2] == "0002 clean" and rows["1.2.0"][2] == "-"  # how the later patches fare
+    assert rows["1.0.0"][3] == "ok" and rows["1.3.0"][3] == "-"
+    assert rows["1.4.0"][3] == "FAIL: ImportError: broken 1.4.0"
+    assert rows["1.0.0"][4] == "not run"
     assert snapshot(env["root"]) == before and not (env["root"] / ".rebase").exists()
 
 
-def test_check_runs_tests_when_asked(env, capsys):
-    cmd = f"{PY} -c 'import diffusers.a as a; assert a.x25 == -25'"
+def test_check_runs_tests_on_each_release_when_asked(env, capsys):
+    # passes only where the patched tree of 1.1.0 (its header lines, our x25) is the one imported
+    cmd = f"{PY} -c 'import inspect, diffusers.a as a; assert a.x25 == -25 and \"# upstream header\" in inspect.getsource(a)'"
     assert rebase(env, "--check", "1.1.0", "1.2.0", "--tests", "--test-cmd", cmd) == 0
     rows = expected_rows(capsys.readouterr().out)
-    assert rows["1.1.0"][3] == "pass" and rows["1.2.0"][3] == "pass"
-    assert rebase(env, "--check", "1.1.0", "--tests", "--test-cmd", f"{PY} -c 'import diffusers.a as a; assert a.x25 == 25'") == 0
-    assert expected_rows(capsys.readouterr().out)["1.1.0"][3].startswith("FAIL")
+    assert rows["1.1.0"][4] == "pass" and rows["1.2.0"][4].startswith("FAIL")

@@ -16,6 +16,7 @@ against the new release (Applies-To and Last-Update updated), the pin and PATCHE
 from __future__ import annotations
 
 import datetime
+import difflib
 import hashlib
 import json
 import os
@@ -154,7 +155,8 @@ def merge3(ours: str, base: str, theirs: str, labels: tuple) -> tuple[str, int]:
 
 
 def rebase_file(fp, base, ours, theirs, labels) -> tuple:
-    """One file of a patch onto ``theirs``: (new text or None, per-hunk results, None|"markers"|"rej")."""
+    """One file of a patch onto ``theirs``: (new text or None, per-hunk results, conflict). The conflict is
+    None, "markers" (a three-way merge left some), or why a .rej is left: "gone upstream", "already upstream"."""
     def hunks(hows, offsets=None):
         offsets = offsets or [None] * len(fp.hunks)
         return [{"path": fp.path, "hunk": n, "at": patchfile.hunk_header(h), "how": how, "offset": off}
@@ -164,7 +166,7 @@ def rebase_file(fp, base, ours, theirs, labels) -> tuple:
         expected = base if fp.new_path is None else None
         if theirs == expected or theirs == ours:
             return ours, hunks(["clean" if theirs == expected else "three-way"] * len(fp.hunks)), None
-        return theirs, hunks(["conflict"] * len(fp.hunks)), "rej"
+        return theirs, hunks(["conflict"] * len(fp.hunks)), "gone upstream" if theirs is None else "already upstream"
     if theirs is not None:
         text, offsets = patchfile.apply_hunks(fp, theirs)
         exact = ["clean" if o == 0 else "offset" for o in offsets]
@@ -175,29 +177,44 @@ def rebase_file(fp, base, ours, theirs, labels) -> tuple:
             failed = "conflict" if conflicts else "three-way"
             hows = [failed if o is None else how for o, how in zip(offsets, exact)]
             return merged, hunks(hows, offsets), "markers" if conflicts else None
-    return theirs, hunks(["conflict"] * len(fp.hunks)), "rej"
+    return theirs, hunks(["conflict"] * len(fp.hunks)), "gone upstream"
 
 
 def rebase_patch(name, patch, old_before, old_after, new_before, labels) -> tuple[dict, dict]:
     """(new tree after the patch, result). The result's conflicts name each file left unmerged."""
     after = dict(new_before)
-    result = {"name": name, "hunks": [], "conflicts": []}
+    result = {"name": name, "hunks": [], "conflicts": [], "moved": {}}
     for fp in patch.files:
         base = old_before.get(fp.old_path) if fp.old_path else None
         ours = old_after.get(fp.new_path) if fp.new_path else None
-        text, hunks, conflict = rebase_file(fp, base, ours, after.get(fp.old_path or fp.new_path), labels)
-        if fp.old_path and fp.old_path != fp.new_path:
-            after.pop(fp.old_path, None)
-        if text is None:
-            after.pop(fp.path, None)
-        else:
-            after[fp.path] = text
-        result["hunks"] += hunks
+        src = fp.old_path or fp.new_path
+        if fp.old_path and src not in after:
+            src = moved_to(src, base, after, old_before) or src
+            if src != fp.old_path:
+                result["moved"][fp.old_path] = src
+        text, hunks, conflict = rebase_file(fp, base, ours, after.get(src), labels)
+        dest = src if fp.new_path == fp.old_path else (fp.new_path or src)
+        after.pop(src, None)
+        if text is not None:
+            after[dest] = text
+        result["hunks"] += [{**h, "path": dest} for h in hunks]
         if conflict:
-            rej = patchfile.diff_file(fp.path, base, ours) if conflict == "rej" else None
-            result["conflicts"].append({"path": fp.path, "kind": conflict, "rej": rej})
+            rej = patchfile.diff_file(dest, base, ours) if conflict != "markers" else None
+            result["conflicts"].append({"path": dest, "kind": conflict, "rej": rej})
     result["status"] = worst(HOW[h["how"]] for h in result["hunks"])
     return after, result
+
+
+def moved_to(path: str, base: str, new_tree: dict, old_tree: dict) -> str | None:
+    """Where upstream moved ``path``: a file new in ``new_tree`` with the same name whose text is most
+    like ``base`` (at least half its lines match); None if there is none."""
+    name, best, score = path.rsplit("/", 1)[-1], None, 0.5
+    for cand, text in new_tree.items():
+        if cand.rsplit("/", 1)[-1] == name and cand not in old_tree:
+            ratio = difflib.SequenceMatcher(None, base.splitlines(), text.splitlines(), autojunk=False).ratio()
+            if ratio >= score:
+                best, score = cand, ratio
+    return best
 
 
 def worst(statuses) -> str:
@@ -218,33 +235,41 @@ def old_series(root: Path) -> tuple[list, list, dict]:
     return patches, states, pin
 
 
-def replay(patches, old_states, new_before, start, old_version, new_version) -> tuple:
+def replay(patches, old_states, new_before, start, old_version, new_version, keep_going=False) -> tuple:
     """Rebase ``patches[start:]`` onto ``new_before``. Returns (texts, results, stop): new patch texts
-    by name (old headers), per-patch results, and None or (k, tree before it, tree with the conflicts)."""
-    texts, results, state = {}, [], new_before
+    by name (old headers), per-patch results, and None or (k, tree before it, tree with the conflicts)
+    for the first patch that does not apply. ``keep_going`` (--check) goes on past it, without the
+    conflicting files' changes, to see how the later patches fare."""
+    texts, results, state, stop = {}, [], new_before, None
     for k in range(start, len(patches)):
         name, patch = patches[k]
         labels = (f"{old_version} + {name}", f"{old_version}", f"{new_version}")
         after, res = rebase_patch(name, patch, old_states[k], old_states[k + 1], state, labels)
         results.append(res)
-        if res["conflicts"]:
-            return texts, results, (k, state, after)
-        text = tree.patch_text(patch.header, state, after, changed(state, after))
-        if text is None:
+        text = None if res["conflicts"] else tree.patch_text(patch.header, state, after, changed(state, after))
+        if text is None and not res["conflicts"]:
             res["status"] = "empty"
-            return texts, results, (k, state, after)
-        texts[name] = text
+        if text is None:
+            stop = stop or (k, state, after)
+            if not keep_going:
+                break
+            for c in res["conflicts"]:
+                after[c["path"]] = state.get(c["path"])
+            after = {p: t for p, t in after.items() if t is not None}
+        else:
+            texts[name] = text
         state = after
-    return texts, results, None
+    return texts, results, stop
 
 
 def describe_hunks(res: dict, how: str) -> str:
-    by_file = {}
+    """'file hunk 1, 3; file2 hunk 2' for the hunks that went ``how``."""
+    by_file, why = {}, {c["path"]: c["kind"] for c in res.get("conflicts", []) if c["kind"] != "markers"}
     for h in res["hunks"]:
         if h["how"] == how:
-            by_file.setdefault(h["path"][len(PREFIX):], []).append(
-                f"{h['hunk']}" + (f" ({h['offset']:+d})" if how == "offset" else ""))
-    return "; ".join(f"{p} hunk {', '.join(ns)}" for p, ns in by_file.items())
+            by_file.setdefault(h["path"], []).append(f"{h['hunk']}" + (f" ({h['offset']:+d})" if how == "offset" else ""))
+    return "; ".join(f"{p[len(PREFIX):]} hunk {', '.join(ns)}" + (f" ({why[p]})" if p in why else "")
+                     for p, ns in by_file.items())
 
 
 # ---------------------------------------------------------------- work folder
@@ -345,7 +370,12 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
 def print_result(res: dict) -> None:
     detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "conflict": "conflict"}
                             .get(res["status"], ""))
-    print(f"  {res['name']:<34} {res['status']:<10} {detail}")
+    print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}")
+
+
+def moves(res: dict) -> str:
+    found = [f"{a[len(PREFIX):]} -> {b[len(PREFIX):]}" for a, b in res.get("moved", {}).items()]
+    return f" (upstream moved {', '.join(found)})" if found else ""
 
 
 def stopped(root, st, texts, k, before, after) -> int:
@@ -362,9 +392,9 @@ def stopped(root, st, texts, k, before, after) -> int:
     for c in res["conflicts"]:
         hunks = [h for h in res["hunks"] if h["path"] == c["path"] and h["how"] == "conflict"]
         at = ", ".join(f"hunk {h['hunk']} ({h['at']})" for h in hunks)
-        if c["kind"] == "rej":
+        if c["kind"] != "markers":
             tree.write(work(root) / "tree", c["path"] + ".rej", c["rej"])
-            lines.append(f"  {c['path']}: {at}: no file to merge into; the change is in {where}{c['path']}.rej")
+            lines.append(f"  {c['path']}: {at}: the file is {c['kind']} (renamed?); the change is in {where}{c['path']}.rej")
         else:
             lines.append(f"  {c['path']}: {at}: conflicts in a three-way merge; markers in {where}{c['path']}")
     lines += [f"resolve in {where} (the whole new tree; remove the markers and any .rej), then 'fork.py rebase --continue';",
@@ -484,7 +514,7 @@ def diff_body(text: str) -> str:
     return text if text.startswith("--- ") else text[text.index("\n--- ") + 1:]
 
 
-def test_command(root: Path, options: dict) -> str | None:
+def tests_command(root: Path, options: dict) -> str | None:
     if not options.get("tests", True):
         return None
     if options.get("test_cmd"):
@@ -495,7 +525,7 @@ def test_command(root: Path, options: dict) -> str | None:
 def run_tests(root: Path, options: dict, src: Path | None = None) -> tuple[bool | None, str]:
     """(passed, one-line summary); None: not run. ``src`` (default root/src) comes first on PYTHONPATH, so
     the tree under test is the one imported even where another checkout is installed."""
-    cmd = test_command(root, options)
+    cmd = tests_command(root, options)
     if cmd is None:
         return None, "not run" + ("" if not options.get("tests", True) else " (no tests/ folder)")
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -515,36 +545,46 @@ def cmd_check(args) -> int:
     names = ", ".join(n.split("-", 1)[0] for n, _ in patches)
     print(f"series {names} (from {pin['version']}) on each release; source: "
           + (f"tags of {repo}" if repo else "release files from the index, sha256 checked"))
-    print("| release | series | detail | import | tests |\n|---|---|---|---|---|")
+    print("| release | series | detail | later patches (past the conflict, without its files) | import | tests |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['version']} | {r['status']} | {r['detail']} | {r['import']} | {r['tests']} |")
+        print(f"| {r['version']} | {r['status']} | {r['detail']} | {r['later']} | {r['import']} | {r['tests']} |")
     return 0 if all(r["status"] in RANK[:3] for r in rows) else 1
 
 
 def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
-    row = {"version": version, "import": "-", "tests": "-"}
+    row = {"version": version, "import": "-", "tests": "-", "later": "-"}
     try:
         target = resolve(root, version, repo, for_pin=False)
         new_base = target_files(root, target)
     except ForkError as e:
         return {**row, "status": "error", "detail": str(e).replace("|", "/")}
-    texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version)
-    row["status"] = worst(r["status"] for r in results)
-    row["detail"] = check_detail(results)
-    if stop is None:
+    texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version, keep_going=True)
+    first = results[: stop[0] + 1] if stop else results
+    row["status"] = worst(r["status"] for r in first)
+    row["detail"] = check_detail(first)
+    if stop:
+        row["later"] = ", ".join(later(r) for r in results[stop[0] + 1:]) or "-"
+    else:
         row["import"], row["tests"] = try_tree(root, pin, new_base, texts, patches, args)
     return row
+
+
+def later(res: dict) -> str:
+    n = len(res["conflicts"])
+    return f"{res['name'][:4]} {res['status']}" + (f" ({n} file{'s' * (n > 1)})" if n else "")
 
 
 def check_detail(results: list) -> str:
     last = results[-1]
     if last["status"] in ("conflict", "empty"):
-        what = describe_hunks(last, "conflict") or "changes nothing (upstream has it?)"
-        return f"{last['name']}: {what}"
-    parts = [f"{r['name'][:4]} {describe_hunks(r, 'three-way')}" for r in results if r["status"] == "three-way"]
+        files = [c["path"][len(PREFIX):] + ("" if c["kind"] == "markers" else f" ({c['kind']})") for c in last["conflicts"]]
+        return f"{last['name']}: {', '.join(files) or 'changes nothing (upstream has it?)'}"
+    parts = [f"{r['name'][:4]} three-way: {describe_hunks(r, 'three-way')}" for r in results if r["status"] == "three-way"]
     offsets = [f"{r['name'][:4]} x{sum(h['how'] == 'offset' for h in r['hunks'])}" for r in results
                if any(h["how"] == "offset" for h in r["hunks"])]
-    return "; ".join(parts + (["offsets: " + ", ".join(offsets)] if offsets else [])) or "-"
+    moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]
+    return "; ".join(parts + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
 
 
 def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
