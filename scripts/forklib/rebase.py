@@ -532,7 +532,8 @@ def run_tests(root: Path, options: dict, src: Path | None = None) -> tuple[bool 
                PYTHONPATH=os.pathsep.join(filter(None, [str(src or Path(root) / "src"), os.environ.get("PYTHONPATH")])))
     res = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
     last = ([ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()] or [""])[-1].strip()
-    return res.returncode == 0, ("passed" if res.returncode == 0 else "FAILED") + f" ({cmd}: {last[:100]})"
+    verdict = "passed" if res.returncode == 0 else f"FAILED (exit {res.returncode})"
+    return res.returncode == 0, f"{verdict}: {cmd}" + (f": {last[:100]}" if last else "")
 
 
 # ---------------------------------------------------------------- --check
@@ -602,7 +603,7 @@ def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
         tests = "not run"
         if args.tests:
             ok, summary = run_tests(root, {"tests": True, "test_cmd": args.test_cmd}, src=Path(d) / "src")
-            tests = "pass" if ok else ("not run" if ok is None else "FAIL: " + summary.split(": ", 1)[-1])
+            tests = "pass" if ok else ("not run" if ok is None else "FAIL: " + summary.rsplit(": ", 1)[-1])
     return imported, tests.replace("|", "/")
 
 
