@@ -136,30 +136,46 @@ def apply_file(fp: FilePatch, text: str | None, name: str = "<patch>") -> Applie
         return Applied(new, [0] * len(fp.hunks))
     if text is None:
         raise PatchError(f"{name}: {fp.path}: file to patch does not exist")
+    out, offsets = apply_hunks(fp, text)
+    if None in offsets:
+        n = offsets.index(None) + 1
+        h = fp.hunks[n - 1]
+        ctx = "".join(h.old()[:6]).rstrip("\n")
+        raise PatchError(
+            f"{name}: {fp.path}: hunk {n} ({hunk_header(h)}) does not apply with zero fuzz; "
+            f"expected these lines near line {h.old_start}:\n{ctx}"
+        )
+    if fp.new_path is None:
+        if out:
+            raise PatchError(f"{name}: {fp.path}: deletes a file but lines would remain")
+        return Applied(None, offsets)
+    return Applied(out, offsets)
+
+
+def hunk_header(h: Hunk) -> str:
+    return f"@@ -{h.old_start},{len(h.old())} +{h.new_start},{len(h.new())} @@"
+
+
+def apply_hunks(fp: FilePatch, text: str) -> tuple[str, list]:
+    """Apply each hunk of ``fp`` that matches ``text`` exactly (zero fuzz), skipping those that do not,
+    as GNU patch does before writing a .rej. Returns the text and, per hunk, its offset or None."""
     src = text.splitlines(keepends=True)
     out, pos, delta, offsets = [], 0, 0, []
-    for n, h in enumerate(fp.hunks, 1):
+    for h in fp.hunks:
         old = h.old()
         # a pure insertion's header names the line after which it goes; otherwise its first line
         want = h.old_start if not old else max(h.old_start - 1, 0)
         found = _find(src, old, want + delta, pos)
         if found is None:
-            ctx = "".join(old[:6]).rstrip("\n")
-            raise PatchError(
-                f"{name}: {fp.path}: hunk {n} (@@ -{h.old_start} +{h.new_start} @@) does not apply with zero fuzz; "
-                f"expected these lines near line {h.old_start}:\n{ctx}"
-            )
+            offsets.append(None)
+            continue
         offsets.append(found - want)
         out.extend(src[pos:found])
         out.extend(h.new())
         pos = found + len(old)
         delta = found - want
     out.extend(src[pos:])
-    if fp.new_path is None:
-        if out:
-            raise PatchError(f"{name}: {fp.path}: deletes a file but lines would remain")
-        return Applied(None, offsets)
-    return Applied("".join(out), offsets)
+    return "".join(out), offsets
 
 
 def _find(src, old, want, lo):
@@ -230,6 +246,18 @@ def _emit(tag, lines):
         else:
             yield tag + line + "\n"
             yield NO_EOL + "\n"
+
+
+def set_field(header: str, name: str, value: str) -> str:
+    """``header`` with its DEP-3 field ``name`` set to ``value`` (appended if absent)."""
+    lines = header.rstrip("\n").splitlines()
+    for i, line in enumerate(lines):
+        if line.lower().startswith(name.lower() + ":"):
+            lines[i] = f"{name}: {value}"
+            break
+    else:
+        lines.append(f"{name}: {value}")
+    return "\n".join(lines) + "\n"
 
 
 def render(header: str, diffs: list) -> str:

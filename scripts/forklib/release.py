@@ -5,6 +5,7 @@ on the package index with its sha256, and the git tag and commit of the same rel
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -66,16 +67,16 @@ def cache_dir(root: Path) -> Path:
     return Path(os.environ.get("DIFFUSERS_FLASH_CACHE") or Path(root) / ".upstream")
 
 
-def check_hash(path: Path, expected: str) -> None:
+def check_hash(path: Path, expected: str, against: str = "the pin") -> None:
     actual = sha256(path)
     if actual != expected:
         raise ForkError(
-            f"release file {path} does not match the pin: expected sha256 {expected}, got {actual}; "
+            f"release file {path} does not match {against}: expected sha256 {expected}, got {actual}; "
             "refusing to use it (delete it to fetch again, or fix the pin)"
         )
 
 
-def fetch(root: Path, version: str, filename: str, expected: str | None) -> Path:
+def fetch(root: Path, version: str, filename: str, expected: str | None, against: str = "the pin") -> Path:
     """The release file in the cache, fetched with pip when absent; checked against ``expected``."""
     cache = cache_dir(root)
     path = cache / filename
@@ -85,7 +86,7 @@ def fetch(root: Path, version: str, filename: str, expected: str | None) -> Path
         if not path.exists():
             raise ForkError(f"downloaded {PACKAGE}=={version} but {filename} is not among the files")
     if expected:
-        check_hash(path, expected)
+        check_hash(path, expected, against)
     return path
 
 
@@ -107,14 +108,31 @@ def _download(version: str, filename: str, dest: Path) -> None:
         shutil.move(str(Path(tmp) / filename), dest / filename)
 
 
-def _download_json_api(version: str, filename: str, dest: Path) -> bool:
+def _index_base() -> str:
+    """The index's JSON API base: PIP_INDEX_URL with its /simple dropped (a file:// base serves a local copy)."""
     index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    base = index[: -len("/simple")] if index.endswith("/simple") else index
+    return index[: -len("/simple")] if index.endswith("/simple") else index
+
+
+@functools.lru_cache(maxsize=4)
+def _index_json(base: str):
+    """The index's JSON document for the package (``{base}/pypi/diffusers/json``), or None when it does not answer."""
     try:
-        with urllib.request.urlopen(f"{base}/pypi/{PACKAGE}/{version}/json", timeout=60) as r:
-            urls = json.load(r)["urls"]
-        url = next(u["url"] for u in urls if u["filename"] == filename)
-        with urllib.request.urlopen(url, timeout=120) as r, open(dest / filename, "wb") as f:
+        with urllib.request.urlopen(f"{base}/pypi/{PACKAGE}/json", timeout=60) as r:
+            return json.load(r)
+    except Exception:
+        return None
+
+
+def _index_file(version: str, filename: str) -> dict | None:
+    doc = _index_json(_index_base()) or {}
+    return next((f for f in doc.get("releases", {}).get(version, []) if f.get("filename") == filename), None)
+
+
+def _download_json_api(version: str, filename: str, dest: Path) -> bool:
+    try:
+        with urllib.request.urlopen(_index_file(version, filename)["url"], timeout=120) as r, \
+                open(dest / filename, "wb") as f:
             shutil.copyfileobj(r, f)
         return True
     except Exception:
@@ -122,15 +140,15 @@ def _download_json_api(version: str, filename: str, dest: Path) -> bool:
 
 
 def index_sha256(version: str, filename: str) -> str | None:
-    """The sha256 the index publishes for a release file (PyPI JSON API), or None offline."""
-    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
-    base = index[: -len("/simple")] if index.endswith("/simple") else index
-    try:
-        with urllib.request.urlopen(f"{base}/pypi/{PACKAGE}/{version}/json", timeout=60) as r:
-            urls = json.load(r)["urls"]
-        return next(u["digests"]["sha256"] for u in urls if u["filename"] == filename)
-    except Exception:
-        return None
+    """The sha256 the index publishes for a release file (PyPI JSON API), or None (offline, or no such file)."""
+    entry = _index_file(version, filename)
+    return entry["digests"]["sha256"] if entry else None
+
+
+def index_versions() -> list | None:
+    """The versions the index lists files for, or None when it does not answer."""
+    doc = _index_json(_index_base())
+    return None if doc is None else [v for v, files in doc.get("releases", {}).items() if files]
 
 
 def read_release(path: Path) -> dict:
@@ -160,17 +178,35 @@ def read_git_tag(repo: str, tag: str) -> dict:
     """The package's files at ``tag`` of an upstream git clone (README files left out, as the releases do)."""
     try:
         names = subprocess.run(["git", "-C", repo, "ls-tree", "-r", "--name-only", tag, "--", PREFIX],
-                               check=True, capture_output=True, text=True).stdout.split()
+                               check=True, capture_output=True, text=True).stdout.splitlines()
     except subprocess.CalledProcessError as e:
         raise ForkError(f"{repo}: no tag {tag} ({e.stderr.strip()})") from None
+    names = [n for n in names if Path(n).name != "README.md"]
+    if not names:
+        raise ForkError(f"{repo}: tag {tag} holds no {PREFIX} files")
     data = subprocess.run(["git", "-C", repo, "archive", "--format=tar", tag, "--", *names],
                           check=True, capture_output=True).stdout
     files = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         for m in t.getmembers():
-            if m.isfile() and m.name.endswith(".py"):
+            if m.isfile():
                 files[m.name] = t.extractfile(m).read().decode("utf-8")
     return files
+
+
+def git_tags(repo: str) -> list:
+    out = subprocess.run(["git", "-C", repo, "tag", "--list"], capture_output=True, text=True)
+    if out.returncode:
+        raise ForkError(f"{repo}: not a git repository ({out.stderr.strip()})")
+    return out.stdout.split()
+
+
+def git_commit(repo: str, tag: str) -> str:
+    out = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet", f"{tag}^{{commit}}"],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise ForkError(f"{repo}: no tag {tag}")
+    return out.stdout.strip()
 
 
 def pristine(root: Path, pin: dict | None = None) -> dict:

@@ -1,0 +1,657 @@
+"""fork.py rebase: move the patch series onto another upstream release, or check it against several.
+
+Each patch is re-applied to the new release in turn. A hunk whose lines match exactly applies
+there (at its line: "clean", or elsewhere: "offset"). Where one does not, the file is merged
+three ways with ``git merge-file``: base = the file before the patch on the old release, ours =
+after it, theirs = the file before the patch on the new release, so a change whose context
+upstream moved or edited still lands ("three-way"). The first patch that still conflicts stops
+the rebase: its files (conflict markers, or a .rej where there is no file to merge into) are left
+in .rebase/tree/, and nothing outside .rebase/ changes. ``--continue`` takes the resolution from
+there; ``--abort`` throws the attempt away (and restores the old tree if a rebase had finished).
+
+When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
+against the new release (Applies-To and Last-Update updated), the pin and PATCHES.md follow, and
+``verify`` and the project's tests run.
+"""
+from __future__ import annotations
+
+import datetime
+import difflib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import patchfile, release, tree
+from .release import PREFIX, ForkError
+
+WORK = ".rebase"
+RANK = ["clean", "offsets", "three-way", "resolved", "empty", "conflict"]
+HOW = {"clean": "clean", "offset": "offsets", "three-way": "three-way", "conflict": "conflict"}
+_VERSION = re.compile(r"(v?)(\d+(?:\.\d+)+(?:(?:a|b|rc|\.post|\.dev)\d+)?)")
+_FINAL = re.compile(r"v?\d+\.\d+\.\d+")
+
+
+# ---------------------------------------------------------------- the target release
+def vkey(version: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """(version, tag) from ``0.5.1`` or ``v0.5.1``."""
+    m = _VERSION.fullmatch(text.strip())
+    if not m:
+        raise ForkError(f"{text!r} is not a release version or tag (expected e.g. 0.5.1 or v0.5.1)")
+    return m.group(2), text.strip() if m.group(1) else "v" + m.group(2)
+
+
+def wheel_name(version: str) -> str:
+    return f"{release.PACKAGE}-{version}-py3-none-any.whl"
+
+
+def upstream_repo(root: Path, spec: str | None) -> str | None:
+    """A local git directory for --upstream-repo: the path itself, or a bare clone of a URL in the cache."""
+    if not spec:
+        return None
+    if Path(spec).exists():
+        release.git_tags(spec)  # says so if it is not a git repository
+        return spec
+    if "://" not in spec and not spec.startswith("git@"):
+        raise ForkError(f"--upstream-repo {spec}: no such directory (and not a URL)")
+    dest = release.cache_dir(root) / ("git-" + hashlib.sha256(spec.encode()).hexdigest()[:12])
+    cmd = (["git", "-C", str(dest), "fetch", "--quiet", "--tags", "--force", spec] if dest.exists()
+           else ["git", "clone", "--quiet", "--bare", spec, str(dest)])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise ForkError(f"--upstream-repo {spec}: {' '.join(cmd[:3])} failed: {res.stderr.strip()}")
+    return str(dest)
+
+
+def resolve(root: Path, text: str, repo: str | None, for_pin: bool) -> dict:
+    """The target release as a pin-like dict. ``for_pin``: the release file and its index sha256 are
+    needed (the build lays the tree down from that file), even when the files come from git."""
+    version, tag = parse_target(text)
+    t = {"version": version, "file": wheel_name(version), "sha256": None, "tag": tag, "source": "pypi"}
+    if repo:
+        tags = set(release.git_tags(repo))
+        t["tag"] = next((c for c in (tag, "v" + version, version) if c in tags), None)
+        if t["tag"] is None:
+            raise ForkError(f"{repo}: no tag {tag} (nor {version})")
+        t.update(source="git", repo=repo, commit=release.git_commit(repo, t["tag"]))
+    if repo is None or for_pin:
+        t["sha256"] = release.index_sha256(version, t["file"])
+        if t["sha256"] is None:
+            raise ForkError(f"the package index publishes no sha256 for {t['file']} (no such release, or offline); "
+                            "nothing to check the release file against"
+                            + ("" if repo else " (--upstream-repo reads a git tag instead, for --check)"))
+    return t
+
+
+def target_files(root: Path, t: dict) -> dict:
+    """The target release's files (``src/diffusers/...`` -> text), the release file checked against the index."""
+    if t["source"] == "git":
+        return release.read_git_tag(t["repo"], t["tag"])
+    path = release.fetch(root, t["version"], t["file"], t["sha256"], "the sha256 the index publishes")
+    return release.read_release(path)
+
+
+def same_as_release(root: Path, t: dict, files: dict) -> None:
+    """Refuse a git tag whose files differ from the release file the build will lay down."""
+    wheel = release.read_release(release.fetch(root, t["version"], t["file"], t["sha256"],
+                                               "the sha256 the index publishes"))
+    differ = sorted(p for p in set(wheel) | set(files) if wheel.get(p) != files.get(p))
+    if differ:
+        raise ForkError(f"tag {t['tag']} and {t['file']} differ in {len(differ)} file(s): {', '.join(differ[:5])}; "
+                        "builds lay the tree down from the release file, so the rebase must use it (drop --upstream-repo)")
+
+
+def available(repo: str | None) -> list:
+    """Final releases, from the tags of ``repo`` or from the index."""
+    if repo:
+        found = [t.lstrip("v") for t in release.git_tags(repo) if _FINAL.fullmatch(t)]
+    else:
+        found = release.index_versions()
+        if found is None:
+            raise ForkError("the package index does not answer: list the versions instead of a range, "
+                            "or read them from git with --upstream-repo")
+        found = [v for v in found if _FINAL.fullmatch(v)]
+    return sorted(set(found), key=vkey)
+
+
+def expand(specs: list, repo: str | None) -> list:
+    """Versions named, ranges like 0.4.0..0.14.0 (both ends included) expanded."""
+    out = []
+    for spec in specs:
+        if ".." not in spec:
+            out.append(parse_target(spec)[0])
+            continue
+        lo, hi = (vkey(parse_target(s)[0]) for s in spec.split("..", 1))
+        hits = [v for v in available(repo) if lo <= vkey(v) <= hi]
+        if not hits:
+            raise ForkError(f"no release in the range {spec}")
+        out += hits
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------- re-applying one patch
+def merge3(ours: str, base: str, theirs: str, labels: tuple) -> tuple[str, int]:
+    """``git merge-file --diff3``: (merged text, number of conflicts)."""
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            (Path(d) / name).write_bytes(text.encode("utf-8"))
+            paths.append(str(Path(d) / name))
+        cmd = ["git", "merge-file", "-p", "--diff3", *[a for lab in labels for a in ("-L", lab)], *paths]
+        res = subprocess.run(cmd, capture_output=True)
+    if res.returncode > 127:
+        raise ForkError(f"git merge-file failed: {res.stderr.decode().strip()}")
+    return res.stdout.decode("utf-8"), res.returncode
+
+
+def rebase_file(fp, base, ours, theirs, labels) -> tuple:
+    """One file of a patch onto ``theirs``: (new text or None, per-hunk results, conflict). The conflict is
+    None, "markers" (a three-way merge left some), or why a .rej is left: "gone upstream", "already upstream"."""
+    def hunks(hows, offsets=None):
+        offsets = offsets or [None] * len(fp.hunks)
+        return [{"path": fp.path, "hunk": n, "at": patchfile.hunk_header(h), "how": how, "offset": off}
+                for n, (h, how, off) in enumerate(zip(fp.hunks, hows, offsets), 1)]
+
+    if fp.old_path is None or fp.new_path is None:  # creates or deletes the file
+        expected = base if fp.new_path is None else None
+        if theirs == expected or theirs == ours:
+            return ours, hunks(["clean" if theirs == expected else "three-way"] * len(fp.hunks)), None
+        return theirs, hunks(["conflict"] * len(fp.hunks)), "gone upstream" if theirs is None else "already upstream"
+    if theirs is not None:
+        text, offsets = patchfile.apply_hunks(fp, theirs)
+        exact = ["clean" if o == 0 else "offset" for o in offsets]
+        if None not in offsets:
+            return text, hunks(exact, offsets), None
+        if base is not None and ours is not None:
+            merged, conflicts = merge3(ours, base, theirs, labels)
+            failed = "conflict" if conflicts else "three-way"
+            hows = [failed if o is None else how for o, how in zip(offsets, exact)]
+            return merged, hunks(hows, offsets), "markers" if conflicts else None
+    return theirs, hunks(["conflict"] * len(fp.hunks)), "gone upstream"
+
+
+def rebase_patch(name, patch, old_before, old_after, new_before, labels) -> tuple[dict, dict]:
+    """(new tree after the patch, result). The result's conflicts name each file left unmerged."""
+    after = dict(new_before)
+    result = {"name": name, "hunks": [], "conflicts": [], "moved": {}}
+    for fp in patch.files:
+        base = old_before.get(fp.old_path) if fp.old_path else None
+        ours = old_after.get(fp.new_path) if fp.new_path else None
+        src = fp.old_path or fp.new_path
+        if fp.old_path and src not in after:
+            src = moved_to(src, base, after, old_before) or src
+            if src != fp.old_path:
+                result["moved"][fp.old_path] = src
+        text, hunks, conflict = rebase_file(fp, base, ours, after.get(src), labels)
+        dest = src if fp.new_path == fp.old_path else (fp.new_path or src)
+        after.pop(src, None)
+        if text is not None:
+            after[dest] = text
+        result["hunks"] += [{**h, "path": dest} for h in hunks]
+        if conflict:
+            rej = patchfile.diff_file(dest, base, ours) if conflict != "markers" else None
+            result["conflicts"].append({"path": dest, "kind": conflict, "rej": rej})
+    result["status"] = worst(HOW[h["how"]] for h in result["hunks"])
+    return after, result
+
+
+def moved_to(path: str, base: str, new_tree: dict, old_tree: dict) -> str | None:
+    """Where upstream moved ``path``: a file new in ``new_tree`` with the same name whose text is most
+    like ``base`` (at least half its lines match); None if there is none."""
+    name, best, score = path.rsplit("/", 1)[-1], None, 0.5
+    for cand, text in new_tree.items():
+        if cand.rsplit("/", 1)[-1] == name and cand not in old_tree:
+            ratio = difflib.SequenceMatcher(None, base.splitlines(), text.splitlines(), autojunk=False).ratio()
+            if ratio >= score:
+                best, score = cand, ratio
+    return best
+
+
+def worst(statuses) -> str:
+    return max(statuses, key=RANK.index, default="clean")
+
+
+# ---------------------------------------------------------------- the series
+def old_series(root: Path) -> tuple[list, list, dict]:
+    """(patches, the old tree before/after each patch, the pin): the series as it stands on the pin."""
+    pin = release.load_pin(root)
+    patches = tree.load_patches(root)
+    states = [release.pristine(root, pin)]
+    for name, patch in patches:
+        try:
+            states.append(patchfile.apply(patch, states[-1], name)[0])
+        except patchfile.PatchError as e:
+            raise ForkError(f"the series does not apply to the pinned {pin['version']} itself: {e}") from None
+    return patches, states, pin
+
+
+def replay(patches, old_states, new_before, start, old_version, new_version, keep_going=False) -> tuple:
+    """Rebase ``patches[start:]`` onto ``new_before``. Returns (texts, results, stop): new patch texts
+    by name (old headers), per-patch results, and None or (k, tree before it, tree with the conflicts)
+    for the first patch that does not apply. ``keep_going`` (--check) goes on past it, without the
+    conflicting files' changes, to see how the later patches fare."""
+    texts, results, state, stop = {}, [], new_before, None
+    for k in range(start, len(patches)):
+        name, patch = patches[k]
+        labels = (f"{old_version} + {name}", f"{old_version}", f"{new_version}")
+        after, res = rebase_patch(name, patch, old_states[k], old_states[k + 1], state, labels)
+        results.append(res)
+        text = None if res["conflicts"] else tree.patch_text(patch.header, state, after, changed(state, after))
+        if text is None and not res["conflicts"]:
+            res["status"] = "empty"
+        if text is None:
+            stop = stop or (k, state, after)
+            if not keep_going:
+                break
+            for c in res["conflicts"]:
+                after[c["path"]] = state.get(c["path"])
+            after = {p: t for p, t in after.items() if t is not None}
+        else:
+            texts[name] = text
+        state = after
+    return texts, results, stop
+
+
+def describe_hunks(res: dict, how: str) -> str:
+    """'file hunk 1, 3; file2 hunk 2' for the hunks that went ``how``."""
+    by_file, why = {}, {c["path"]: c["kind"] for c in res.get("conflicts", []) if c["kind"] != "markers"}
+    for h in res["hunks"]:
+        if h["how"] == how:
+            by_file.setdefault(h["path"], []).append(f"{h['hunk']}" + (f" ({h['offset']:+d})" if how == "offset" else ""))
+    return "; ".join(f"{p[len(PREFIX):]} hunk {', '.join(ns)}" + (f" ({why[p]})" if p in why else "")
+                     for p, ns in by_file.items())
+
+
+# ---------------------------------------------------------------- work folder
+def work(root: Path) -> Path:
+    return Path(root) / WORK
+
+
+def fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    for rel in [release.PIN_FILE, "PATCHES.md", *sorted(p.relative_to(root).as_posix() for p in (root / "patches").glob("*"))]:
+        text = tree.read(root, rel)
+        h.update(f"{rel}\0{text}\0".encode())
+    return h.hexdigest()
+
+
+def load_state(root: Path) -> dict:
+    path = work(root) / "state.json"
+    if not path.is_file():
+        raise ForkError(f"no rebase in progress (no {WORK}/state.json)")
+    return json.loads(path.read_text())
+
+
+def save_state(root: Path, st: dict) -> None:
+    work(root).mkdir(exist_ok=True)
+    (work(root) / "state.json").write_text(json.dumps(st, indent=1) + "\n")
+
+
+def write_tree(dest: Path, files: dict) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel, text in files.items():
+        tree.write(dest, rel, text)
+
+
+def read_tree(src: Path) -> dict:
+    return {p.relative_to(src).as_posix(): p.read_bytes().decode("utf-8")
+            for p in sorted(src.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def check_clean(root: Path) -> None:
+    res = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise ForkError(f"{root} is not a git checkout, so whether its tree is clean cannot be told ({res.stderr.strip()})")
+    if res.stdout.strip():
+        raise ForkError("the working tree has uncommitted changes to tracked files; commit or stash them first:\n"
+                        + "\n".join("  " + line for line in res.stdout.rstrip().splitlines()))
+    edited = tree.hand_edits(root)
+    if edited:
+        raise ForkError("laid-down upstream files have hand edits: " + ", ".join(edited)
+                        + "\n  keep them with 'fork.py refresh' and commit, or drop them with 'fork.py materialize --force'")
+
+
+# ---------------------------------------------------------------- rebase, --continue, --abort
+def cmd_rebase(args) -> int:
+    root = Path(args.root)
+    if (work(root) / "state.json").exists():
+        raise ForkError(f"a rebase is in progress ({WORK}/): 'fork.py rebase --continue' or 'fork.py rebase --abort'")
+    check_clean(root)
+    repo = upstream_repo(root, args.upstream_repo)
+    target = resolve(root, args.target[0], repo, for_pin=True)
+    patches, old_states, pin = old_series(root)
+    if target["version"] == pin["version"] and target["tag"] == pin["tag"]:
+        raise ForkError(f"the series is already on {pin['version']} ({pin['tag']})")
+    new_base = target_files(root, target)
+    if repo:
+        same_as_release(root, target, new_base)
+    shadows = sorted(tree.tracked(root) & set(new_base))
+    if shadows:
+        raise ForkError(f"{target['version']} has file(s) where we keep our own: {', '.join(shadows)}; rename ours first")
+    if work(root).exists():
+        shutil.rmtree(work(root))  # leftovers of no rebase in progress
+    st = {"target": target, "old_pin": pin, "names": [n for n, _ in patches], "fingerprint": fingerprint(root),
+          "results": [], "finished": False, "options": {"tests": not args.no_tests, "test_cmd": args.test_cmd}}
+    print(f"rebasing {len(patches)} patches from {pin['version']} onto {target['version']} "
+          f"({source_line(target)})")
+    return proceed(root, st, 0, new_base, {}, patches, old_states)
+
+
+def source_line(t: dict) -> str:
+    if t["source"] == "git":
+        return f"tag {t['tag']} of {t['repo']}, commit {t['commit'][:12]}"
+    return f"{t['file']}, sha256 {t['sha256'][:12]}... as the index publishes"
+
+
+def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    more, results, stop = replay(patches, old_states, new_before, start, old, new)
+    texts.update(more)
+    st["results"] = st["results"][:start] + results
+    for res in results:
+        print_result(res)
+    if stop:
+        return stopped(root, st, texts, *stop)
+    return finish(root, st, texts)
+
+
+def print_result(res: dict) -> None:
+    detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "conflict": "conflict"}
+                            .get(res["status"], ""))
+    print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}")
+
+
+def moves(res: dict) -> str:
+    found = [f"{a[len(PREFIX):]} -> {b[len(PREFIX):]}" for a, b in res.get("moved", {}).items()]
+    return f" (upstream moved {', '.join(found)})" if found else ""
+
+
+def stopped(root, st, texts, k, before, after) -> int:
+    res, name = st["results"][k], st["names"][k]
+    st["stopped_at"] = k
+    save_state(root, st)
+    write_tree(work(root) / "patches", texts)
+    write_tree(work(root) / "tree", after)
+    where = f"{WORK}/tree/"
+    lines = [f"rebase onto {st['target']['version']} stopped: {name} does not apply"]
+    if res["status"] == "empty":
+        lines += [f"  it changes nothing on {st['target']['version']} (upstream has its change?): drop it from "
+                  "patches/series and commit, then 'fork.py rebase --abort' and start again"]
+    for c in res["conflicts"]:
+        hunks = [h for h in res["hunks"] if h["path"] == c["path"] and h["how"] == "conflict"]
+        at = ", ".join(f"hunk {h['hunk']} ({h['at']})" for h in hunks)
+        if c["kind"] != "markers":
+            tree.write(work(root) / "tree", c["path"] + ".rej", c["rej"])
+            lines.append(f"  {c['path']}: {at}: the file is {c['kind']} (renamed?); the change is in {where}{c['path']}.rej")
+        else:
+            lines.append(f"  {c['path']}: {at}: conflicts in a three-way merge; markers in {where}{c['path']}")
+    lines += [f"resolve in {where} (the whole new tree; remove the markers and any .rej), then 'fork.py rebase --continue';",
+              "or 'fork.py rebase --abort'. The working tree, upstream.json and patches/ are unchanged."]
+    (work(root) / "CONFLICT.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
+    return 1
+
+
+def cmd_continue(args) -> int:
+    root = Path(args.root)
+    st = load_state(root)
+    if st["finished"]:
+        raise ForkError("the rebase finished already (verify or the tests failed): keep the result by deleting "
+                        f"{WORK}/, or go back with 'fork.py rebase --abort'")
+    check_clean(root)
+    if fingerprint(root) != st["fingerprint"]:
+        raise ForkError("upstream.json, PATCHES.md or patches/ changed since the rebase started: 'fork.py rebase --abort'")
+    k, name = st["stopped_at"], st["names"][st["stopped_at"]]
+    patches, old_states, _ = old_series(root)
+    new_base = target_files(root, st["target"])
+    texts = {n: (work(root) / "patches" / n).read_text() for n in st["names"][:k]}
+    before, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n in st["names"][:k]], strict=True)
+    after = read_tree(work(root) / "tree")
+    edited = changed(before, after)
+    unresolved = sorted(p for p in after if p.endswith(".rej") or p in edited and has_markers(after[p]))
+    if unresolved:
+        raise ForkError(f"not resolved yet in {WORK}/tree/: " + ", ".join(unresolved)
+                        + " (remove the conflict markers; apply and delete each .rej)")
+    text = tree.patch_text(patches[k][1].header, before, after, edited)
+    if text is None:
+        raise ForkError(f"the resolution leaves {name} empty: drop it from patches/series first "
+                        "('fork.py rebase --abort', commit, start again)")
+    texts[name] = text
+    st["results"][k]["status"] = "resolved"
+    hand = [c["path"][len(PREFIX):] for c in st["results"][k]["conflicts"]]
+    print(f"  {name:<34} resolved   by hand in {', '.join(hand)}; the patch now touches {len(edited)} file(s)")
+    return proceed(root, st, k + 1, after, texts, patches, old_states)
+
+
+def changed(before: dict, after: dict) -> set:
+    return {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+
+
+def has_markers(text: str) -> bool:
+    return any(line.startswith(("<<<<<<< ", ">>>>>>> ", "||||||| ")) for line in text.splitlines())
+
+
+def cmd_abort(args) -> int:
+    root = Path(args.root)
+    st = load_state(root)
+    if st["finished"]:
+        backup = work(root) / "backup"
+        for p in (root / "patches").glob("*"):
+            p.unlink()
+        for rel, text in read_tree(backup).items():
+            tree.write(root, rel, text)
+        tree.materialize(root, force=True)
+    shutil.rmtree(work(root))
+    print(f"rebase aborted: the series is on {st['old_pin']['version']} as before")
+    return 0
+
+
+# ---------------------------------------------------------------- finishing
+def finish(root: Path, st: dict, texts: dict) -> int:
+    target, old = st["target"], st["old_pin"]
+    keep = [release.PIN_FILE, "PATCHES.md", *(p.relative_to(root).as_posix() for p in (root / "patches").glob("*"))]
+    write_tree(work(root) / "backup", {rel: tree.read(root, rel) for rel in keep if tree.read(root, rel) is not None})
+    st["finished"] = True
+    save_state(root, st)
+    try:
+        for res in st["results"]:
+            write_patch(root, res["name"], texts[res["name"]], target["version"], res["status"] == "resolved")
+        release.save_pin(root, new_pin(old, target))
+        tree.write_patches_doc(root)
+        tree.materialize(root)
+    except ForkError as e:
+        raise ForkError(f"{e}\n  the rebase is half done: 'fork.py rebase --abort' restores {old['version']}") from None
+    print(f"rebased onto {target['version']}: patches rewritten with zero fuzz against it; "
+          f"upstream.json {old['version']} -> {target['version']}; PATCHES.md updated")
+    problems = tree.verify(root)
+    print("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
+    imported = import_check(root / "src")
+    print(f"import: {imported}")
+    ok, summary = run_tests(root, st["options"])
+    print(f"tests: {summary}")
+    if problems or ok is False or imported != "ok":
+        print(f"the rebased tree is in place; fix it and commit (then delete {WORK}/), "
+              f"or 'fork.py rebase --abort' to restore {old['version']}", file=sys.stderr)
+        return 1
+    shutil.rmtree(work(root))
+    print("done: review 'git diff' and commit")
+    return 0
+
+
+def new_pin(old: dict, target: dict) -> dict:
+    """The pin for ``target``, fields in the usual order; the commit is known from git only (a stale one would mislead)."""
+    new = {**old, **{k: target.get(k) for k in ("version", "file", "sha256", "tag", "commit")}}
+    order = ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
+    return {k: new[k] for k in sorted(new, key=lambda k: order.index(k) if k in order else len(order))
+            if new[k] is not None}
+
+
+def write_patch(root: Path, name: str, text: str, version: str, by_hand: bool) -> None:
+    """Write a rebased patch; Applies-To gains ``version`` (or restarts from it after a hand resolution)."""
+    patch = patchfile.parse(text, name)
+    old = tree.read(root, f"patches/{name}")
+    listed = [] if by_hand else [v.strip() for v in (patch.field("Applies-To") or "").split(",") if v.strip()]
+    header = patchfile.set_field(patch.header, "Applies-To", ", ".join(sorted({*listed, version}, key=vkey)))
+    if old is None or diff_body(text) != diff_body(old):
+        header = patchfile.set_field(header, "Last-Update", datetime.date.today().isoformat())
+    tree.write(root, f"patches/{name}", patchfile.render(header, [diff_body(text)]))
+
+
+def diff_body(text: str) -> str:
+    """A patch's diffs, without its header."""
+    return text if text.startswith("--- ") else text[text.index("\n--- ") + 1:]
+
+
+def tests_command(root: Path, options: dict) -> str | None:
+    if not options.get("tests", True):
+        return None
+    if options.get("test_cmd"):
+        return options["test_cmd"]
+    return f"{shlex.quote(sys.executable)} -m pytest -q -x tests" if (Path(root) / "tests").is_dir() else None
+
+
+def run_tests(root: Path, options: dict, src: Path | None = None) -> tuple[bool | None, str]:
+    """(passed, one-line summary); None: not run. ``src`` (default root/src) comes first on PYTHONPATH, so
+    the tree under test is the one imported even where another checkout is installed."""
+    cmd = tests_command(root, options)
+    if cmd is None:
+        return None, "not run" + ("" if not options.get("tests", True) else " (no tests/ folder)")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(src or Path(root) / "src"), os.environ.get("PYTHONPATH")])))
+    res = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
+    last = ([ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()] or [""])[-1].strip()
+    verdict = "passed" if res.returncode == 0 else f"FAILED (exit {res.returncode})"
+    return res.returncode == 0, f"{verdict}: {cmd}" + (f": {last[:100]}" if last else "")
+
+
+# ---------------------------------------------------------------- --check
+def cmd_check(args) -> int:
+    root = Path(args.root)
+    repo = upstream_repo(root, args.upstream_repo)
+    versions = expand(args.target, repo)
+    patches, old_states, pin = old_series(root)
+    rows = [check_one(root, v, repo, patches, old_states, pin, args) for v in versions]
+    names = ", ".join(n.split("-", 1)[0] for n, _ in patches)
+    print(f"series {names} (from {pin['version']}) on each release; source: "
+          + (f"tags of {repo}" if repo else "release files from the index, sha256 checked"))
+    print("| release | series | detail | later patches (past the conflict, without its files) | import | tests |\n"
+          "|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['version']} | {r['status']} | {r['detail']} | {r['later']} | {r['import']} | {r['tests']} |")
+    return 0 if all(r["status"] in RANK[:3] for r in rows) else 1
+
+
+def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
+    row = {"version": version, "import": "-", "tests": "-", "later": "-"}
+    try:
+        target = resolve(root, version, repo, for_pin=False)
+        new_base = target_files(root, target)
+    except ForkError as e:
+        return {**row, "status": "error", "detail": str(e).replace("|", "/")}
+    texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version, keep_going=True)
+    first = results[: stop[0] + 1] if stop else results
+    row["status"] = worst(r["status"] for r in first)
+    row["detail"] = check_detail(first)
+    if stop:
+        row["later"] = ", ".join(later(r) for r in results[stop[0] + 1:]) or "-"
+    else:
+        row["import"], row["tests"] = try_tree(root, pin, new_base, texts, patches, args)
+    return row
+
+
+def later(res: dict) -> str:
+    n = len(res["conflicts"])
+    return f"{res['name'][:4]} {res['status']}" + (f" ({n} file{'s' * (n > 1)})" if n else "")
+
+
+def check_detail(results: list) -> str:
+    last = results[-1]
+    if last["status"] in ("conflict", "empty"):
+        files = [c["path"][len(PREFIX):] + ("" if c["kind"] == "markers" else f" ({c['kind']})") for c in last["conflicts"]]
+        return f"{last['name']}: {', '.join(files) or 'changes nothing (upstream has it?)'}"
+    parts = [f"{r['name'][:4]} three-way: {describe_hunks(r, 'three-way')}" for r in results if r["status"] == "three-way"]
+    offsets = [f"{r['name'][:4]} x{sum(h['how'] == 'offset' for h in r['hunks'])}" for r in results
+               if any(h["how"] == "offset" for h in r["hunks"])]
+    moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]
+    return "; ".join(parts + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
+
+
+def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
+    """Lay the result in a scratch folder with our own modules; (import check, tests)."""
+    if args.no_import and not args.tests:
+        return "not run", "not run"
+    files, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n, _ in patches], strict=True)
+    with tempfile.TemporaryDirectory() as d:
+        for rel, text in files.items():
+            tree.write(Path(d), rel, text)
+        for rel in tree.tracked(root):
+            tree.write(Path(d), rel, tree.read(root, rel))
+        tree.write(Path(d), tree.VERSION_FILE, tree.version_file(pin))
+        imported = "not run" if args.no_import else import_check(Path(d) / "src")
+        tests = "not run"
+        if args.tests:
+            ok, summary = run_tests(root, {"tests": True, "test_cmd": args.test_cmd}, src=Path(d) / "src")
+            tests = "pass" if ok else ("not run" if ok is None else "FAIL: " + summary.rsplit(": ", 1)[-1])
+    return imported, tests.replace("|", "/")
+
+
+def import_check(src: Path) -> str:
+    code = f"import {release.PACKAGE} as m; print(m.__file__)"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=src)
+    if res.returncode:
+        last = ([ln for ln in res.stderr.splitlines() if ln.strip()] or ["?"])[-1]
+        return "FAIL: " + last.strip()[:120].replace("|", "/")
+    return "ok" if res.stdout.strip().startswith(str(src)) else f"FAIL: imported {res.stdout.strip()} instead"
+
+
+# ---------------------------------------------------------------- command line
+def add_parser(sub, root: Path) -> None:
+    p = sub.add_parser(
+        "rebase", help="move the series onto another upstream release (or --check several)",
+        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("target", nargs="*", metavar="TARGET",
+                   help="release to rebase onto (0.5.1 or v0.5.1); with --check, releases or ranges (0.4.0..0.14.0)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--continue", dest="cont", action="store_true",
+                      help=f"go on after resolving the conflict in {WORK}/tree/")
+    mode.add_argument("--abort", action="store_true", help="drop the rebase in progress; restore everything")
+    mode.add_argument("--check", action="store_true",
+                      help="apply the series to each release in a scratch folder and print a table; changes nothing")
+    p.add_argument("--upstream-repo", metavar="PATH_OR_URL",
+                   help="read releases from this upstream git clone's tags instead of the index's release files "
+                        "(a rebase still pins the release file, which must hold the same files)")
+    p.add_argument("--no-tests", action="store_true", help="rebase: do not run the project's tests afterwards")
+    p.add_argument("--tests", action="store_true", help="--check: run the project's tests on each release (slow)")
+    p.add_argument("--no-import", action="store_true", help="--check: skip the import check")
+    p.add_argument("--test-cmd", metavar="CMD",
+                   help="test command (default: python -m pytest -q -x tests), run at the root with the tree's src/ "
+                        "first on PYTHONPATH")
+    p.add_argument("--root", default=str(root), help="project root (default: this checkout)")
+    p.set_defaults(func=dispatch)
+
+
+def dispatch(args) -> int:
+    if args.cont or args.abort:
+        if args.target:
+            raise ForkError(f"--{'continue' if args.cont else 'abort'} takes no TARGET")
+        return cmd_continue(args) if args.cont else cmd_abort(args)
+    if args.check:
+        if not args.target:
+            raise ForkError("--check needs releases: e.g. 'rebase --check 0.4.0..0.14.0' or 'rebase --check 0.5.1 0.6.0'")
+        return cmd_check(args)
+    if len(args.target) != 1:
+        raise ForkError("name one TARGET release (e.g. 'rebase 0.5.1'); several are for --check")
+    return cmd_rebase(args)

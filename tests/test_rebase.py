@@ -1,0 +1,331 @@
+"""fork.py rebase on synthetic upstreams: tiny wheels and git tags made here, a fake index served
+from a file:// URL, a fake project root in a temporary git repository. Offline; the real
+checkout's files are never touched."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+_spec = importlib.util.spec_from_file_location("fork_cli", SCRIPTS / "fork.py")
+fork = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fork)
+
+from forklib import release, tree  # noqa: E402
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"]
+PY = sys.executable
+PATCHED_10 = "from .ours import f; x10 = f(10)\n"
+
+
+def a_py(edits=None, prepend=0):
+    lines = [f"x{i} = {i}\n" for i in range(1, 31)]
+    for n, text in (edits or {}).items():
+        lines[n - 1] = text
+    return "".join([f"# upstream header line {k}\n" for k in range(prepend)] + lines)
+
+
+B_PY = "def g():\n    return 1\n\n\ndef h():\n    return 2\n"
+INIT = "VERSION = 'fake'\n"
+RELEASES = {
+    "1.0.0": {"a.py": a_py()},
+    "1.1.0": {"a.py": a_py(prepend=3)},                                # context moved down: offsets
+    "1.2.0": {"a.py": a_py({8: "x8 = 8  # upstream edit\n"})},         # context edited: three-way
+    "1.3.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"})},      # our line edited: conflict
+    "1.4.0": {"a.py": a_py(), "__init__.py": "raise ImportError('broken 1.4.0')\n"},
+    "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": B_PY},                 # a patched file renamed: .rej
+    "1.6.0": {"a.py": a_py(), "b.py": None, "sub/b.py": B_PY + "\n\ndef k():\n    return 3\n"},  # moved: followed
+}
+
+
+def files_of(version):
+    files = {"__init__.py": INIT, "b.py": B_PY, **RELEASES[version]}
+    return {rel: text for rel, text in files.items() if text is not None}
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git(cwd, *args):
+    return subprocess.run([*GIT, "-C", str(cwd), *args], check=True, capture_output=True, text=True).stdout
+
+
+def snapshot(root):
+    """Every file of the project except git's and the work folder's, byte for byte."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not {".git", ".rebase", "__pycache__"} & set(p.relative_to(root).parts)}
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """Wheels in the cache, an index publishing their sha256, an upstream git repo with tags,
+    and a project pinned to 1.0.0 with two patches made by 'refresh'."""
+    cache, index, upstream, root = (tmp_path / n for n in ("cache", "index", "upstream", "project"))
+    cache.mkdir()
+    published = {}
+    upstream.mkdir()
+    git(upstream, "init", "-q")
+    for version in RELEASES:
+        name = f"diffusers-{version}-py3-none-any.whl"
+        with zipfile.ZipFile(cache / name, "w") as z:
+            for rel, text in files_of(version).items():
+                z.writestr(f"diffusers/{rel}", text)
+            z.writestr(f"diffusers-{version}.dist-info/METADATA", f"Name: diffusers\nVersion: {version}\n")
+        published[version] = [{"filename": name, "digests": {"sha256": sha(cache / name)}, "url": "file:///nowhere"}]
+        for p in (upstream / "src" / "diffusers").rglob("*.py"):
+            p.unlink()
+        for rel, text in files_of(version).items():
+            tree.write(upstream, f"src/diffusers/{rel}", text)
+        git(upstream, "add", "-A")
+        git(upstream, "commit", "-qm", version, "--allow-empty")
+        git(upstream, "tag", f"v{version}")
+    (index / "pypi" / "diffusers").mkdir(parents=True)
+    (index / "pypi" / "diffusers" / "json").write_text(json.dumps({"releases": published}))
+    monkeypatch.setenv("DIFFUSERS_FLASH_CACHE", str(cache))
+    monkeypatch.setenv("PIP_INDEX_URL", (index / "simple").as_uri())
+    release._index_json.cache_clear()
+
+    root.mkdir()
+    git(root, "init", "-q")
+    release.save_pin(root, {"package": "diffusers", "version": "1.0.0", "file": "diffusers-1.0.0-py3-none-any.whl",
+                            "sha256": published["1.0.0"][0]["digests"]["sha256"], "tag": "v1.0.0",
+                            "commit": git(upstream, "rev-parse", "v1.0.0").strip(), "repo": "fake", "fork_release": 1})
+    (root / "patches").mkdir()
+    (root / "patches" / "series").write_text("")
+    (root / ".gitignore").write_text("/.rebase/\n__pycache__/\n")
+    tree.write(root, "src/diffusers/ours.py", "def f(x):\n    return x\n")
+    git(root, "add", "-A")
+    tree.materialize(root, log=lambda m: None)
+    make_patch(root, "0001-ours-in-a.patch", {"a.py": a_py({10: PATCHED_10}), "b.py": B_PY.replace("return 1", "return -1")})
+    make_patch(root, "0002-late-line.patch", {"a.py": a_py({10: PATCHED_10, 25: "x25 = -25\n"})})
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project on 1.0.0")
+    assert tree.verify(root) == []
+    return {"root": root, "cache": cache, "index": index, "upstream": upstream, "published": published}
+
+
+def make_patch(root, name, edits):
+    for rel, text in edits.items():
+        tree.write(root, f"src/diffusers/{rel}", text)
+    tree.refresh(root, new_patch=name, log=lambda m: None)
+
+
+def rebase(env, *args):
+    return fork.main(["rebase", "--root", str(env["root"]), *args])
+
+
+def laid(env, rel):
+    return (env["root"] / "src" / "diffusers" / rel).read_text()
+
+
+def field(env, patch, name):
+    text = (env["root"] / "patches" / patch).read_text()
+    return next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(name + ":"))
+
+
+# ---------------------------------------------------------------- a rebase that goes through
+def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
+    assert rebase(env, "v1.1.0") == 0
+    out = capsys.readouterr().out
+    assert "offsets" in out and "verify: OK" in out
+    pin = release.load_pin(env["root"])
+    assert (pin["version"], pin["tag"], pin["file"]) == ("1.1.0", "v1.1.0", "diffusers-1.1.0-py3-none-any.whl")
+    assert pin["sha256"] == env["published"]["1.1.0"][0]["digests"]["sha256"]
+    assert list(pin) == ["package", "version", "file", "sha256", "tag", "repo", "fork_release"]  # 1.0.0's commit dropped
+    assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"}, prepend=3)
+    assert tree.verify(env["root"]) == []  # zero fuzz, no offset, tree == pristine 1.1.0 + series
+    assert "@@ -10,7 +10,7 @@" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()  # re-anchored
+    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.0.0, 1.1.0"
+    assert "Applies to upstream: 1.0.0, 1.1.0" in (env["root"] / "PATCHES.md").read_text()
+    assert not (env["root"] / ".rebase").exists()
+
+
+def test_moved_context_applies_three_way(env, capsys):
+    assert rebase(env, "1.2.0") == 0
+    assert "three-way" in capsys.readouterr().out
+    assert laid(env, "a.py") == a_py({8: "x8 = 8  # upstream edit\n", 10: PATCHED_10, 25: "x25 = -25\n"})
+    assert tree.verify(env["root"]) == []
+
+
+def test_rebase_from_a_git_tag_records_the_commit(env, capsys):
+    assert rebase(env, "1.1.0", "--upstream-repo", str(env["upstream"])) == 0
+    pin = release.load_pin(env["root"])
+    assert pin["commit"] == git(env["upstream"], "rev-parse", "v1.1.0^{commit}").strip()
+    assert pin["version"] == "1.1.0" and tree.verify(env["root"]) == []
+    assert list(pin) == ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
+
+
+def test_upstream_repo_by_url_is_cloned_into_the_cache(env, capsys):
+    assert rebase(env, "--check", "1.1.0", "--upstream-repo", env["upstream"].as_uri(), "--no-import") == 0
+    assert "| 1.1.0 | offsets |" in capsys.readouterr().out
+    assert list(env["cache"].glob("git-*"))
+
+
+# ---------------------------------------------------------------- a conflict, --continue, --abort
+def test_conflict_stops_and_changes_nothing(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.3.0") == 1
+    err = capsys.readouterr().err
+    assert "0001-ours-in-a.patch" in err and "src/diffusers/a.py: hunk 1 (@@ -7,7 +7,7 @@)" in err
+    assert snapshot(env["root"]) == before
+    marked = (env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py").read_text()
+    assert "<<<<<<< " in marked and PATCHED_10 in marked and "x10 = 10  # upstream edit" in marked
+
+
+def test_continue_after_resolving(env, capsys):
+    assert rebase(env, "1.3.0") == 1
+    work_a = env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py"
+    assert rebase(env, "--continue") == 2  # markers still there
+    assert "a.py" in capsys.readouterr().err
+    resolved = a_py({10: "from .ours import f; x10 = f(10)  # upstream edit\n"})
+    work_a.write_text(resolved)
+    assert rebase(env, "--continue") == 0
+    assert laid(env, "a.py") == resolved.replace("x25 = 25\n", "x25 = -25\n")
+    assert release.load_pin(env["root"])["version"] == "1.3.0"
+    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.3.0"  # changed by hand: 1.0.0 no longer vouched for
+    assert field(env, "0002-late-line.patch", "Applies-To") == "1.0.0, 1.3.0"
+    assert tree.verify(env["root"]) == []
+
+
+def test_file_gone_upstream_leaves_a_rej_and_continue_takes_the_move(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.5.0") == 1
+    err = capsys.readouterr().err
+    assert "src/diffusers/b.py: hunk 1 (@@ -1,5 +1,5 @@): the file is gone upstream" in err
+    assert snapshot(env["root"]) == before
+    work = env["root"] / ".rebase" / "tree" / "src" / "diffusers"
+    assert "-    return 1\n+    return -1" in (work / "b.py.rej").read_text()
+    (work / "c.py").write_text(B_PY.replace("return 1", "return -1"))  # the change, where upstream moved it
+    assert rebase(env, "--continue") == 2 and "b.py.rej" in capsys.readouterr().err
+    (work / "b.py.rej").unlink()
+    assert rebase(env, "--continue") == 0
+    assert "+++ b/src/diffusers/c.py" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()
+    assert laid(env, "c.py") == B_PY.replace("return 1", "return -1") and tree.verify(env["root"]) == []
+
+
+def test_a_file_upstream_moved_is_followed(env, capsys):
+    assert rebase(env, "1.6.0") == 0
+    assert "upstream moved b.py -> sub/b.py" in capsys.readouterr().out
+    assert laid(env, "sub/b.py") == B_PY.replace("return 1", "return -1") + "\n\ndef k():\n    return 3\n"
+    assert "+++ b/src/diffusers/sub/b.py" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()
+    assert tree.verify(env["root"]) == []
+
+
+def test_abort_after_conflict(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.3.0") == 1
+    assert rebase(env, "--abort") == 0
+    assert snapshot(env["root"]) == before and not (env["root"] / ".rebase").exists()
+    assert rebase(env, "--abort") == 2  # nothing left to abort
+    assert "no rebase in progress" in capsys.readouterr().err
+
+
+def test_failing_tests_keep_the_result_until_abort_restores_all(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.1.0", "--test-cmd", f"{PY} -c 'raise SystemExit(3)'") == 1
+    assert "tests: FAILED" in capsys.readouterr().out
+    assert release.load_pin(env["root"])["version"] == "1.1.0"
+    assert rebase(env, "1.2.0") == 2  # a rebase is still in progress
+    assert rebase(env, "--abort") == 0
+    assert snapshot(env["root"]) == before
+
+
+# ---------------------------------------------------------------- refusals
+def test_dirty_tree_is_refused(env, capsys):
+    pin = env["root"] / "upstream.json"
+    pin.write_text(pin.read_text().replace('"fork_release": 1', '"fork_release": 2'))
+    before = snapshot(env["root"])
+    assert rebase(env, "1.1.0") == 2
+    err = capsys.readouterr().err
+    assert "uncommitted changes" in err and "upstream.json" in err
+    assert snapshot(env["root"]) == before and not (env["root"] / ".rebase").exists()
+
+
+def test_dirty_tree_message_names_the_file(env, capsys):
+    (env["root"] / "patches" / "0002-late-line.patch").write_text("edited\n")
+    assert rebase(env, "1.1.0") == 2
+    err = capsys.readouterr().err
+    assert "uncommitted changes" in err and "patches/0002-late-line.patch" in err
+
+
+def test_hand_edit_to_laid_down_file_is_refused(env, capsys):
+    (env["root"] / "src" / "diffusers" / "b.py").write_text("edited = True\n")
+    assert rebase(env, "1.1.0") == 2
+    assert "hand edits" in capsys.readouterr().err
+
+
+def test_hash_mismatch_is_refused(env, capsys):
+    doc = json.loads((env["index"] / "pypi" / "diffusers" / "json").read_text())
+    doc["releases"]["1.1.0"][0]["digests"]["sha256"] = "0" * 64
+    (env["index"] / "pypi" / "diffusers" / "json").write_text(json.dumps(doc))
+    release._index_json.cache_clear()
+    before = snapshot(env["root"])
+    assert rebase(env, "1.1.0") == 2
+    err = capsys.readouterr().err
+    assert "does not match the sha256 the index publishes" in err and "0" * 64 in err
+    assert snapshot(env["root"]) == before
+
+
+def test_git_tag_differing_from_the_release_file_is_refused(env, capsys):
+    git(env["upstream"], "checkout", "-q", "v1.1.0")
+    tree.write(env["upstream"], "src/diffusers/b.py", "different = 1\n")
+    git(env["upstream"], "commit", "-qam", "retag")
+    git(env["upstream"], "tag", "-f", "v1.1.0")
+    assert rebase(env, "1.1.0", "--upstream-repo", str(env["upstream"])) == 2
+    assert "differ in 1 file(s): src/diffusers/b.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["banana"], "not a release version"),
+    ([], "name one TARGET"),
+    (["1.1.0", "1.2.0"], "name one TARGET"),
+    (["9.9.9"], "publishes no sha256"),
+    (["--check"], "--check needs releases"),
+    (["--continue"], "no rebase in progress"),
+    (["1.1.0", "--upstream-repo", "/no/such/dir"], "no such directory"),
+])
+def test_bad_input_gets_a_clear_error(env, capsys, argv, message):
+    assert rebase(env, *argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- --check
+def expected_rows(out):
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if ln.startswith("| 1.")]
+    return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
+
+
+@pytest.mark.parametrize("source", ["index", "git"])
+def test_check_table(env, capsys, source):
+    before = snapshot(env["root"])
+    extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
+    assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
+    rows = expected_rows(capsys.readouterr().out)
+    assert [rows[v][0] for v in RELEASES] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
+    assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
+    assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
+    assert rows["1.1.0"][1] == "offsets: 0001 x1, 0002 x1"
+    assert rows["1.2.0"][1] == "0001 three-way: a.py hunk 1"
+    assert rows["1.3.0"][1] == "0001-ours-in-a.patch: a.py"
+    assert rows["1.3.0"][2] == "0002 clean" and rows["1.2.0"][2] == "-"  # how the later patches fare
+    assert rows["1.0.0"][3] == "ok" and rows["1.3.0"][3] == "-"
+    assert rows["1.4.0"][3] == "FAIL: ImportError: broken 1.4.0"
+    assert rows["1.0.0"][4] == "not run"
+    assert snapshot(env["root"]) == before and not (env["root"] / ".rebase").exists()
+
+
+def test_check_runs_tests_on_each_release_when_asked(env, capsys):
+    # passes only where the patched tree of 1.1.0 (its header lines, our x25) is the one imported
+    cmd = f"{PY} -c 'import inspect, diffusers.a as a; assert a.x25 == -25 and \"# upstream header\" in inspect.getsource(a)'"
+    assert rebase(env, "--check", "1.1.0", "1.2.0", "--tests", "--test-cmd", cmd) == 0
+    rows = expected_rows(capsys.readouterr().out)
+    assert rows["1.1.0"][4] == "pass" and rows["1.2.0"][4].startswith("FAIL")
