@@ -1,0 +1,251 @@
+"""scripts/benchmark.py: the tiny CPU run end to end (as CI runs it), its timing core on a pipeline
+that is not ours, the largest-batch search, and refusal of bad options."""
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sd_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+def _dispatcher_present():
+    try:
+        from diffusers.models import attention_dispatch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run(*args, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("DIFFUSERS_ATTENTION_BACKEND", None)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def test_tiny_pipeline_run_reports_every_row(tmp_path):
+    out_json, charts = tmp_path / "bench.json", tmp_path / "charts"
+    args = ["--tiny", "--batch-sizes", "1,2", "--repeats", "2", "--backends", "installed,math,auto,flash-attn",
+            "--json", str(out_json), "--no-progress"]
+    have_mpl = importlib.util.find_spec("matplotlib") is not None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = _run(*args, "--charts", str(charts))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    if not have_mpl:  # the table and the JSON are written, then a clear message
+        assert proc.returncode == 2 and "matplotlib" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for name in ("throughput.png", "memory.png"):
+            assert (charts / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cpu_s < 60, f"the tiny run took {cpu_s:.0f} s of CPU"  # CPU time: wall time depends on the neighbours
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is True and report["kind"] == "pipeline"
+
+    m = report["machine"]
+    assert m["card"].startswith("CPU") and m["torch"] == torch.__version__ and m["date"]
+    assert "--tiny" in m["command"] and "--batch-sizes 1,2" in m["command"]
+    c = report["config"]
+    assert (c["device"], c["dtype"], c["steps"], c["height"]) == ("cpu", "fp32", 3, 128)
+    assert report["matmul_peak"]["tflops"] > 0
+    work = report["work"]
+    assert work["unet_calls"] >= c["steps"] and work["unet_step_tflop"] > 0 and work["vae_decode_tflop"] > 0
+    assert work["tflop_per_image"] == pytest.approx(work["unet_calls"] * work["unet_step_tflop"]
+                                                    + work["vae_decode_tflop"] + work["text_encode_tflop"])
+
+    rows = report["rows"]
+    measured = ["installed", "math", "auto"] if _dispatcher_present() else ["installed"]
+    for name in measured:
+        got = [r for r in rows if r["backend"] == name]
+        assert [r["images"] for r in got] == [1, 2] and all(r["status"] == "ok" for r in got), got
+        for r in got:
+            assert r["img_per_s"] > 0 and r["s_per_img"] == pytest.approx(1 / r["img_per_s"])
+            assert r["wall_s"] == pytest.approx(r["images"] * r["s_per_img"]) and len(r["wall_s_runs"]) == 2
+            assert r["unet_step_ms"] > 0 and r["vae_decode_ms"] > 0 and r["text_encode_ms"] > 0
+            assert r["unet_calls"] == work["unet_calls"] and r["image_shape"][-1] == 3
+            assert r["unet_step_ms"] * r["unet_calls"] < r["wall_s"] * 1e3  # a part of the whole
+            assert 0 < r["floor_share"] < 1 and r["peak_mem_gib"] is None  # no CUDA: no peak memory
+    skipped = {r["backend"]: r["reason"] for r in rows if r["status"] == "skipped"}
+    assert "flash-attn" in skipped  # no CUDA here, or no dispatcher
+    if not _dispatcher_present():
+        assert set(skipped) == {"math", "auto", "flash-attn"}
+        assert all("attention_dispatch" in why for why in skipped.values())
+    assert "| backend | imgs | img/s | s/img | UNet step ms |" in proc.stdout and m["command"] in proc.stdout
+
+
+def test_attention_microbenchmark_tiny(tmp_path):
+    out_json = tmp_path / "attention.json"
+    proc = _run("attention", "--tiny", "--repeats", "2", "--backends", "math,auto,sdpa-cudnn", "--json", str(out_json))
+    if not _dispatcher_present():
+        assert proc.returncode == 2 and "attention_dispatch is not available" in proc.stderr, proc.stderr[-2000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
+    assert len(rows) == 3 * 7 and {r["head_dim"] for r in rows} == {40, 80, 160, 512}
+    for r in rows:
+        if r["backend"] == "sdpa-cudnn":
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+        else:
+            assert r["status"] == "ok" and r["ms"] > 0
+            flops = 4 * r["batch"] * r["heads"] * r["q_len"] * r["kv_len"] * r["head_dim"]
+            assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
+        assert r["auto_choice"] in ("math", "sdpa", "sdpa-efficient")
+    assert "auto chose" in proc.stdout
+
+
+def test_find_max_batch_doubles_then_bisects():
+    for largest in (1, 5, 37, 48, 192, 1000):
+        probes = []
+        fits = lambda n: probes.append(n) or n <= largest  # noqa: E731
+        assert bench.find_max_batch(fits, limit=1024) == largest
+        assert len(probes) <= 2 * largest.bit_length() + 2, probes
+    assert bench.find_max_batch(lambda n: True, limit=100) == 100
+    assert bench.find_max_batch(lambda n: False) == 0
+
+
+class _Sleep(torch.nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+class _FakePipeline:
+    """Not a diffusers pipeline: the same __call__ signature and parts, known durations."""
+
+    def __init__(self, unet_s=0.02, decode_s=0.03):
+        self.unet, self.text_encoder = _Sleep(unet_s), torch.nn.Identity()
+        self.vae = types.SimpleNamespace(decode=lambda x: time.sleep(decode_s) or x)
+        self.calls = 0
+
+    def __call__(self, prompt, height, width, num_inference_steps, guidance_scale, generator, output_type):
+        self.text_encoder(torch.zeros(1))
+        for _ in range(num_inference_steps):
+            self.unet(torch.zeros(1))
+        self.vae.decode(None)
+        self.calls += 1
+        return types.SimpleNamespace(images=torch.zeros(len(prompt), height, width, 3))
+
+
+def test_time_pipeline_on_any_pipeline_object():
+    pipe = _FakePipeline()
+    r = bench.time_pipeline(pipe, 3, steps=4, height=16, width=16, repeats=2, warmup_steps=1, device="cpu")
+    assert pipe.calls == 3 and r["unet_calls"] == 4
+    assert 20 <= r["unet_step_ms"] < 200 and 30 <= r["vae_decode_ms"] < 300
+    assert r["wall_s"] >= 0.11 and r["img_per_s"] == pytest.approx(3 / r["wall_s"])
+    assert pipe.vae.decode.__name__ == "<lambda>"  # the timer's wrapper is gone
+    assert not pipe.unet._forward_hooks and not pipe.unet._forward_pre_hooks
+
+
+def test_fits_catches_only_out_of_memory():
+    class Raising(_FakePipeline):
+        def __init__(self, error):
+            super().__init__(0, 0)
+            self.error = error
+
+        def __call__(self, *args, **kwargs):
+            raise self.error
+
+    assert bench.fits(Raising(torch.cuda.OutOfMemoryError("CUDA out of memory")), 4, 2, 64, 64, 7.5, "cpu") is False
+    with pytest.raises(ValueError, match="boom"):
+        bench.fits(Raising(ValueError("boom")), 4, 2, 64, 64, 7.5, "cpu")
+    assert bench.fits(_FakePipeline(0, 0), 4, 2, 64, 64, 7.5, "cpu") is True
+
+
+class _Oom(_FakePipeline):
+    """Runs out of memory above ``largest`` images."""
+
+    def __init__(self, largest):
+        super().__init__(0, 0)
+        self.largest, self.sizes = largest, []
+
+    def __call__(self, prompt, **kwargs):
+        self.sizes.append(len(prompt))
+        if len(prompt) > self.largest:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(prompt, **kwargs)
+
+
+def test_find_max_batch_then_time_powers_of_two_and_the_largest():
+    args = bench.parse(["--tiny", "--find-max-batch", "--backends", "installed", "--repeats", "1",
+                        "--max-batch-limit", "64"])
+    pipe, rows = _Oom(largest=11), []
+    largest = bench.measure_backend(pipe, "installed", args, bench.progress(0, True, ""), rows.append)
+    assert largest == 11 and [r["images"] for r in rows] == [1, 2, 4, 8, 11]
+    assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in rows)
+    assert 16 in pipe.sizes and max(pipe.sizes) == 16  # doubled to 16, then bisected between 8 and 16
+
+    rows = []
+    assert bench.measure_backend(_Oom(largest=0), "installed", args, bench.progress(0, True, ""), rows.append) == 0
+    assert [(r["images"], r["status"]) for r in rows] == [(1, "oom")] and "out of memory" in rows[0]["reason"]
+
+
+def test_failed_rows_say_why():
+    assert bench.failed_row("math", 8, torch.cuda.OutOfMemoryError("CUDA out of memory"))["status"] == "oom"
+    row = bench.failed_row("math", 8, ValueError("bad shape\nmore"))
+    assert (row["status"], row["reason"]) == ("error", "ValueError: bad shape")
+    if _dispatcher_present():
+        from diffusers.models.attention_dispatch import AttentionBackendError
+
+        row = bench.failed_row("sdpa-flash", 1, AttentionBackendError("head dim 512 > 256"))
+        assert row["status"] == "refused" and "head dim 512" in row["reason"]
+
+
+def test_safety_checker_left_out_but_images_kept():
+    pipe = types.SimpleNamespace(safety_checker=object(), feature_extractor=object())
+    assert "pass-through" in bench.drop_safety_checker(pipe)
+    images = torch.rand(2, 8, 8, 3).numpy()
+    clip = pipe.feature_extractor(pipe.numpy_to_pil(images), return_tensors="pt").to("cpu").pixel_values.to(torch.float16)
+    out, flagged = pipe.safety_checker(images=images, clip_input=clip)
+    assert out is images and flagged == [False, False]
+    newer = types.SimpleNamespace(safety_checker=object(), config={"requires_safety_checker": True})
+    assert "None" in bench.drop_safety_checker(newer) and newer.safety_checker is None  # skipped by the pipeline
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--batch-sizes", "0,2"], "positive integers"),
+    (["--tiny", "--batch-sizes", "a"], "positive integers"),
+    (["--tiny", "--backends", "flash"], "unknown attention backend"),
+    (["--tiny", "--backends", ""], "--backends is empty"),
+    (["--tiny", "--height", "100"], "multiples of 8"),
+    (["--tiny", "--repeats", "0"], "--repeats must be at least 1"),
+    (["--tiny", "--dtype", "fp16"], "half precision needs CUDA"),
+    (["--external-diffusers", "--backends", "sdpa"], "only --backends installed"),
+    (["--tiny", "--model", "x"], "exclude each other"),
+])
+def test_bad_options_are_refused_clearly(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_defaults_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("defaults differ with CUDA")
+    args = bench.parse(["--backends", "auto,installed"])
+    assert args.tiny and (args.device, args.dtype, args.steps, args.height) == ("cpu", "fp32", 3, 128)
+    assert args.backends == ["installed", "auto"] and args.batch_sizes == [1, 2]  # installed first
+    assert "tiny configuration" in capsys.readouterr().err
