@@ -1,0 +1,228 @@
+"""pytest plugin for running upstream Diffusers' own tests, unmodified, against the installed fork.
+
+Loaded by ``fork.py test-upstream`` with ``-p forklib.upstream_plugin``; nothing here runs otherwise.
+
+- Old names upstream's test modules import from transformers (``CLIPFeatureExtractor``) are set on
+  the transformers module, for this test process only.
+- transformers 5 loads a tokenizer from a repo that is neither cached nor reachable as an empty
+  tokenizer (2 tokens, model_max_length 1e30) instead of raising; in this test process a tokenizer
+  ``from_pretrained`` of an uncached repo while offline raises ``HubOfflineError`` naming it.
+- A test that fails only because a repository must come from the Hugging Face Hub (offline, not
+  cached) is reported as skipped with the reason ``needs the Hugging Face Hub: <repo id>``. Nothing
+  else is turned into a skip: every other error stays a failure.
+- ``--upstream-report PATH`` writes each test's outcome as JSON (passed / failed / hub / skipped).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+
+import pytest
+
+HUB_REASON = "needs the Hugging Face Hub: "
+# argument names under which Diffusers, transformers and huggingface_hub receive the repo to load
+REPO_ARGS = ("repo_id", "path_or_repo_id", "pretrained_model_name_or_path", "path_or_repo")
+# a Hub repo id: "name" or "owner/name" (no scheme, no spaces)
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+QUOTED_REPO = re.compile(r"'([A-Za-z0-9][\w.-]*/[\w.-]+)'")
+# what transformers says when from_pretrained cannot reach the Hub
+OFFLINE_WORDS = ("couldn't connect to 'https://huggingface.co'", "offline mode", "outgoing traffic has been disabled")
+
+
+# ---------------------------------------------------------------- classifying errors
+def _chain(exc):
+    seen = []
+    while exc is not None and not any(exc is s for s in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def _hub_error_types():
+    from huggingface_hub import errors
+
+    return tuple(getattr(errors, n) for n in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") if hasattr(errors, n))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _is_repo_id(value) -> bool:
+    return isinstance(value, str) and bool(REPO_ID.match(value)) and not os.path.exists(value)
+
+
+def _repo_from_frames(tb):
+    """The repo id the innermost loading call was given (its ``repo_id``-like argument)."""
+    found = None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        for name in REPO_ARGS:
+            if _is_repo_id(local.get(name)):
+                found = local[name]
+                break
+        tb = tb.tb_next
+    return found
+
+
+def _repo_from_message(exc):
+    for e in _chain(exc):
+        for candidate in QUOTED_REPO.findall(str(e)):
+            if _is_repo_id(candidate):
+                return candidate
+    return None
+
+
+def hub_repo(exc) -> str | None:
+    """The repo id if ``exc`` means "this repository must come from the Hub", else None.
+
+    Counted as such: diffusers' ``HubOfflineError`` (it names the repo); huggingface_hub's
+    ``LocalEntryNotFoundError`` / ``OfflineModeIsEnabled``; and, while ``HF_HUB_OFFLINE`` is set,
+    transformers' ``OSError`` from ``from_pretrained`` that says it could not reach the Hub or names
+    the repo it could not load. The repo id must be found, or the error stays a failure.
+    """
+    chain = _chain(exc)
+    for e in chain:
+        if type(e).__name__ == "HubOfflineError" and isinstance(getattr(e, "repo_id", None), str):
+            return e.repo_id
+    hub_types = _hub_error_types()
+    hub_error = any(isinstance(e, hub_types) for e in chain)
+    if not hub_error and _offline():
+        text = " ".join(str(e) for e in chain if isinstance(e, OSError))
+        hub_error = any(w in text for w in OFFLINE_WORDS) or _names_repo_it_loaded(chain)
+    if not hub_error:
+        return None
+    for e in chain:  # innermost loading call first, then the message
+        repo = _repo_from_frames(e.__traceback__)
+        if repo:
+            return repo
+    return _repo_from_message(exc)
+
+
+def _names_repo_it_loaded(chain) -> bool:
+    """An OSError naming, in quotes, the repo id the failing from_pretrained call was given."""
+    for e in chain:
+        if isinstance(e, OSError):
+            repo = _repo_from_frames(e.__traceback__)
+            if repo and f"'{repo}'" in str(e):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------- pytest hooks
+def pytest_addoption(parser):
+    parser.addoption("--upstream-report", metavar="PATH", help="write each test's outcome here as JSON")
+
+
+def pytest_configure(config):
+    alias_transformers()
+    guard_tokenizers()
+    OUTCOMES.clear()
+
+
+def alias_transformers():
+    """``from transformers import CLIPFeatureExtractor`` for upstream's test modules (transformers 5)."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    try:
+        from diffusers.transformers_compat import RENAMED
+    except ImportError:  # a diffusers without our compat module
+        RENAMED = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
+    for old, new in RENAMED.items():
+        target = getattr(transformers, new, None)
+        # resolving it may import transformers.processing_utils, which re-creates the transformers
+        # module in sys.modules (direct_transformers_import): set the name on the module in use now
+        for module in {id(m): m for m in (transformers, sys.modules["transformers"])}.values():
+            if target is not None and old not in vars(module):
+                setattr(module, old, target)
+
+
+def guard_tokenizers():
+    """Make tokenizer ``from_pretrained`` of an uncached repo fail while offline, as models do."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:
+        return
+    original = PreTrainedTokenizerBase.from_pretrained.__func__
+    if getattr(original, "_upstream_guard", False):
+        return
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        require_cached(pretrained_model_name_or_path, kwargs.get("cache_dir"), kwargs.get("revision"), "tokenizer")
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained._upstream_guard = True
+    PreTrainedTokenizerBase.from_pretrained = classmethod(functools.wraps(original)(from_pretrained))
+
+
+def require_cached(name, cache_dir=None, revision=None, what=""):
+    """Raise ``HubOfflineError`` if ``name`` is a Hub repo id with no snapshot in the cache while offline."""
+    if not (_offline() and _is_repo_id(str(name))):
+        return
+    from huggingface_hub import snapshot_download
+
+    from diffusers.hub_compat import HubOfflineError
+
+    try:
+        snapshot_download(str(name), cache_dir=cache_dir, revision=revision, local_files_only=True)
+    except _hub_error_types() as e:
+        raise HubOfflineError(str(name), what, e) from e
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and call.excinfo is not None:
+        repo = hub_repo(call.excinfo.value)
+        if repo:
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, HUB_REASON + repo)  # as pytest.skip
+            report.upstream_hub = repo
+    return report
+
+
+OUTCOMES = {}  # nodeid -> (passed | failed | hub | skipped, detail)
+
+
+def pytest_runtest_logreport(report):
+    """One outcome per test: a failure in any phase wins; else the first skip; else a passed call."""
+    if report.failed:
+        OUTCOMES[report.nodeid] = ("failed", _text(report))
+    elif report.nodeid in OUTCOMES:
+        return
+    elif report.skipped:
+        hub = getattr(report, "upstream_hub", None)
+        OUTCOMES[report.nodeid] = ("hub", hub) if hub else ("skipped", _text(report))
+    elif report.when == "call":
+        OUTCOMES[report.nodeid] = ("passed", "")
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        OUTCOMES[report.nodeid or "<collection>"] = ("failed", _text(report))
+
+
+def _text(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):
+        return str(longrepr[-1])
+    return getattr(report, "longreprtext", "") or str(longrepr or "")
+
+
+def counts(outcomes: dict) -> dict:
+    out = {"passed": 0, "failed": 0, "hub": 0, "skipped": 0}
+    for kind, _ in outcomes.values():
+        out[kind] += 1
+    return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--upstream-report")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"outcomes": OUTCOMES, "counts": counts(OUTCOMES), "exitstatus": int(exitstatus)}, f, indent=1)
