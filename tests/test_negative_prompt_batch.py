@@ -1,0 +1,37 @@
+"""Patch 0008: a list of negative prompts, one per prompt, in a batch of several prompts (upstream 0.4.2
+repeats them batch_size times and fails), for txt2img, img2img and inpaint."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from diffusers import local_pipelines
+
+PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
+             "inpaint": StableDiffusionInpaintPipeline}
+
+
+def run(pipe, task, negative_prompt):
+    rng = np.random.default_rng(0)
+    args = dict(prompt=["a red bicycle", "an old lighthouse"], negative_prompt=negative_prompt,
+                num_images_per_prompt=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np")
+    if task == "txt2img":
+        return pipe(height=64, width=64, **args).images
+    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    if task == "img2img":
+        return pipe(init_image=init, strength=0.75, **args).images
+    mask = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    return pipe(init_image=init, mask_image=mask, strength=0.75, **args).images
+
+
+@pytest.mark.parametrize("task", list(PIPELINES))
+def test_each_prompt_gets_its_own_negative_prompt(task):
+    pipe = local_pipelines.stable_diffusion("tiny", pipeline_class=PIPELINES[task])
+    pipe.set_progress_bar_config(disable=True)
+    both = run(pipe, task, ["blurry", "fog"])
+    second_only = run(pipe, task, ["", "fog"])
+    assert both.shape[0] == 4  # 2 prompts x 2 images, ordered prompt by prompt
+    assert np.abs(both[2:] - second_only[2:]).max() < 1e-5  # the second prompt's images: same negative
+    assert np.abs(both[:2] - second_only[:2]).max() > 1e-3  # the first prompt's: "blurry" vs none
