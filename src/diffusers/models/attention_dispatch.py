@@ -99,6 +99,11 @@ class Backend:
     def run(self, c: Call):
         raise NotImplementedError
 
+    def runner(self, c: Call):
+        """A callable (q, k, v, scale) serving every call shaped like ``c`` (planned once, then cached)."""
+        upcast = c.upcast
+        return lambda q, k, v, scale: self.run(Call(q, k, v, scale, upcast))
+
 
 class Math(Backend):
     """Upstream 0.4.2's computation: scores = q k^T * scale, softmax, @ v (the reference)."""
@@ -135,12 +140,52 @@ class SDPA(Backend):
         return _torch_says(getattr(torch.backends.cuda, self.check), c) if self.check else []
 
     def run(self, c):
-        if self.kernel is None:
-            return F.scaled_dot_product_attention(c.q, c.k, c.v, scale=c.scale)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return self.runner(c)(c.q, c.k, c.v, c.scale)
 
-        with sdpa_kernel(getattr(SDPBackend, self.kernel)):
-            return F.scaled_dot_product_attention(c.q, c.k, c.v, scale=c.scale)
+    def runner(self, c):
+        if self.kernel is None or _torch_would_pick(self.kernel, c):
+            return _sdpa  # no forcing needed: PyTorch takes this kernel for this shape by itself
+        return lambda q, k, v, scale: _forced_sdpa(self.kernel, q, k, v, scale)
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+_SWITCHES = {  # SDPBackend name -> the torch.backends.cuda switch that enables it
+    "FLASH_ATTENTION": "flash_sdp", "EFFICIENT_ATTENTION": "mem_efficient_sdp", "MATH": "math_sdp",
+    "CUDNN_ATTENTION": "cudnn_sdp",
+}
+
+
+def _forced_sdpa(kernel, q, k, v, scale):
+    """SDPA with one kernel forced. torch's sdpa_kernel() context costs tens of microseconds a call,
+    a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if torch.compiler.is_compiling():
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
+            return _sdpa(q, k, v, scale)
+    cuda = torch.backends.cuda
+    saved = {name: getattr(cuda, name + "_enabled")() for name in _SWITCHES.values()}
+    try:
+        for backend, name in _SWITCHES.items():
+            getattr(cuda, "enable_" + name)(backend == kernel)
+        return _sdpa(q, k, v, scale)
+    finally:
+        for name, on in saved.items():
+            getattr(cuda, "enable_" + name)(on)
+
+
+def _torch_would_pick(kernel, c) -> bool:
+    """Whether PyTorch's own SDPA choice for this call is ``kernel`` (then it need not be forced)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(c.q, c.k, c.v, None, 0.0, False, scale=c.scale)
+        return int(choice) == int(getattr(SDPBackend, kernel).value)
+    except Exception:  # private API: if it moves, force the kernel
+        return False
 
 
 def _torch_says(check, c: Call) -> list:
@@ -203,11 +248,18 @@ class FlashAttn(Backend):
         return []
 
     def run(self, c):
-        fn, fa3 = self._impl(c)
-        # flash-attn takes (B, S, H, D): our (B, H, S, D) tensors are views of exactly that layout
-        out = fn(c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), softmax_scale=c.scale)
-        out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 may also return the log-sum-exp
-        return out.transpose(1, 2)
+        return self.runner(c)(c.q, c.k, c.v, c.scale)
+
+    def runner(self, c):
+        fn = self._impl(c)[0]
+
+        def run(q, k, v, scale):
+            # flash-attn takes (B, S, H, D): our (B, H, S, D) tensors are views of exactly that layout
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+            out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 may also return the log-sum-exp
+            return out.transpose(1, 2)
+
+        return run
 
 
 BACKENDS = {b.name: b for b in (
@@ -316,27 +368,42 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
 def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
     """softmax(q k^T * scale) v for q (B, H, Sq, D), k and v (B, H, Sk, D), on the chosen backend.
 
-    ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time."""
+    ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
+    The plan for a call (checks, backend, slicing) is made once per signature and cached."""
+    name = backend or current()
+    key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
+           slice_size)
+    plan = _cache.get(key)
+    if plan is None:
+        plan = _plan(q, k, v, name, slice_size, upcast)
+        _cache[key] = plan
+    return plan(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def _plan(q, k, v, name, slice_size, upcast):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects 4-d (batch, heads, seq, head dim) tensors, got {q.dim()}, {k.dim()}, {v.dim()}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h = q.shape[:2]
     limit = slice_size if slice_size and slice_size < b * h else None
     if b * h > MAX_BATCH_HEADS:
         limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
     if limit is None:
-        name = choose(q, k, v, backend, upcast, scale)
-        return BACKENDS[name].run(Call(q, k, v, scale, upcast))
+        c = Call(q, k, v, 1.0 / math.sqrt(q.shape[-1]), upcast)
+        return BACKENDS[choose(q, k, v, name, upcast, c.scale)].runner(c)
     if limit % h == 0:  # whole batch entries per slice: views, no copies
         step = limit // h
-        return torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, backend, None, upcast)
-                          for i in range(0, b, step)])
-    flat = [t.reshape(b * h, 1, *t.shape[2:]) for t in (q, k, v)]  # rows of (batch x heads), as upstream slices
-    out = torch.cat([attention(flat[0][i:i + limit], flat[1][i:i + limit], flat[2][i:i + limit],
-                               scale, backend, None, upcast) for i in range(0, b * h, limit)])
-    return out.reshape(b, h, *out.shape[2:])
+        return lambda q, k, v, scale: torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, name,
+                                                           None, upcast) for i in range(0, b, step)])
+
+    def rows(q, k, v, scale):  # rows of (batch x heads), as upstream slices
+        flat = [t.reshape(b * h, 1, *t.shape[2:]) for t in (q, k, v)]
+        out = torch.cat([attention(flat[0][i:i + limit], flat[1][i:i + limit], flat[2][i:i + limit], scale, name,
+                                   None, upcast) for i in range(0, b * h, limit)])
+        return out.reshape(b, h, *out.shape[2:])
+
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- the hooks
