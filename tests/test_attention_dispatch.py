@@ -264,3 +264,24 @@ def test_backend_status_lists_every_backend_with_a_reason():
         assert ok or why and why != "available", name
     if not torch.cuda.is_available():
         assert status["sdpa-cudnn"] == (False, "no CUDA device")
+
+
+def test_auto_order_rules():
+    from types import SimpleNamespace as NS
+
+    def call(device, dtype, d=40, grad=False, b=2, sq=4096, sk=4096):
+        q = NS(device=torch.device(device), dtype=dtype, requires_grad=grad, shape=(b, 8, sq, d),
+               element_size=lambda: torch.empty((), dtype=dtype).element_size())
+        k = NS(device=q.device, dtype=dtype, requires_grad=False, shape=(b, 8, sk, d))
+        return ad.Call(q, k, k, d**-0.5, upcast=d == 512)
+
+    assert ad.auto_order(call("cpu", torch.float32)) == ["sdpa", "math"]
+    for d in (40, 80, 160, 24, 200):
+        assert ad.auto_order(call("cuda", torch.float16, d))[0] == "sdpa-cudnn"
+    assert ad.auto_order(call("cuda", torch.float16, 512, b=1))[0] == "math"  # the VAE: batched matmuls win
+    assert ad.auto_order(call("cuda", torch.float16, 512, b=64))[0] == "sdpa-efficient"  # scores over budget
+    assert ad.auto_order(call("cuda", torch.float32))[0] == "sdpa-efficient"
+    with torch.enable_grad():
+        assert ad.auto_order(call("cuda", torch.float32, grad=True))[0] == "math"
+    with torch.no_grad():
+        assert ad.auto_order(call("cuda", torch.float32, grad=True))[0] == "sdpa-efficient"

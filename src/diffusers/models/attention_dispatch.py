@@ -276,10 +276,14 @@ NAMES = (AUTO,) + tuple(BACKENDS)
 def auto_order(c: Call) -> list:
     """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; PATCHES.md has the table):
     cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
-    kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget."""
+    kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
+    fp32 goes to the memory-efficient kernel, except when gradients are wanted: its backward accumulates
+    with atomics, so gradients would differ from run to run (upstream's gradient-checkpointing test)."""
     if c.q.device.type != "cuda":
         return ["sdpa", "math"]
     if c.q.dtype not in HALF:
+        if torch.is_grad_enabled() and (c.q.requires_grad or c.k.requires_grad or c.v.requires_grad):
+            return ["math", "sdpa-efficient", "sdpa"]  # fp32 training: the efficient kernel's backward is not deterministic
         return ["sdpa-efficient", "sdpa", "math"]
     if c.head_dim <= 256:
         return ["sdpa-cudnn", "flash-attn", "sdpa-flash", "sdpa-efficient", "sdpa", "math"]
