@@ -212,7 +212,8 @@ def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
         below = [rel for rel in orphans if last.get(rel, -1) > k]
         if below:  # a later patch touches these files too: carry the edits down to patch k, then refresh again
             _sink(root, names, patches, states, final, disk, k, below)
-            return refresh(root, new_patch if len(below) < len(orphans) else None, log)
+            log(f"refreshed: {new_patch} (the edits to {', '.join(below)} sit beneath later patches)")
+            return [new_patch] + refresh(root, new_patch if len(below) < len(orphans) else None, log)
         for rel in orphans:
             last[rel] = k
     rewritten = []

@@ -20,3 +20,21 @@ class AttentionBackendMixin:
                 if isinstance(m, (CrossAttention, AttentionBlock)):
                     m._attention_backend = name
         return self
+
+
+class PipelineMixin(AttentionBackendMixin):
+    """What DiffusionPipeline gains: ``set_attention_backend`` and the fast path."""
+
+    def enable_fast_path(self, cuda_graphs: bool = True, compile: bool = False):
+        """Make generation as fast as this GPU allows, with the same images: the UNet step is captured as a
+        CUDA graph per input shape and replayed (``compile=True`` runs it through torch.compile first).
+        Returns a report of what was applied; what cannot apply is logged and the pipeline runs as before."""
+        from . import fast_path
+
+        return fast_path.enable(self, cuda_graphs=cuda_graphs, compile=compile)
+
+    def disable_fast_path(self):
+        from . import fast_path
+
+        fast_path.disable(self)
+        return self
