@@ -52,14 +52,15 @@ def backend_verdicts(names) -> dict:
         return {n: (None if n == "installed" else str(e)) for n in names}
     status = {n: (ok, why) for n, ok, why in ad.backend_status()}
     out = {}
-    for n in names:
+    for full in names:
+        n = full.split("+")[0]
         if n in ("installed", "auto"):
-            out[n] = None
+            out[full] = None
         elif n not in status:
-            out[n] = f"this attention_dispatch has no backend {n!r} (it has: {', '.join(status)})"
+            out[full] = f"this attention_dispatch has no backend {n!r} (it has: {', '.join(status)})"
         else:
             ok, why = status[n]
-            out[n] = None if ok else f"unavailable: {why}"
+            out[full] = None if ok else f"unavailable: {why}"
     return out
 
 
@@ -82,9 +83,12 @@ def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--backends is empty")
-    bad = [n for n in names if n not in allowed]
+    fast = ("", "+graphs", "+compile")  # a fast-path suffix: pipe.enable_fast_path() on top of the backend
+    bad = [n for n in names if not any(n.endswith(f) and n[: len(n) - len(f)] in allowed for f in fast)
+           or n.startswith("installed+")]
     if bad:
-        raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}")
+        raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}"
+                         " (each may end in +graphs or +compile: the fast path on top)")
     return list(dict.fromkeys(names))
 
 

@@ -214,8 +214,13 @@ def time_pipeline(pipe, images, *, steps=50, height=512, width=512, guidance_sca
     sections = Sections(pipe, clock)
     cuda = clock.cuda
     try:
-        if warmup_steps:
+        warmup_s = None
+        if warmup_steps:  # also where the fast path captures (and compiles): reported as warm-up time
+            clock.sync()
+            start = time.perf_counter()
             generate(pipe, images, warmup_steps, height, width, guidance_scale, device)
+            clock.sync()
+            warmup_s = time.perf_counter() - start
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         runs = []
@@ -232,7 +237,7 @@ def time_pipeline(pipe, images, *, steps=50, height=512, width=512, guidance_sca
     finally:
         sections.close()
     wall = median([r["wall_s"] for r in runs])
-    return dict(img_per_s=images / wall, s_per_img=wall / images, wall_s=wall,
+    return dict(img_per_s=images / wall, s_per_img=wall / images, wall_s=wall, warmup_s=warmup_s,
                 wall_s_runs=[round(r["wall_s"], 4) for r in runs],
                 unet_step_ms=median([r["unet_step_ms"] for r in runs]), unet_calls=runs[0]["unet_calls"],
                 vae_decode_ms=median([r["vae_decode_ms"] for r in runs]),
@@ -364,7 +369,14 @@ def build(args):
 def measure_backend(pipe, name, args, bar, add):
     """Rows for one backend (one per batch size, passed to ``add``); its largest batch (None: not probed)."""
     gen = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device)
-    undo = use_backend(pipe, name, args.scope)
+    base, _, fast = name.partition("+")
+    undo = use_backend(pipe, base, args.scope)
+    if fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
+        report = pipe.enable_fast_path(compile=fast == "compile")
+        if not report["cuda_graphs"]:
+            undo()
+            add(failed_row(name, None, BenchError("fast path not applied: " + "; ".join(report["reasons"]))))
+            return None
     try:
         max_batch, batches = None, args.batch_sizes
         if args.find_max_batch:
@@ -381,6 +393,8 @@ def measure_backend(pipe, name, args, bar, add):
         return max_batch
     finally:
         undo()
+        if fast:
+            pipe.disable_fast_path()
 
 
 def time_row(pipe, name, images, args, gen, bar) -> dict:
@@ -457,7 +471,7 @@ COLUMNS = [
     ("backend", "backend", None), ("imgs", "images", None), ("img/s", "img_per_s", "{:.3f}"),
     ("s/img", "s_per_img", "{:.3f}"), ("UNet step ms", "unet_step_ms", "{:.1f}"),
     ("VAE decode ms", "vae_decode_ms", "{:.1f}"), ("text ms", "text_encode_ms", "{:.1f}"),
-    ("peak GiB", "peak_mem_gib", "{:.2f}"), ("% of floor", lambda r: r.get("floor_share") and 100 * r["floor_share"],
+    ("peak GiB", "peak_mem_gib", "{:.2f}"), ("warm-up s", "warmup_s", "{:.1f}"), ("% of floor", lambda r: r.get("floor_share") and 100 * r["floor_share"],
                                              "{:.1f}"),
     ("status", lambda r: r["status"] + (f": {r['reason']}" if r.get("reason") else ""), None),
 ]
