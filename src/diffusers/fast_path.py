@@ -71,7 +71,7 @@ class GraphedForward:
         return cap
 
 
-def enable(pipe, cuda_graphs: bool = True, compile: bool = False, compile_mode: str = "max-autotune-no-cudagraphs"):
+def enable(pipe, cuda_graphs: bool = True, compile: bool = False, compile_mode: str = "default"):
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why."""
     report = {"cuda_graphs": False, "compile": False, "reasons": []}
     unet = getattr(pipe, "unet", None)
@@ -87,7 +87,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, compile_mode: 
         forward = unet.forward
         if compile:
             try:
-                forward = torch.compile(forward, mode=compile_mode)
+                forward = torch.compile(forward, mode=compile_mode, dynamic=False)
                 report["compile"] = True
             except Exception as e:  # an old torch, no triton: say so and go on without
                 report["reasons"].append(f"torch.compile not applied: {type(e).__name__}: {e}")
