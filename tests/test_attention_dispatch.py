@@ -285,3 +285,16 @@ def test_auto_order_rules():
         assert ad.auto_order(call("cuda", torch.float32, grad=True))[0] == "math"
     with torch.no_grad():
         assert ad.auto_order(call("cuda", torch.float32, grad=True))[0] == "sdpa-efficient"
+
+
+def test_plan_is_remade_when_gradients_are_wanted(monkeypatch):
+    # the same shapes, first under no_grad then with gradients: auto's answer may differ (fp32 on CUDA)
+    seen = []
+    monkeypatch.setattr(ad, "auto_order", lambda c: seen.append(c.q.requires_grad and torch.is_grad_enabled())
+                        or ["math"])
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(1, 2, 6, 8)
+    with torch.no_grad():
+        ad.attention(x @ w, x, x)
+    ad.attention(x @ w, x, x).sum().backward()
+    assert seen == [False, True] and w.grad is not None

@@ -375,8 +375,9 @@ def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
     ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
     The plan for a call (checks, backend, slicing) is made once per signature and cached."""
     name = backend or current()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)  # auto may differ
     key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
-           slice_size)
+           slice_size, grad)
     plan = _cache.get(key)
     if plan is None:
         plan = _plan(q, k, v, name, slice_size, upcast)
