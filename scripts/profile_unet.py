@@ -46,8 +46,8 @@ def profile_step(unet, images, steps=3):
             torch.cuda.synchronize()
     totals = defaultdict(float)
     for ev in prof.key_averages():
-        if ev.name.startswith("aten::") and ev.self_device_time_total > 0:
-            totals[family(ev.name)] += ev.self_device_time_total / 1000 / steps
+        if ev.key.startswith("aten::") and ev.self_device_time_total > 0:
+            totals[family(ev.key)] += ev.self_device_time_total / 1000 / steps
     return totals
 
 
