@@ -277,13 +277,11 @@ def auto_order(c: Call) -> list:
     """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; PATCHES.md has the table):
     cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
     kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
-    fp32 goes to the memory-efficient kernel, except when gradients are wanted: its backward accumulates
-    with atomics, so gradients would differ from run to run (upstream's gradient-checkpointing test)."""
+    The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
+    must get the same kernel, hence the same numbers."""
     if c.q.device.type != "cuda":
         return ["sdpa", "math"]
     if c.q.dtype not in HALF:
-        if torch.is_grad_enabled() and (c.q.requires_grad or c.k.requires_grad or c.v.requires_grad):
-            return ["math", "sdpa-efficient", "sdpa"]  # fp32 training: the efficient kernel's backward is not deterministic
         return ["sdpa-efficient", "sdpa", "math"]
     if c.head_dim <= 256:
         return ["sdpa-cudnn", "flash-attn", "sdpa-flash", "sdpa-efficient", "sdpa", "math"]
@@ -375,9 +373,8 @@ def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
     ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
     The plan for a call (checks, backend, slicing) is made once per signature and cached."""
     name = backend or current()
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)  # auto may differ
     key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
-           slice_size, grad)
+           slice_size)
     plan = _cache.get(key)
     if plan is None:
         plan = _plan(q, k, v, name, slice_size, upcast)
