@@ -178,6 +178,39 @@ def apply_hunks(fp: FilePatch, text: str) -> tuple[str, list]:
     return "".join(out), offsets
 
 
+def apply_hunks_fuzzy(fp: FilePatch, text: str, max_fuzz: int = 2) -> tuple[str | None, list]:
+    """Like GNU patch's fuzz: a hunk whose context no longer matches may drop up to ``max_fuzz`` context
+    lines at each end, and then must match at exactly one place in the file (never a guess between two).
+    Returns (text, per hunk its fuzz) or (None, ...) if a hunk still finds no single place."""
+    src = text.splitlines(keepends=True)
+    edits, fuzz = [], []
+    for h in fp.hunks:
+        for f in range(0, max_fuzz + 1):
+            lines = list(h.lines)
+            lead = min(f, next((i for i, (t, _) in enumerate(lines) if t != " "), 0))
+            tail = min(f, next((i for i, (t, _) in enumerate(reversed(lines)) if t != " "), 0))
+            lines = lines[lead:len(lines) - tail]
+            old = [t for tag, t in lines if tag in " -"]
+            new = [t for tag, t in lines if tag in " +"]
+            places = [i for i in range(len(src) - len(old) + 1) if src[i:i + len(old)] == old] if old else []
+            if len(places) == 1:
+                edits.append((places[0], len(old), new))
+                fuzz.append(f)
+                break
+        else:
+            return None, fuzz + [None]
+    edits.sort()
+    if any(a[0] + a[1] > b[0] for a, b in zip(edits, edits[1:])):
+        return None, fuzz  # two hunks claim the same lines
+    out, pos = [], 0
+    for start, n, new in edits:
+        out.extend(src[pos:start])
+        out.extend(new)
+        pos = start + n
+    out.extend(src[pos:])
+    return "".join(out), fuzz
+
+
 def _find(src, old, want, lo):
     """The start index nearest to ``want`` (at or after ``lo``) where ``old`` matches exactly."""
     n = len(old)

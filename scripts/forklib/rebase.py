@@ -32,8 +32,8 @@ from . import patchfile, release, tree
 from .release import PREFIX, ForkError
 
 WORK = ".rebase"
-RANK = ["clean", "offsets", "three-way", "resolved", "empty", "conflict"]
-HOW = {"clean": "clean", "offset": "offsets", "three-way": "three-way", "conflict": "conflict"}
+RANK = ["clean", "offsets", "three-way", "fuzz", "resolved", "empty", "conflict"]
+HOW = {"clean": "clean", "offset": "offsets", "three-way": "three-way", "fuzz": "fuzz", "conflict": "conflict"}
 _VERSION = re.compile(r"(v?)(\d+(?:\.\d+)+(?:(?:a|b|rc|\.post|\.dev)\d+)?)")
 _FINAL = re.compile(r"v?\d+\.\d+\.\d+")
 
@@ -174,6 +174,11 @@ def rebase_file(fp, base, ours, theirs, labels) -> tuple:
             return text, hunks(exact, offsets), None
         if base is not None and ours is not None:
             merged, conflicts = merge3(ours, base, theirs, labels)
+            if conflicts:  # most are a line of ours beside a line upstream changed: GNU patch's fuzz places them
+                fuzzed, fuzz = patchfile.apply_hunks_fuzzy(fp, theirs)
+                if fuzzed is not None:
+                    hows = ["fuzz" if f else how for f, how in zip(fuzz, exact)]
+                    return fuzzed, hunks(hows, offsets), None
             failed = "conflict" if conflicts else "three-way"
             hows = [failed if o is None else how for o, how in zip(offsets, exact)]
             return merged, hunks(hows, offsets), "markers" if conflicts else None
@@ -368,8 +373,8 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
 
 
 def print_result(res: dict) -> None:
-    detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "conflict": "conflict"}
-                            .get(res["status"], ""))
+    detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "fuzz": "fuzz",
+                                  "conflict": "conflict"}.get(res["status"], ""))
     print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}")
 
 
@@ -581,7 +586,8 @@ def check_detail(results: list) -> str:
     if last["status"] in ("conflict", "empty"):
         files = [c["path"][len(PREFIX):] + ("" if c["kind"] == "markers" else f" ({c['kind']})") for c in last["conflicts"]]
         return f"{last['name']}: {', '.join(files) or 'changes nothing (upstream has it?)'}"
-    parts = [f"{r['name'][:4]} three-way: {describe_hunks(r, 'three-way')}" for r in results if r["status"] == "three-way"]
+    parts = [f"{r['name'][:4]} {how}: {describe_hunks(r, how)}" for how in ("three-way", "fuzz") for r in results
+             if any(h["how"] == how for h in r["hunks"])]
     offsets = [f"{r['name'][:4]} x{sum(h['how'] == 'offset' for h in r['hunks'])}" for r in results
                if any(h["how"] == "offset" for h in r["hunks"])]
     moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]

@@ -274,7 +274,7 @@ NAMES = (AUTO,) + tuple(BACKENDS)
 
 
 def auto_order(c: Call) -> list:
-    """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; PATCHES.md has the table):
+    """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; BENCHMARKS.md has the table):
     cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
     kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
     The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
