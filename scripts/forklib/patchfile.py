@@ -178,24 +178,27 @@ def apply_hunks(fp: FilePatch, text: str) -> tuple[str, list]:
     return "".join(out), offsets
 
 
-def apply_hunks_fuzzy(fp: FilePatch, text: str, max_fuzz: int = 2) -> tuple[str | None, list]:
+def apply_hunks_fuzzy(fp: FilePatch, text: str, max_fuzz: int = 3) -> tuple[str | None, list]:
     """Like GNU patch's fuzz: a hunk whose context no longer matches may drop up to ``max_fuzz`` context
-    lines at each end, and then must match at exactly one place in the file (never a guess between two).
-    Returns (text, per hunk its fuzz) or (None, ...) if a hunk still finds no single place."""
+    lines at its start, its end, or both, keeping at least two lines to anchor it, and must then match at
+    exactly one place in the file (never a guess between two). Returns (text, per hunk the context lines
+    dropped), or (None, ...) when a hunk finds no single place."""
     src = text.splitlines(keepends=True)
     edits, fuzz = [], []
     for h in fp.hunks:
-        for f in range(0, max_fuzz + 1):
-            lines = list(h.lines)
-            lead = min(f, next((i for i, (t, _) in enumerate(lines) if t != " "), 0))
-            tail = min(f, next((i for i, (t, _) in enumerate(reversed(lines)) if t != " "), 0))
-            lines = lines[lead:len(lines) - tail]
-            old = [t for tag, t in lines if tag in " -"]
-            new = [t for tag, t in lines if tag in " +"]
-            places = [i for i in range(len(src) - len(old) + 1) if src[i:i + len(old)] == old] if old else []
+        lines = h.lines
+        lead_ctx = next((i for i, (t, _) in enumerate(lines) if t != " "), 0)
+        tail_ctx = next((i for i, (t, _) in enumerate(reversed(lines)) if t != " "), 0)
+        tries = [(min(a, lead_ctx), min(b, tail_ctx)) for f in range(max_fuzz + 1) for a, b in ((f, 0), (0, f), (f, f))]
+        for a, b in dict.fromkeys(tries):
+            kept = lines[a:len(lines) - b]
+            old = [t for tag, t in kept if tag in " -"]
+            if len(old) < 2:
+                continue
+            places = [i for i in range(len(src) - len(old) + 1) if src[i:i + len(old)] == old]
             if len(places) == 1:
-                edits.append((places[0], len(old), new))
-                fuzz.append(f)
+                edits.append((places[0], len(old), [t for tag, t in kept if tag in " +"]))
+                fuzz.append(a + b)
                 break
         else:
             return None, fuzz + [None]
