@@ -329,3 +329,34 @@ def test_check_runs_tests_on_each_release_when_asked(env, capsys):
     assert rebase(env, "--check", "1.1.0", "1.2.0", "--tests", "--test-cmd", cmd) == 0
     rows = expected_rows(capsys.readouterr().out)
     assert rows["1.1.0"][4] == "pass" and rows["1.2.0"][4].startswith("FAIL")
+
+
+# ---------------------------------------------------------------- fuzz, where a three-way merge conflicts
+def _insertion_patch(base, new):
+    from forklib import patchfile
+
+    return patchfile.parse(patchfile.diff_file("src/diffusers/m.py", base, new), "p").files[0]
+
+
+def test_fuzz_places_a_line_beside_one_upstream_changed():
+    from forklib import patchfile, rebase
+
+    base = "".join(f"line {i}\n" for i in range(1, 13))
+    ours = base.replace("line 6\n", "line 6\nOURS\n")
+    theirs = base.replace("line 6\n", "line 6 (upstream reflowed it)\n")
+    fp = _insertion_patch(base, ours)
+    assert None in patchfile.apply_hunks(fp, theirs)[1]  # no zero-fuzz place
+    merged, conflicts = rebase.merge3(ours, base, theirs, ("ours", "base", "theirs"))
+    assert conflicts  # git merge-file calls adjacent edits a conflict
+    text, hunks, conflict = rebase.rebase_file(fp, base, ours, theirs, ("ours", "base", "theirs"))
+    assert conflict is None and [h["how"] for h in hunks] == ["fuzz"]
+    assert text == theirs.replace("line 6 (upstream reflowed it)\n", "line 6 (upstream reflowed it)\nOURS\n")
+
+
+def test_fuzz_never_guesses_between_two_places():
+    from forklib import patchfile
+
+    base = "a\nb\nc\nX\nd\ne\nf\n"
+    fp = _insertion_patch(base, base.replace("X\n", "X\nOURS\n"))
+    theirs = "a\nb\nC\nX2\nd\ne\nf\nq\nd\ne\nf\n"  # the trailing anchor "d e f" now stands twice
+    assert patchfile.apply_hunks_fuzzy(fp, theirs)[0] is None
