@@ -211,14 +211,15 @@ def rebase_patch(name, patch, old_before, old_after, new_before, labels) -> tupl
 
 
 def moved_to(path: str, base: str, new_tree: dict, old_tree: dict) -> str | None:
-    """Where upstream moved ``path``: a file new in ``new_tree`` with the same name whose text is most
-    like ``base`` (at least half its lines match); None if there is none."""
-    name, best, score = path.rsplit("/", 1)[-1], None, 0.5
+    """Where upstream moved ``path``: the file new in ``new_tree`` whose text is most like ``base`` (at
+    least half its lines match for the same file name, 60% for a renamed one); None if there is none."""
+    name, best, best_score = path.rsplit("/", 1)[-1], None, 0.0
     for cand, text in new_tree.items():
-        if cand.rsplit("/", 1)[-1] == name and cand not in old_tree:
-            ratio = difflib.SequenceMatcher(None, base.splitlines(), text.splitlines(), autojunk=False).ratio()
-            if ratio >= score:
-                best, score = cand, ratio
+        if cand in old_tree or not cand.endswith(".py"):
+            continue
+        ratio = difflib.SequenceMatcher(None, base.splitlines(), text.splitlines(), autojunk=False).ratio()
+        if ratio >= (0.5 if cand.rsplit("/", 1)[-1] == name else 0.6) and ratio > best_score:
+            best, best_score = cand, ratio
     return best
 
 
