@@ -41,7 +41,7 @@ RELEASES = {
     "1.2.0": {"a.py": a_py({8: "x8 = 8  # upstream edit\n"})},         # context edited: three-way
     "1.3.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"})},      # our line edited: conflict
     "1.4.0": {"a.py": a_py(), "__init__.py": "raise ImportError('broken 1.4.0')\n"},
-    "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": B_PY},                 # a patched file renamed: .rej
+    "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": "def other():\n    return 42\n"},  # patched file gone: .rej
     "1.6.0": {"a.py": a_py(), "b.py": None, "sub/b.py": B_PY + "\n\ndef k():\n    return 3\n"},  # moved: followed
 }
 
@@ -360,3 +360,12 @@ def test_fuzz_never_guesses_between_two_places():
     fp = _insertion_patch(base, base.replace("X\n", "X\nOURS\n"))
     theirs = "a\nb\nC\nX2\nd\ne\nf\nq\nd\ne\nf\n"  # the trailing anchor "d e f" now stands twice
     assert patchfile.apply_hunks_fuzzy(fp, theirs)[0] is None
+
+
+def test_a_file_upstream_renamed_is_followed():
+    from forklib import rebase
+
+    old = {"src/diffusers/p/pipeline_x_onnx.py": B_PY}
+    new = {"src/diffusers/p/pipeline_onnx_x.py": B_PY + "\n# new upstream line\n", "src/diffusers/p/other.py": "y = 1\n"}
+    assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, new, old) == "src/diffusers/p/pipeline_onnx_x.py"
+    assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, {"src/diffusers/q.py": "z = 2\n"}, old) is None
