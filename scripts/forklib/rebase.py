@@ -4,7 +4,10 @@ Each patch is re-applied to the new release in turn. A hunk whose lines match ex
 there (at its line: "clean", or elsewhere: "offset"). Where one does not, the file is merged
 three ways with ``git merge-file``: base = the file before the patch on the old release, ours =
 after it, theirs = the file before the patch on the new release, so a change whose context
-upstream moved or edited still lands ("three-way"). The first patch that still conflicts stops
+upstream moved or edited still lands ("three-way"). Where that merge conflicts (most often a line of
+ours beside a line upstream reflowed), the hunk may drop up to 3 context lines at one end and must
+then match at one single place ("fuzz", as GNU patch; always reported, and the rewritten patch has
+zero fuzz again). A file upstream moved or renamed is followed. The first patch that still conflicts stops
 the rebase: its files (conflict markers, or a .rej where there is no file to merge into) are left
 in .rebase/tree/, and nothing outside .rebase/ changes. ``--continue`` takes the resolution from
 there; ``--abort`` throws the attempt away (and restores the old tree if a rebase had finished).
