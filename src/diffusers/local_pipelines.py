@@ -83,11 +83,12 @@ def make_tokenizer(directory: str | None = None):
 
 def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> dict:
     """The pipeline's parts with random weights drawn from ``seed`` (same seed, same weights)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 
     from .models import AutoencoderKL, UNet2DConditionModel
     from .pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+    from .transformers_compat import clip_image_processor
 
     if size not in CONFIGS:
         raise ValueError(f"size must be one of {sorted(CONFIGS)}, not {size!r}")
@@ -112,7 +113,7 @@ def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> di
                                vision_config=cfg["vision"], projection_dim=cfg["projection_dim"])
     safety_checker = StableDiffusionSafetyChecker(safety_config).eval()
     px = cfg["vision"]["image_size"]
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
+    feature_extractor = clip_image_processor()(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     schedulers = {
         "pndm": lambda: PNDMScheduler(skip_prk_steps=True, steps_offset=1, **betas),

@@ -2,8 +2,9 @@
 # (patch 0002-transformers-compat.patch). Nothing here imports transformers until it is used.
 """transformers compatibility for Diffusers 0.4.
 
-- ``CLIPFeatureExtractor`` (gone in transformers 5) is ``CLIPImageProcessor`` where missing, for the
-  pipelines' imports and for checkpoints whose ``model_index.json`` names it.
+- ``CLIPFeatureExtractor`` (gone in transformers 5) is ``CLIPImageProcessor`` where missing (its PIL
+  backend without torchvision), for the pipelines' imports and for checkpoints whose
+  ``model_index.json`` names it.
 - :func:`import_library` is what pipeline loading uses instead of ``importlib.import_module``: for
   ``transformers`` it resolves such old class names.
 - :data:`LOADABLE_TRANSFORMERS` adds the base classes transformers moved tokenizers and image
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import types
 
 # base classes of transformers' loadable objects beyond those Diffusers 0.4 lists
@@ -20,8 +22,19 @@ LOADABLE_TRANSFORMERS = {
     "ImageProcessingMixin": ["save_pretrained", "from_pretrained"],
 }
 
-# names old checkpoints and code use -> the name in today's transformers
-RENAMED = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
+# names old checkpoints and code use -> the class in today's transformers
+# (and, for folders saved with transformers 5 and loaded with 4.x, its per-backend class names)
+RENAMED = {name: lambda module: clip_image_processor(module)
+           for name in ("CLIPFeatureExtractor", "CLIPImageProcessorPil", "CLIPImageProcessorFast")}
+
+
+def clip_image_processor(module=None):
+    """transformers' CLIP image processor class. Without torchvision, transformers 5 hands out its PIL
+    backend from ``CLIPImageProcessor`` with a warning at every use; ask for that backend directly."""
+    module = module or importlib.import_module("transformers")
+    if importlib.util.find_spec("torchvision") is None and hasattr(module, "CLIPImageProcessorPil"):
+        return module.CLIPImageProcessorPil
+    return module.CLIPImageProcessor
 
 
 def _resolve(module, name):
@@ -29,7 +42,7 @@ def _resolve(module, name):
         return getattr(module, name)
     except AttributeError:
         if name in RENAMED:
-            return getattr(module, RENAMED[name])
+            return RENAMED[name](module)
         raise
 
 
