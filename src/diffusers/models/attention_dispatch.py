@@ -90,7 +90,8 @@ class Backend:
             if cap < self.min_capability:
                 why.append(f"compute capability {cap[0]}.{cap[1]} < {self.min_capability[0]}.{self.min_capability[1]}")
         if not why:
-            why = [self.unavailable()] if self.unavailable() else self.more_reasons(c)
+            gone = self.unavailable()
+            why = [gone] if gone else self.more_reasons(c)
         return why
 
     def more_reasons(self, c: Call) -> list:
