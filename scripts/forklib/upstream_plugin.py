@@ -130,11 +130,13 @@ def alias_transformers():
     except ImportError:
         return
     try:
-        from diffusers.transformers_compat import RENAMED
+        from diffusers.transformers_compat import RENAMED  # old name -> function(transformers) -> class
     except ImportError:  # a diffusers without our compat module
-        RENAMED = {"CLIPFeatureExtractor": "CLIPImageProcessor"}
+        RENAMED = {"CLIPFeatureExtractor": lambda module: getattr(module, "CLIPImageProcessor", None)}
     for old, new in RENAMED.items():
-        target = getattr(transformers, new, None)
+        if hasattr(transformers, old):  # transformers 4.x still has it
+            continue
+        target = new(transformers)
         # resolving it may import transformers.processing_utils, which re-creates the transformers
         # module in sys.modules (direct_transformers_import): set the name on the module in use now
         for module in {id(m): m for m in (transformers, sys.modules["transformers"])}.values():
