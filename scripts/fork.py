@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forklib import tree  # noqa: E402
+from forklib import rebase, tree, upstream_tests  # noqa: E402
 from forklib.release import ForkError  # noqa: E402
 
 
@@ -69,16 +69,8 @@ def main(argv=None):
                                    "ours shadows an upstream file; PATCHES.md describes each patch. Exit 1 otherwise.")
     p.set_defaults(func=cmd_verify)
 
-    try:
-        from forklib import rebase
-        rebase.add_parser(sub, ROOT)
-    except ImportError:
-        pass
-    try:
-        from forklib import upstream_tests
-        upstream_tests.add_parser(sub, ROOT)
-    except ImportError:
-        pass
+    rebase.add_parser(sub, ROOT)
+    upstream_tests.add_parser(sub, ROOT)
 
     args = ap.parse_args(argv)
     try:
