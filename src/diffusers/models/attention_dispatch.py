@@ -135,6 +135,10 @@ class SDPA(Backend):
             return "no CUDA device"
         if self.check is None or not hasattr(torch.backends.cuda, self.check):
             return f"torch {torch.__version__} has no {self.name} kernel"
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401  (torch 2.3+)
+        except ImportError:
+            return f"torch {torch.__version__} cannot force one SDPA kernel (torch.nn.attention: 2.3+)"
         return None
 
     def more_reasons(self, c):
@@ -164,7 +168,7 @@ def _forced_sdpa(kernel, q, k, v, scale):
     a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if torch.compiler.is_compiling():
+    if getattr(torch.compiler, "is_compiling", lambda: False)():  # torch 2.3+
         with sdpa_kernel(getattr(SDPBackend, kernel)):
             return _sdpa(q, k, v, scale)
     cuda = torch.backends.cuda
