@@ -240,3 +240,20 @@ def test_refuses_a_tag_without_tests(fork_root, tmp_path):
     git(repo, "tag", "v1")
     with pytest.raises(ForkError, match="has no tests/ folder"):
         upstream_tests.run(fork_root, str(repo), "v1", [])
+
+
+def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch):
+    import torch
+
+    from forklib import upstream_plugin
+
+    monkeypatch.delenv("DIFFUSERS_FLASH_DETERMINISTIC", raising=False)
+    upstream_plugin.deterministic_kernels()
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("DIFFUSERS_FLASH_DETERMINISTIC", "1")
+    try:
+        upstream_plugin.deterministic_kernels()
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

@@ -120,7 +120,19 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     alias_transformers()
     guard_tokenizers()
+    deterministic_kernels()
     OUTCOMES.clear()
+
+
+def deterministic_kernels():
+    """``test-upstream --deterministic``: only deterministic kernels (a warning where there is none)."""
+    if os.environ.get("DIFFUSERS_FLASH_DETERMINISTIC") != "1":
+        return
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def alias_transformers():

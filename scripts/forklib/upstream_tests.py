@@ -39,9 +39,13 @@ def add_parser(subparsers, root: Path):
                    help="a git clone or bare mirror of upstream (local path), or a URL to clone shallow into "
                         "the cache (default: the pin's repo)")
     p.add_argument("--tag", help="upstream tag whose tests to run (default: the pin's tag)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms, warn_only; cuDNN "
+                        "deterministic; CUBLAS_WORKSPACE_CONFIG): tells a nondeterministic GPU kernel from a bug")
     p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
                    help="passed on to pytest, e.g. -- -k unet -x")
-    p.set_defaults(func=lambda args: run(root, args.upstream_repo, args.tag, _strip_dashes(args.pytest_args)))
+    p.set_defaults(func=lambda args: run(root, args.upstream_repo, args.tag, _strip_dashes(args.pytest_args),
+                                         deterministic=args.deterministic))
     return p
 
 
@@ -158,8 +162,10 @@ def summary(result: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run(root: Path, repo: str | None, tag: str | None, pytest_args: list) -> int:
+def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, deterministic: bool = False) -> int:
     root = Path(root).resolve()
+    if deterministic:  # read by our plugin in the pytest process
+        os.environ.update(DIFFUSERS_FLASH_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     pin = load_pin(root)
     tag = tag or pin["tag"]
     if not re.fullmatch(r"[\w.+-]+(/[\w.+-]+)*", tag) or ".." in tag:
