@@ -32,7 +32,6 @@ class GraphedForward:
         self.inner = forward  # the UNet's own forward, or torch.compile of it
         self.warmup = warmup
         self.graphs = {}
-        self.capture_seconds = 0.0
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
         from .models.unet_2d_condition import UNet2DConditionOutput
@@ -66,7 +65,6 @@ class GraphedForward:
             cap.out = self.inner(cap.sample, cap.timestep, cap.context).sample
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        self.capture_seconds += seconds
         logger.info(f"fast path: captured the UNet step for sample {tuple(sample.shape)} in {seconds:.1f} s")
         return cap
 

@@ -362,8 +362,9 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
     for cand in auto_order(c):
         why = _verdict(cand, c)
         if not why:
-            if ("logged", c.key()) not in _cache:
-                _cache[("logged", c.key())] = True
+            logged = ("logged", c.key())
+            if logged not in _cache:
+                _cache[logged] = True
                 logger.debug(f"attention auto ({c.describe()}): {cand}"
                              + ("; skipped " + "; ".join(skipped) if skipped else ""))
             return cand
