@@ -49,7 +49,7 @@ def backend_verdicts(names) -> dict:
     try:
         ad = dispatcher()
     except BenchError as e:
-        return {n: (None if n == "installed" else str(e)) for n in names}
+        return {n: (None if n.split("+")[0] == "installed" else str(e)) for n in names}
     status = {n: (ok, why) for n, ok, why in ad.backend_status()}
     out = {}
     for full in names:
@@ -84,11 +84,12 @@ def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
     if not names:
         raise BenchError("--backends is empty")
     fast = ("", "+graphs", "+compile")  # a fast-path suffix: pipe.enable_fast_path() on top of the backend
-    bad = [n for n in names if not any(n.endswith(f) and n[: len(n) - len(f)] in allowed for f in fast)
-           or n.startswith("installed+")]
+    peer = "installed+reduce-overhead"  # the installed diffusers with torch.compile(unet, mode="reduce-overhead")
+    bad = [n for n in names if n != peer and (not any(n.endswith(f) and n[: len(n) - len(f)] in allowed for f in fast)
+                                              or n.startswith("installed+"))]
     if bad:
         raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}"
-                         " (each may end in +graphs or +compile: the fast path on top)")
+                         f" (each may end in +graphs or +compile: the fast path on top; or {peer})")
     return list(dict.fromkeys(names))
 
 

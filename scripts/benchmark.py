@@ -371,7 +371,11 @@ def measure_backend(pipe, name, args, bar, add):
     gen = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device)
     base, _, fast = name.partition("+")
     undo = use_backend(pipe, base, args.scope)
-    if fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
+    if fast == "reduce-overhead":  # the peer: the UNet's forward through torch.compile with CUDA graphs
+        pipe.unet.forward = torch.compile(pipe.unet.forward, mode="reduce-overhead")
+        undo = lambda: pipe.unet.__dict__.pop("forward", None)  # noqa: E731
+        fast = None
+    elif fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
         report = pipe.enable_fast_path(compile=fast == "compile")
         if not report["cuda_graphs"]:
             undo()
@@ -612,9 +616,11 @@ def settle(args):
     args.batch_sizes = parse_ints(text, "--batch-sizes") if text else None
     args.backends = parse_backends(args.backends)
     if args.external_diffusers:
-        if args.backends not in (["installed"], ["math", "auto"]):
-            raise BenchError("--external-diffusers times the installed diffusers as it is: only --backends installed")
-        args.backends = ["installed"]
+        if args.backends == ["math", "auto"]:  # the default
+            args.backends = ["installed"]
+        if not set(args.backends) <= {"installed", "installed+reduce-overhead"}:
+            raise BenchError("--external-diffusers times the installed diffusers as it is: only --backends installed"
+                             " and installed+reduce-overhead")
     if args.model and args.tiny:
         raise BenchError("--model and --tiny exclude each other")
     # "installed" first: the others set a backend on the models that would stay behind

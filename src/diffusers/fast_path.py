@@ -1,12 +1,14 @@
 # diffusers-flash: pipe.enable_fast_path(), the one call that makes generation as fast as the card allows
-# while keeping the images: the UNet step is captured once as a CUDA graph per input shape and replayed
-# (the same kernels, so the same numbers), optionally after torch.compile.
+# while keeping the images: the UNet step, the VAE decode and the text encoder are each captured once as a
+# CUDA graph per input shape and replayed, optionally after torch.compile.
 """The fast path for Stable Diffusion pipelines.
 
 At one image a UNet step on an H100 spends most of its time launching kernels from Python (eager
-26 ms against 12-13 ms of GPU work): replaying a CUDA graph removes that. ``compile=True`` also runs
-the UNet through torch.compile (fusions; warm-up reported). Whatever cannot apply (no CUDA, a UNet
-that is not on the GPU, a compile failure) is logged with the reason and the pipeline runs as before.
+26 ms against 12-13 ms of GPU work): replaying a CUDA graph removes that, for the UNet step, the VAE
+decode and the text encoder alike. ``compile=True`` also runs the UNet and the VAE decoder through
+torch.compile (fusions; channels-last; the warm-up is reported by the benchmark). Whatever cannot apply
+(no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
+that part runs as before.
 """
 from __future__ import annotations
 
@@ -18,87 +20,209 @@ from .utils import logging
 
 logger = logging.get_logger(__name__)
 
+# torch.compile options for the UNet and the VAE decoder (inductor config, scoped to these compiles): 1x1
+# convolutions as matmuls. Coordinate-descent tuning was measured too and left out: it took the UNet's
+# compile past five minutes on the H100 (BENCHMARKS.md).
+INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
+
 
 class _Captured:
-    __slots__ = ("graph", "sample", "timestep", "context", "out")
+    __slots__ = ("graph", "inputs", "out")
+
+
+class GraphedCall:
+    """``fn(*tensors)`` (returning a tensor or a tuple of tensors) captured as a CUDA graph once per input
+    signature, with static input buffers; later calls copy their inputs in, replay, and get clones of the
+    outputs (callers such as PNDM keep past outputs: the static buffers are never handed out). A capture
+    that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
+
+    def __init__(self, fn, name: str, pool=None, warmup: int = 2):
+        self.fn, self.name, self.pool, self.warmup = fn, name, pool, warmup
+        self.graphs = {}
+        self.failed = None  # the reason capture was given up, if it was
+
+    def __call__(self, *tensors):
+        if self.failed is not None:
+            return self.fn(*tensors)
+        key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        cap = self.graphs.get(key)
+        if cap is None:
+            try:
+                cap = self.graphs[key] = self._capture(tensors)
+            except Exception as e:  # e.g. a model that syncs with the host inside its forward
+                self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                logger.warning(f"fast path: the {self.name} is not captured as a CUDA graph and runs as before "
+                               f"({self.failed})")
+                torch.cuda.synchronize()
+                return self.fn(*tensors)
+        for buf, t in zip(cap.inputs, tensors):
+            buf.copy_(t)
+        cap.graph.replay()
+        out = tuple(o.clone() for o in cap.out)
+        return out if len(out) > 1 else out[0]
+
+    def _capture(self, tensors):
+        start = time.perf_counter()
+        cap = _Captured()
+        cap.inputs = tuple(t.clone() for t in tensors)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):  # compiles, kernels pick algorithms and attention plans are made here
+                self.fn(*cap.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        cap.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cap.graph, pool=self.pool):
+            out = self.fn(*cap.inputs)
+        cap.out = out if isinstance(out, tuple) else (out,)
+        torch.cuda.synchronize()
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        logger.info(f"fast path: captured the {self.name} for {shapes} in {time.perf_counter() - start:.1f} s")
+        return cap
 
 
 class GraphedForward:
     """Takes the place of a UNet2DConditionModel's ``forward`` (the UNet object itself stays, so saving,
-    ``.to()`` and its config work as before): the first call for each (sample, text) shape captures a
-    CUDA graph with static input buffers; later calls copy their inputs in and replay it."""
+    ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
+    forward."""
 
-    def __init__(self, forward, warmup: int = 2):
+    def __init__(self, forward, pool=None, warmup: int = 2):
         self.inner = forward  # the UNet's own forward, or torch.compile of it
-        self.warmup = warmup
-        self.graphs = {}
+        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup)
+        self._timesteps = {}
+
+    @property
+    def graphs(self):
+        return self.graphed.graphs
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
         from .models.unet_2d_condition import UNet2DConditionOutput
 
-        if torch.is_grad_enabled() or not sample.is_cuda:  # training or CPU: the plain forward
+        if torch.is_grad_enabled() or not sample.is_cuda:
             return self.inner(sample, timestep, encoder_hidden_states, return_dict=return_dict)
-        key = (sample.shape, sample.dtype, sample.device, encoder_hidden_states.shape, encoder_hidden_states.dtype)
-        cap = self.graphs.get(key)
-        if cap is None:
-            cap = self.graphs[key] = self._capture(sample, timestep, encoder_hidden_states)
-        cap.sample.copy_(sample)
-        cap.timestep.copy_(torch.as_tensor(timestep).reshape(cap.timestep.shape))
-        cap.context.copy_(encoder_hidden_states)
-        cap.graph.replay()
-        out = cap.out.clone()  # schedulers keep past outputs (PNDM): never hand out the static buffer
+        out = self.graphed(sample, self._timestep(timestep, sample.device), encoder_hidden_states)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
-    def _capture(self, sample, timestep, context):
-        start = time.perf_counter()
-        cap = _Captured()
-        cap.sample, cap.context = sample.clone(), context.clone()
-        cap.timestep = torch.as_tensor(timestep).to(sample.device).reshape(()).clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):  # kernels pick algorithms and the attention plans are made here
-                self.inner(cap.sample, cap.timestep, cap.context)
-        torch.cuda.current_stream().wait_stream(side)
-        cap.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cap.graph):
-            cap.out = self.inner(cap.sample, cap.timestep, cap.context).sample
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        logger.info(f"fast path: captured the UNet step for sample {tuple(sample.shape)} in {seconds:.1f} s")
-        return cap
+    def _timestep(self, t, device):
+        if isinstance(t, torch.Tensor) and t.device == device:
+            return t.reshape(())
+        # a Python number or a CPU tensor: copied to the GPU once per value (a copy per step would make the
+        # host wait for the GPU at every step)
+        t = torch.as_tensor(t)
+        key = (t.item(), t.dtype)
+        if key not in self._timesteps:
+            self._timesteps[key] = t.reshape(()).to(device)
+        return self._timesteps[key]
 
 
-def enable(pipe, cuda_graphs: bool = True, compile: bool = False, compile_mode: str = "default"):
-    """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why."""
-    report = {"cuda_graphs": False, "compile": False, "reasons": []}
+class GraphedDecode:
+    """Takes the place of an AutoencoderKL's ``decode``."""
+
+    def __init__(self, decode, pool=None):
+        self.inner = decode
+        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1)
+
+    def __call__(self, z, return_dict: bool = True):
+        from .models.vae import DecoderOutput
+
+        if torch.is_grad_enabled() or not z.is_cuda:
+            return self.inner(z, return_dict=return_dict)
+        dec = self.graphed(z)
+        return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+
+class GraphedTextForward:
+    """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
+    any other call (masks, hidden states, grad) takes the model's own forward."""
+
+    def __init__(self, forward, pool=None):
+        self.inner = forward
+
+        def run(ids):
+            out = forward(ids)
+            return out[0], out[1]
+
+        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1)
+
+    def __call__(self, input_ids=None, *args, **kwargs):
+        if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
+                or torch.is_grad_enabled()):
+            return self.inner(input_ids, *args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        hidden, pooled = self.graphed(input_ids)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+
+
+def _on_cuda(model) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cuda"
+
+
+def _compile(fn, what, report):
+    try:
+        compiled = torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+        report["compile"].append(what)
+        return compiled
+    except Exception as e:  # an old torch, no triton: say so and go on without
+        report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
+        return fn
+
+
+def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
+           text_encoder: bool = True):
+    """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
+
+    ``channels_last`` (default: with ``compile``) stores the UNet's and VAE's weights channels-last, which
+    only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models."""
+    report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
     unet = getattr(pipe, "unet", None)
+    channels_last = compile if channels_last is None else channels_last
     if unet is None:
         report["reasons"].append("the pipeline has no UNet")
     elif not torch.cuda.is_available():
         report["reasons"].append("no CUDA device: the pipeline runs as before")
     elif isinstance(unet.__dict__.get("forward"), GraphedForward):
         report["reasons"].append("already enabled")
-    elif next(unet.parameters()).device.type != "cuda":
+    elif not _on_cuda(unet):
         report["reasons"].append("the UNet is not on a CUDA device: call pipe.to('cuda') first")
     else:
-        forward = unet.forward
-        if compile:
-            try:
-                forward = torch.compile(forward, mode=compile_mode, dynamic=False)
-                report["compile"] = True
-            except Exception as e:  # an old torch, no triton: say so and go on without
-                report["reasons"].append(f"torch.compile not applied: {type(e).__name__}: {e}")
-        if cuda_graphs:
-            forward = GraphedForward(forward)
-            report["cuda_graphs"] = True
-        unet.forward = forward
+        pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
+        parts = [("UNet", unet, "forward", GraphedForward)]
+        if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
+            parts.append(("VAE decode", pipe.vae, "decode", GraphedDecode))
+        if text_encoder and getattr(pipe, "text_encoder", None) is not None:
+            parts.append(("text encoder", pipe.text_encoder, "forward", GraphedTextForward))
+        for what, model, attr, wrapper in parts:
+            if not _on_cuda(model):
+                report["reasons"].append(f"the {what} is not on a CUDA device: left as it is")
+                continue
+            fn = getattr(model, attr)
+            if compile and what != "text encoder":  # the text encoder runs twice per image: graphs suffice
+                if channels_last:
+                    model.to(memory_format=torch.channels_last)
+                    report["channels_last"].append(what)
+                fn = _compile(fn, what, report)
+            if cuda_graphs:
+                fn = wrapper(fn, pool)
+                report["cuda_graphs"].append(what)
+            if fn is not getattr(model, attr):
+                setattr(model, attr, fn)
     for why in report["reasons"]:
         logger.warning(f"fast path: {why}")
     return report
 
 
-def disable(pipe):
+def is_enabled(pipe) -> bool:
     unet = getattr(pipe, "unet", None)
-    if unet is not None and "forward" in unet.__dict__:
-        del unet.forward  # back to the class's own forward
+    return unet is not None and isinstance(unet.__dict__.get("forward"), GraphedForward)
+
+
+def disable(pipe):
+    """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
+    for name, attr in (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward")):
+        model = getattr(pipe, name, None)
+        if model is not None and attr in model.__dict__:
+            delattr(model, attr)  # back to the class's own method
+            if name != "text_encoder":
+                model.to(memory_format=torch.contiguous_format)

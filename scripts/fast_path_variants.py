@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Measure fast-path candidates one by one on the GPU, to decide which enable_fast_path() keeps.
+
+SD 1.x architecture with random weights, fp16, 512x512 (64x64 latents), classifier-free guidance (UNet
+batch = 2 x images). For each candidate: warm-up (compile + capture) seconds and the time per call of the
+graphed UNet step / VAE decode / text encoder (CUDA-event timed, median of --repeats batches of --calls
+calls), in one process so every candidate sees the same card. Writes JSON lines to --out as it goes.
+
+  python scripts/fast_path_variants.py --images 1 --out variants.jsonl
+"""
+import argparse
+import json
+import statistics
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+from diffusers import fast_path, local_pipelines
+from diffusers.models import attention_dispatch
+from diffusers.models.attention import CrossAttention
+
+UNET_VARIANTS = {
+    "graph": dict(compile=False),
+    "compile": dict(compile=True, options={}),
+    "compile+cl": dict(compile=True, cl=True, options={}),
+    "compile+mm": dict(compile=True, cl=False),
+    "compile+cl+mm": dict(compile=True, cl=True),
+    "compile+cl+mm+tuned": dict(compile=True, cl=True, options={
+        "conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+        "coordinate_descent_check_all_directions": True}),
+    "compile+cl+mm+qkv": dict(compile=True, cl=True, qkv=True),
+    "compile+cl+mm+cudnnbench": dict(compile=True, cl=True, bench=True),
+}
+
+
+def fused_qkv_forward(self, hidden_states, context=None, mask=None):
+    if context is not None:
+        return type(self).forward(self, hidden_states, context, mask)
+    q, k, v = F.linear(hidden_states, self._fused_qkv).chunk(3, dim=-1)
+    return self.to_out(attention_dispatch.cross_attention(self, q, k, v))
+
+
+def set_qkv(unet, on):
+    for m in unet.modules():
+        if isinstance(m, CrossAttention):
+            m.__dict__.pop("forward", None)
+            if on and m.to_q.in_features == m.to_k.in_features:
+                m._fused_qkv = torch.cat([m.to_q.weight, m.to_k.weight, m.to_v.weight]).detach()
+                m.forward = types.MethodType(fused_qkv_forward, m)
+
+
+def per_call_ms(call, calls, repeats):
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end) / calls)
+    return statistics.median(out)
+
+
+def emit(args, row):
+    row = {"images": args.images, **row}
+    print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def measure(args, what, name, make, call_args, reference=None):
+    torch._dynamo.reset()
+    try:
+        start = time.perf_counter()
+        fn = make()
+        with torch.no_grad():
+            out = fn(*call_args)
+            torch.cuda.synchronize()
+            warm = time.perf_counter() - start
+            ms = per_call_ms(lambda: fn(*call_args), args.calls, args.repeats)
+        diff = None if reference is None else (out.float() - reference.float()).abs().max().item()
+        emit(args, dict(part=what, variant=name, warmup_s=round(warm, 1), ms=round(ms, 3), max_abs_diff=diff))
+        return out
+    except Exception as e:
+        emit(args, dict(part=what, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1)
+    ap.add_argument("--unet", default=",".join(UNET_VARIANTS))
+    ap.add_argument("--parts", default="unet,vae,text")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.float16
+    parts = local_pipelines.components("sd1")
+    unet = parts["unet"].to(dev, dt).eval()
+    vae = parts["vae"].to(dev, dt).eval()
+    text = parts["text_encoder"].to(dev, dt).eval()
+    emit(args, dict(card=torch.cuda.get_device_name(), torch=torch.__version__, cudnn=torch.backends.cudnn.version()))
+    g = torch.Generator(device=dev).manual_seed(0)
+    b = 2 * args.images
+    sample = torch.randn(b, 4, 64, 64, device=dev, dtype=dt, generator=g)
+    ctx = torch.randn(b, 77, 768, device=dev, dtype=dt, generator=g)
+    t = torch.tensor(981, device=dev)
+
+    if "unet" in args.parts:
+        with torch.no_grad():
+            reference = unet(sample, t, ctx).sample
+        for name in args.unet.split(","):
+            v = UNET_VARIANTS[name]
+
+            def make(v=v):
+                unet.to(memory_format=torch.channels_last if v.get("cl") else torch.contiguous_format)
+                set_qkv(unet, v.get("qkv", False))
+                torch.backends.cudnn.benchmark = v.get("bench", False)
+                fn = unet.forward
+                if v["compile"]:
+                    opts = v.get("options", fast_path.INDUCTOR_OPTIONS)
+                    fn = torch.compile(fn, dynamic=False, options=dict(opts))
+                graphed = fast_path.GraphedForward(fn)
+                return lambda s, tt, c: graphed(s, tt, c).sample
+
+            measure(args, "unet", name, make, (sample, t, ctx), reference)
+        unet.to(memory_format=torch.contiguous_format)
+        set_qkv(unet, False)
+        torch.backends.cudnn.benchmark = False
+
+    if "vae" in args.parts:
+        z = torch.randn(args.images, 4, 64, 64, device=dev, dtype=dt, generator=g)
+        with torch.no_grad():
+            reference = vae.decode(z).sample
+        measure(args, "vae", "eager", lambda: (lambda z: vae.decode(z).sample), (z,), reference)
+        measure(args, "vae", "graph", lambda: (lambda z, d=fast_path.GraphedDecode(vae.decode): d(z).sample), (z,),
+                reference)
+
+        def compiled(cl, opts=True):
+            vae.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            fn = torch.compile(vae.decode, dynamic=False, options=dict(fast_path.INDUCTOR_OPTIONS) if opts else {})
+            d = fast_path.GraphedDecode(fn)
+            return lambda z: d(z).sample
+
+        measure(args, "vae", "compile+cl+mm+graph", lambda: compiled(True), (z,), reference)
+        vae.to(memory_format=torch.contiguous_format)
+
+    if "text" in args.parts:
+        ids = torch.randint(0, 49408, (args.images, 77), device=dev, generator=g)
+        with torch.no_grad():
+            reference = text(ids)[0]
+        measure(args, "text", "eager", lambda: (lambda i: text(i)[0]), (ids,), reference)
+
+        def graphed():
+            f = fast_path.GraphedTextForward(text.forward)
+            return lambda i: f(i)[0]
+
+        measure(args, "text", "graph", graphed, (ids,), reference)
+
+
+if __name__ == "__main__":
+    main()
