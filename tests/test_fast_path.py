@@ -1,10 +1,11 @@
-"""The fast path: on the CPU it says why it does not apply and changes nothing; on CUDA the graphed UNet
-gives the same images as the plain one and re-captures when the batch changes."""
+"""The fast path: on the CPU it says why it does not apply and changes nothing; on CUDA the graphed UNet,
+VAE decode and text encoder (and the compiled path) give the same images as the plain pipeline, the
+denoising loop keeps its timesteps on the host, and a new batch captures new graphs."""
 import numpy as np
 import pytest
 import torch
 
-from diffusers import local_pipelines
+from diffusers import fast_path, local_pipelines
 from diffusers.models.unet_2d_condition import UNet2DConditionModel
 
 
@@ -18,21 +19,55 @@ def _run(pipe, device, n=1, seed=0):
 def test_without_cuda_it_explains_and_changes_nothing():
     pipe = local_pipelines.stable_diffusion("tiny")
     before = _run(pipe, "cpu")
-    report = pipe.enable_fast_path()
-    assert report["cuda_graphs"] == [] and "no CUDA device" in report["reasons"][0]
-    assert "forward" not in pipe.unet.__dict__
+    report = pipe.enable_fast_path(compile=True)
+    assert report["cuda_graphs"] == [] and report["compile"] == [] and "no CUDA device" in report["reasons"][0]
+    assert not {"forward", "decode"} & (set(vars(pipe.unet)) | set(vars(pipe.vae)) | set(vars(pipe.text_encoder)))
+    assert not fast_path.is_enabled(pipe) and pipe._timesteps_device == pipe.device
     np.testing.assert_array_equal(_run(pipe, "cpu"), before)
+
+
+def test_graphed_text_encoder_passes_other_calls_through():
+    """Calls the graph does not serve (CPU inputs, extra arguments, grad) reach the model's own forward."""
+    text = local_pipelines.components("tiny")["text_encoder"].eval()
+    wrapped = fast_path.GraphedTextForward(text.forward)
+    ids = torch.randint(0, 99, (2, 77))
+    with torch.no_grad():
+        np.testing.assert_array_equal(wrapped(ids)[0].numpy(), text(ids)[0].numpy())
+        hidden = wrapped(ids, output_hidden_states=True).hidden_states
+    assert hidden is not None and len(hidden) == text.config.num_hidden_layers + 1
+    assert wrapped.graphed.graphs == {}
+
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_gives_the_same_images(compile):
+    pipe = local_pipelines.stable_diffusion("tiny").to("cuda")
+    plain = {n: _run(pipe, "cuda", n) for n in (1, 2)}
+    report = pipe.enable_fast_path(compile=compile)
+    assert report["cuda_graphs"] == ["UNet", "VAE decode", "text encoder"], report
+    assert report["compile"] == (["UNet", "VAE decode"] if compile else []), report
+    assert isinstance(pipe.unet, UNet2DConditionModel) and pipe._timesteps_device == "cpu"
+    for n in (1, 2, 1):  # a new batch captures new graphs; an old one is replayed
+        np.testing.assert_allclose(_run(pipe, "cuda", n), plain[n], atol=2 / 255)
+    assert len(pipe.unet.forward.graphs) == 2 and len(pipe.vae.decode.graphed.graphs) == 2
+    assert pipe.unet.forward.graphed.failed is None and pipe.vae.decode.graphed.failed is None
+    pipe.disable_fast_path()
+    assert "forward" not in vars(pipe.unet) and "decode" not in vars(pipe.vae) and "forward" not in vars(pipe.text_encoder)
+    assert pipe._timesteps_device == pipe.device
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())
+    np.testing.assert_array_equal(_run(pipe, "cuda", 1), plain[1])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_graphed_unet_gives_the_same_images():
-    pipe = local_pipelines.stable_diffusion("tiny").to("cuda")
-    plain = {n: _run(pipe, "cuda", n) for n in (1, 2)}
-    report = pipe.enable_fast_path()
-    assert report["cuda_graphs"] and isinstance(pipe.unet, UNet2DConditionModel)
-    for n in (1, 2, 1):  # a new batch captures a new graph; an old one is replayed
-        np.testing.assert_allclose(_run(pipe, "cuda", n), plain[n], atol=2 / 255)
-    assert len(pipe.unet.forward.graphs) == 2
-    pipe.disable_fast_path()
-    assert "forward" not in pipe.unet.__dict__
+def test_a_capture_that_fails_falls_back_with_the_reason(caplog):
+    def syncs(x):  # a host sync inside the forward cannot be captured
+        return x * float(x.sum().item() > -1)
+
+    call = fast_path.GraphedCall(syncs, "test model")
+    x = torch.ones(4, device="cuda")
+    np.testing.assert_array_equal(call(x).cpu().numpy(), x.cpu().numpy())
+    assert call.failed and call.graphs == {}
+    np.testing.assert_array_equal(call(2 * x).cpu().numpy(), 2 * x.cpu().numpy())
