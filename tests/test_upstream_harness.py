@@ -257,3 +257,55 @@ def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+# ---------------------------------------------------------------- known upstream test defects
+pytest_plugins = ["pytester"]
+
+DEFECTIVE = '''
+def test_defective():
+    # upstream's own test is wrong here
+    assert 0.1 + 0.2 == 0.3
+
+
+def test_really_broken():
+    assert 1 + 1 == 3
+'''
+
+
+def test_fingerprint_ignores_comments_and_layout_not_code():
+    a = "def f(x):\n    # why\n    return x + 1\n"
+    assert plugin.fingerprint(a) == plugin.fingerprint("    def f(x):\n\n        return x + 1  # because\n")
+    assert plugin.fingerprint(a) != plugin.fingerprint("def f(x):\n    return x + 2\n")
+
+
+def _defect_entry(pytester, source, monkeypatch):
+    # the inner pytest runs in this process: keep the plugin's process-wide patches out of it
+    monkeypatch.setattr(plugin, "guard_tokenizers", lambda: None)
+    monkeypatch.setattr(plugin, "alias_transformers", lambda: None)
+    pytester.makepyfile(test_upstream=source)
+    body = source[source.index("def test_defective"):source.index("def test_really_broken")]
+    return {"test_upstream.py::test_defective": (plugin.fingerprint(body), "fixed upstream in the test by #1")}
+
+
+def test_a_listed_defect_is_counted_apart_and_nothing_else(pytester, monkeypatch):
+    monkeypatch.setattr(plugin, "KNOWN_DEFECTS", _defect_entry(pytester, DEFECTIVE, monkeypatch))
+    report = pytester.path / "report.json"
+    pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
+    result = json.loads(report.read_text())
+    assert result["outcomes"]["test_upstream.py::test_defective"] == ["upstream-defect", "fixed upstream in the test by #1"]
+    assert result["outcomes"]["test_upstream.py::test_really_broken"][0] == "failed"
+    assert result["counts"] == {"passed": 0, "failed": 1, "hub": 0, "skipped": 0, "upstream-defect": 1}
+    text = upstream_tests.summary(result, 1.0)
+    assert "0 passed, 1 failed" in text and "1 known upstream test defect(s)" in text
+    assert "KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) test_upstream.py::test_defective" in text
+
+
+def test_a_changed_test_is_no_longer_excused(pytester, monkeypatch):
+    entry = _defect_entry(pytester, DEFECTIVE, monkeypatch)
+    pytester.makepyfile(test_upstream=DEFECTIVE.replace("0.1 + 0.2 == 0.3", "0.1 + 0.2 == 0.31"))
+    monkeypatch.setattr(plugin, "KNOWN_DEFECTS", entry)
+    report = pytester.path / "report.json"
+    pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
+    outcomes = json.loads(report.read_text())["outcomes"]
+    assert outcomes["test_upstream.py::test_defective"][0] == "failed"

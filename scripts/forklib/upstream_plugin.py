@@ -10,15 +10,25 @@ Loaded by ``fork.py test-upstream`` with ``-p forklib.upstream_plugin``; nothing
 - A test that fails only because a repository must come from the Hugging Face Hub (offline, not
   cached) is reported as skipped with the reason ``needs the Hugging Face Hub: <repo id>``. Nothing
   else is turned into a skip: every other error stays a failure.
-- ``--upstream-report PATH`` writes each test's outcome as JSON (passed / failed / hub / skipped).
+- A test listed in ``KNOWN_DEFECTS`` (a defect of upstream's test itself, which upstream later fixed in
+  the test, shown to fail with upstream's own code too) that fails is reported as such, with the evidence,
+  and counted apart; it applies only while the test's source is exactly the listed one (a fingerprint of
+  its tokens), so a fixed or changed test runs as any other.
+- ``--upstream-report PATH`` writes each test's outcome as JSON (passed / failed / hub / skipped /
+  upstream-defect).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import io
 import json
 import os
 import re
 import sys
+import textwrap
+import tokenize
 
 import pytest
 
@@ -30,6 +40,35 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 QUOTED_REPO = re.compile(r"'([A-Za-z0-9][\w.-]*/[\w.-]+)'")
 # what transformers says when from_pretrained cannot reach the Hub
 OFFLINE_WORDS = ("couldn't connect to 'https://huggingface.co'", "offline mode", "outgoing traffic has been disabled")
+
+
+# Upstream test defects: nodeid -> (fingerprint of the test's source, the reason shown).
+KNOWN_DEFECTS = {
+    "tests/test_models_unet.py::UNet2DConditionModelTests::test_gradient_checkpointing": (
+        "4224569b6aaf462d",
+        "upstream test defect, fixed upstream in the test by huggingface/diffusers#797 (0.5.0): it backpropagates "
+        "out.sum() and compares fp32 gradients of that size with atol=5e-5, which fails on CUDA with upstream "
+        "0.4.2's own attention too (measured on an H100: also with TF32 off and deterministic kernels)",
+    ),
+}
+
+
+def fingerprint(source: str) -> str:
+    """Of a function's source: its tokens without comments or layout (stable across Python versions)."""
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    toks = tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline)
+    return hashlib.sha256(" ".join(t.string for t in toks if t.type not in skip).encode()).hexdigest()[:16]
+
+
+def known_defect(item):
+    """The reason, when ``item`` is a listed upstream test defect with exactly the listed source."""
+    entry = KNOWN_DEFECTS.get(item.nodeid)
+    if entry is None or getattr(item, "function", None) is None:
+        return None
+    try:
+        return entry[1] if fingerprint(inspect.getsource(item.function)) == entry[0] else None
+    except (OSError, TypeError, tokenize.TokenError):
+        return None
 
 
 # ---------------------------------------------------------------- classifying errors
@@ -197,6 +236,11 @@ def pytest_runtest_makereport(item, call):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), (item.location[1] or 0) + 1, HUB_REASON + repo)  # as pytest.skip
             report.upstream_hub = repo
+        elif call.when == "call":
+            reason = known_defect(item)
+            if reason:
+                report.outcome = "skipped"
+                report.wasxfail = reason  # pytest's own way of saying "failed as expected"
     return report
 
 
@@ -209,6 +253,8 @@ def pytest_runtest_logreport(report):
         OUTCOMES[report.nodeid] = ("failed", _text(report))
     elif report.nodeid in OUTCOMES:
         return
+    elif getattr(report, "wasxfail", None):
+        OUTCOMES[report.nodeid] = ("upstream-defect", report.wasxfail)
     elif report.skipped:
         hub = getattr(report, "upstream_hub", None)
         OUTCOMES[report.nodeid] = ("hub", hub) if hub else ("skipped", _text(report))
@@ -229,7 +275,7 @@ def _text(report) -> str:
 
 
 def counts(outcomes: dict) -> dict:
-    out = {"passed": 0, "failed": 0, "hub": 0, "skipped": 0}
+    out = {"passed": 0, "failed": 0, "hub": 0, "skipped": 0, "upstream-defect": 0}
     for kind, _ in outcomes.values():
         out[kind] += 1
     return out

@@ -155,9 +155,13 @@ def summary(result: dict, seconds: float) -> str:
     c = result["counts"]
     hub = sorted({d for kind, d in result["outcomes"].values() if kind == "hub"})
     lines = [f"test-upstream: {c['passed']} passed, {c['failed']} failed, {c['hub']} skipped for the Hub, "
-             f"{c['skipped']} skipped by upstream (slow, GPU-only, ...) in {seconds:.1f}s"]
+             f"{c['skipped']} skipped by upstream (slow, GPU-only, ...)"
+             + (f", {c['upstream-defect']} known upstream test defect(s)" if c.get("upstream-defect") else "")
+             + f" in {seconds:.1f}s"]
     if hub:
         lines.append(f"  Hub repos needed: {', '.join(hub)}")
+    lines += [f"  KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) {nodeid}: {why}"
+              for nodeid, (kind, why) in result["outcomes"].items() if kind == "upstream-defect"]
     lines += [f"  FAILED {nodeid}" for nodeid, (kind, _) in result["outcomes"].items() if kind == "failed"]
     return "\n".join(lines)
 
