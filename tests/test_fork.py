@@ -81,10 +81,10 @@ def test_refresh_turns_an_edit_into_a_patch_and_is_stable(fork):
     after = (fork / "patches/0004-attention-dispatch.patch").read_text()
     assert after != before and "+class AttentionBlock(nn.Module):  # edited" in after
     assert fork_py(fork, "verify").returncode == 0
-    snapshot = {p.name: p.read_text() for p in (fork / "patches").iterdir()}
+    snapshot = {p.name: p.read_text() for p in (fork / "patches").rglob("*") if p.is_file()}
     res = fork_py(fork, "refresh")
     assert "nothing changed" in res.stdout
-    assert snapshot == {p.name: p.read_text() for p in (fork / "patches").iterdir()}
+    assert snapshot == {p.name: p.read_text() for p in (fork / "patches").rglob("*") if p.is_file()}
 
 
 def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
