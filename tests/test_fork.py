@@ -161,7 +161,7 @@ def test_version_and_public_api():
                            StableDiffusionPipeline, UNet2DConditionModel)
 
     assert diffusers.__version__ == release.fork_version(PIN)
-    assert diffusers.__version__.startswith("0.4.2+flash")
+    assert diffusers.__version__.startswith(PIN["version"] + "+flash")  # whichever release the fork is on
 
 
 def test_hub_keywords_are_mapped_for_todays_huggingface_hub():
