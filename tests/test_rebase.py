@@ -146,10 +146,13 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
     assert tree.verify(env["root"]) == []  # zero fuzz, no offset, tree == pristine 1.1.0 + series
     assert "@@ -10,7 +10,7 @@" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()  # re-anchored
     assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.1.0"  # this text was made for 1.1.0
-    kept = env["root"] / "patches" / "variants" / "0001-ours-in-a" / "1.0.0.patch"
-    assert kept.read_bytes() == old_0001  # the text it replaces serves 1.0.0, as a variant
-    doc = (env["root"] / "PATCHES.md").read_text()
-    assert "Applies to upstream: 1.1.0" in doc and "Variant for 1.0.0: `patches/variants/0001-ours-in-a/1.0.0.patch`" in doc
+    assert "Applies to upstream: 1.1.0" in (env["root"] / "PATCHES.md").read_text()
+    # a rebase back makes 1.0.0's text again byte for byte (same change, re-anchored): no variant is kept
+    assert not (env["root"] / "patches" / "variants").exists()
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.1.0")
+    assert rebase(env, "1.0.0") == 0
+    assert (env["root"] / "patches" / "0001-ours-in-a.patch").read_bytes() == old_0001
     assert not (env["root"] / ".rebase").exists()
 
 
@@ -428,6 +431,8 @@ def test_round_trip_through_a_variant_restores_everything_byte_for_byte(env, cap
     assert rebase(env, "1.3.0", *repo) == 0
     on_1_3 = snapshot(env["root"])
     assert on_1_3 != before and "patches/variants/0001-ours-in-a/1.0.0.patch" in on_1_3
+    assert on_1_3["patches/variants/0001-ours-in-a/1.0.0.patch"] == before["patches/0001-ours-in-a.patch"]
+    assert b"Variant for 1.0.0: `patches/variants/0001-ours-in-a/1.0.0.patch`" in on_1_3["PATCHES.md"]
     git(env["root"], "commit", "-qam", "on 1.3.0")
     git(env["root"], "add", "-A")
     git(env["root"], "commit", "-qm", "variants")

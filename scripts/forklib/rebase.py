@@ -536,27 +536,72 @@ def new_pin(old: dict, target: dict) -> dict:
 
 
 def write_patches(root: Path, st: dict, texts: dict) -> None:
-    """Write the rebased series, keeping every text it replaces as a variant (see variants.py)."""
+    """Write the rebased series. A variant that applied unchanged becomes the main patch (its file goes);
+    each main patch the rebase replaces is kept as the variant for the release it served, unless the
+    rebase back would make it again byte for byte from its replacement (see ``reproducible``)."""
     old, new = st["old_pin"]["version"], st["target"]["version"]
+    names = st["names"]
+    found = variants.load(root, names)
+    mains = {n: tree.read(root, f"patches/{n}") for n in names}
+    out, promoted = {}, set()
     for res in st["results"]:
         name, used = res["name"], res.get("variant")
-        main = tree.read(root, f"patches/{name}")
-        source = tree.read(root, f"patches/{used}") if used else main
-        text = new_text(texts[name], source, new, res["status"] == "resolved")
-        if used and text == source:  # the variant is the main patch now
-            (root / "patches" / used).unlink()
-        if text != main:
-            keep = patchfile.parse(main, name)
+        source = tree.read(root, f"patches/{used}") if used else mains[name]
+        out[name] = new_text(texts[name], source, new, res["status"] == "resolved")
+        if used and out[name] == source:
+            promoted.add(used)
+    left = {n: [v for v in vs if v["rel"] not in promoted] for n, vs in found.items()}
+    again = reproducible(root, st, names, out, mains, left)
+    for name in names:
+        if out[name] == mains[name]:
+            continue
+        if name not in again:
+            keep = patchfile.parse(mains[name], name)
+            text = mains[name]
             if not covers(keep.field("Applies-To"), old):  # a text kept for a release must say it serves it
-                main = patchfile.render(patchfile.set_field(keep.header, "Applies-To", ", ".join(
-                    filter(None, [keep.field("Applies-To"), old]))), [diff_body(main)])
-            tree.write(root, f"patches/{variants.rel_path(name, old)}", main)
-            tree.write(root, f"patches/{name}", text)
+                text = patchfile.render(patchfile.set_field(keep.header, "Applies-To", ", ".join(
+                    filter(None, [keep.field("Applies-To"), old]))), [diff_body(text)])
+            tree.write(root, f"patches/{variants.rel_path(name, old)}", text)
+        tree.write(root, f"patches/{name}", out[name])
+    for rel in promoted:
+        if not any(variants.rel_path(n, old) == rel and n not in again and out[n] != mains[n] for n in names):
+            (root / "patches" / rel).unlink()
     for folder in (root / "patches" / variants.DIR).glob("*/"):
         if not any(folder.iterdir()):
             folder.rmdir()
     if (root / "patches" / variants.DIR).is_dir() and not any((root / "patches" / variants.DIR).iterdir()):
         (root / "patches" / variants.DIR).rmdir()
+
+
+def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left: dict) -> set:
+    """The patches whose old text a rebase back to the old release would make again, byte for byte, from
+    the new text (by the same clean/offset/three-way/fuzz steps, no variant serving the old release): they
+    need no variant. Checked one patch at a time against the old tree before it, which the rebase back
+    rebuilds exactly (each earlier patch is either made again or restored from its variant)."""
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    try:
+        new_base = target_files(root, st["target"])
+        parsed = [(n, patchfile.parse(out[n], n)) for n in names]
+        new_states = [new_base]
+        for n, patch in parsed:
+            new_states.append(patchfile.apply(patch, new_states[-1], n, strict=True)[0])
+        _, old_states, _ = old_series(root)
+    except (ForkError, patchfile.PatchError):
+        return set()
+    same = set()
+    for k, (name, patch) in enumerate(parsed):
+        if out[name] == mains[name]:
+            continue
+        if any(covers(v["applies"], old) for v in left.get(name, [])):
+            continue  # the rebase back would take that variant: keep the old text, named after its release
+        labels = (f"{new} + {name}", new, old)
+        after, res = rebase_patch(name, patch, new_states[k], new_states[k + 1], old_states[k], labels)
+        if res["conflicts"]:
+            continue
+        text = tree.patch_text(patch.header, old_states[k], after, changed(old_states[k], after))
+        if text is not None and new_text(text, out[name], old, False) == mains[name]:
+            same.add(name)
+    return same
 
 
 def covers(applies: str | None, version: str) -> bool:
@@ -568,13 +613,20 @@ def covers(applies: str | None, version: str) -> bool:
 
 def new_text(text: str, source: str, version: str, by_hand: bool) -> str:
     """The patch file for ``version``: ``source`` (the main patch or the variant it came from) byte for byte
-    where the rebase left its diffs as they were; else its header with Applies-To ``version`` (the old text
-    stays the variant for the releases it named) and today's Last-Update."""
+    where the rebase left its diffs as they were; else its header with Applies-To ``version``, and today's
+    Last-Update where the change itself (its - and + lines) is new, not only its context and line numbers."""
     if not by_hand and diff_body(text) == diff_body(source):
         return source
     header = patchfile.set_field(patchfile.parse(source, "source").header, "Applies-To", version)
-    header = patchfile.set_field(header, "Last-Update", datetime.date.today().isoformat())
+    if by_hand or change_lines(text) != change_lines(source):
+        header = patchfile.set_field(header, "Last-Update", datetime.date.today().isoformat())
     return patchfile.render(header, [diff_body(text)])
+
+
+def change_lines(text: str) -> list:
+    """What a patch changes, without where: per file, its removed and added lines."""
+    return [(fp.old_path, fp.new_path, [(t, line) for h in fp.hunks for t, line in h.lines if t in "+-"])
+            for fp in patchfile.parse(text, "patch").files]
 
 
 def diff_body(text: str) -> str:
