@@ -499,3 +499,12 @@ def test_two_variants_serving_a_release_are_refused_unless_one_is_named_after_it
     vs[1]["label"] = "1.3.5"
     with pytest.raises(ForkError, match="2 variants serve 1.3.0"):
         variants.choose(vs, "1.3.0")
+
+
+def test_refresh_warns_that_variants_need_the_same_change(env):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    tree.write(env["root"], "src/diffusers/b.py", B_PY.replace("return 1", "return -1").replace("return 2", "return -2"))
+    said = []
+    tree.refresh(env["root"], log=said.append)
+    assert any(m.startswith("warning: 0001-ours-in-a.patch has variants (variants/0001-ours-in-a/1.3.0.patch)")
+               for m in said)

@@ -241,6 +241,9 @@ def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
     if write_patches_doc(root):
         rewritten.append("PATCHES.md")
     log(f"refreshed: {', '.join(rewritten) if rewritten else 'nothing changed'}")
+    for name, vs in variants.load(root, [n for n in rewritten if n in names]).items():
+        log(f"warning: {name} has variants ({', '.join(v['rel'] for v in vs)}), written against its old text: "
+            "make the same change in them, or delete those the main patch now reaches by rebase (rebase --check)")
     return rewritten
 
 
