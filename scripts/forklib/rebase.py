@@ -12,8 +12,12 @@ the rebase: its files (conflict markers, or a .rej where there is no file to mer
 in .rebase/tree/, and nothing outside .rebase/ changes. ``--continue`` takes the resolution from
 there; ``--abort`` throws the attempt away (and restores the old tree if a rebase had finished).
 
+A patch with a variant for the target release (patches/variants/<patch>/<release>.patch, chosen by
+its Applies-To; see variants.py) is applied from that variant instead.
+
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
-against the new release (Applies-To and Last-Update updated), the pin and PATCHES.md follow, and
+against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
+not make again is kept as the variant for the old release, the pin and PATCHES.md follow, and
 ``verify`` and the project's tests run.
 """
 from __future__ import annotations
