@@ -1,15 +1,17 @@
 """Patch 0008: a list of negative prompts, one per prompt, in a batch of several prompts (upstream 0.4.2
-repeats them batch_size times and fails), for txt2img, img2img and inpaint."""
+repeats them batch_size times and fails), for txt2img, img2img and inpaint (on 0.6.0 and later the 4-channel
+inpaint pipeline these tiny models fit is StableDiffusionInpaintPipelineLegacy, with 0.4.2's arguments)."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import diffusers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from diffusers import local_pipelines
 
 PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
-             "inpaint": StableDiffusionInpaintPipeline}
+             "inpaint": getattr(diffusers, "StableDiffusionInpaintPipelineLegacy", StableDiffusionInpaintPipeline)}
 
 
 def run(pipe, task, negative_prompt):

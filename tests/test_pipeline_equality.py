@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+import diffusers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from diffusers import local_pipelines
 from diffusers.models import attention_dispatch as ad
@@ -32,7 +33,8 @@ def _run(pipe, task, device, seed):
 
 
 PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
-             "inpaint": StableDiffusionInpaintPipeline}
+             # from 0.6.0 the 4-channel inpaint pipeline, with these arguments, is the Legacy one
+             "inpaint": getattr(diffusers, "StableDiffusionInpaintPipelineLegacy", StableDiffusionInpaintPipeline)}
 
 
 @pytest.mark.parametrize("device,dtype,tol", [pytest.param(*d, marks=pytest.mark.gpu if d[0] == "cuda" else ())

@@ -134,6 +134,7 @@ def field(env, patch, name):
 
 # ---------------------------------------------------------------- a rebase that goes through
 def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
+    old_0001 = (env["root"] / "patches" / "0001-ours-in-a.patch").read_bytes()
     assert rebase(env, "v1.1.0") == 0
     out = capsys.readouterr().out
     assert "offsets" in out and "verify: OK" in out
@@ -144,8 +145,14 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
     assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"}, prepend=3)
     assert tree.verify(env["root"]) == []  # zero fuzz, no offset, tree == pristine 1.1.0 + series
     assert "@@ -10,7 +10,7 @@" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()  # re-anchored
-    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.0.0, 1.1.0"
-    assert "Applies to upstream: 1.0.0, 1.1.0" in (env["root"] / "PATCHES.md").read_text()
+    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.1.0"  # this text was made for 1.1.0
+    assert "Applies to upstream: 1.1.0" in (env["root"] / "PATCHES.md").read_text()
+    # a rebase back makes 1.0.0's text again byte for byte (same change, re-anchored): no variant is kept
+    assert not (env["root"] / "patches" / "variants").exists()
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.1.0")
+    assert rebase(env, "1.0.0") == 0
+    assert (env["root"] / "patches" / "0001-ours-in-a.patch").read_bytes() == old_0001
     assert not (env["root"] / ".rebase").exists()
 
 
@@ -191,8 +198,8 @@ def test_continue_after_resolving(env, capsys):
     assert rebase(env, "--continue") == 0
     assert laid(env, "a.py") == resolved.replace("x25 = 25\n", "x25 = -25\n")
     assert release.load_pin(env["root"])["version"] == "1.3.0"
-    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.3.0"  # changed by hand: 1.0.0 no longer vouched for
-    assert field(env, "0002-late-line.patch", "Applies-To") == "1.0.0, 1.3.0"
+    assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.3.0"  # changed by hand: 1.0.0 has its variant
+    assert field(env, "0002-late-line.patch", "Applies-To") == "1.0.0"  # applied unchanged: left byte for byte
     assert tree.verify(env["root"]) == []
 
 
@@ -369,3 +376,135 @@ def test_a_file_upstream_renamed_is_followed():
     new = {"src/diffusers/p/pipeline_onnx_x.py": B_PY + "\n# new upstream line\n", "src/diffusers/p/other.py": "y = 1\n"}
     assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, new, old) == "src/diffusers/p/pipeline_onnx_x.py"
     assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, {"src/diffusers/q.py": "z = 2\n"}, old) is None
+
+
+# ---------------------------------------------------------------- series variants
+RESOLVED_1_3 = a_py({10: "from .ours import f; x10 = f(10)  # upstream edit\n"})
+
+
+def add_variant(env, name, label, applies, a_text):
+    """patches/variants/<name>/<label>.patch: 0001's change written against 1.3.0's a.py (b.py as in 0001)."""
+    from forklib import patchfile
+
+    body = (patchfile.diff_file("src/diffusers/a.py", files_of("1.3.0")["a.py"], a_text)
+            + patchfile.diff_file("src/diffusers/b.py", B_PY, B_PY.replace("return 1", "return -1")))
+    header = f"Description: ours in a, for {label}\nOrigin: test\nApplies-To: {applies}\n"
+    path = env["root"] / "patches" / "variants" / name.removesuffix(".patch") / f"{label}.patch"
+    tree.write(path.parent, path.name, patchfile.render(header, [body]))
+    tree.write_patches_doc(env["root"])
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", f"variant {label}")
+    return path
+
+
+def test_the_variant_serving_the_target_is_used(env, capsys):
+    path = add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    variant = path.read_bytes()
+    assert tree.verify(env["root"]) == []
+    assert rebase(env, "1.3.0") == 0  # stops at 0001 without the variant (test_conflict_stops_and_changes_nothing)
+    assert "from patches/variants/0001-ours-in-a/1.3.0.patch" in capsys.readouterr().out
+    assert laid(env, "a.py") == RESOLVED_1_3.replace("x25 = 25\n", "x25 = -25\n")
+    assert (env["root"] / "patches" / "0001-ours-in-a.patch").read_bytes() == variant  # promoted as it was
+    assert not path.exists() and tree.verify(env["root"]) == []
+
+
+def test_a_variant_for_another_release_is_not_used(env, capsys):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    assert rebase(env, "1.2.0") == 0  # the main patch, three-way
+    out = capsys.readouterr().out
+    assert "three-way" in out and "from patches/variants" not in out
+    assert laid(env, "a.py") == a_py({8: "x8 = 8  # upstream edit\n", 10: PATCHED_10, 25: "x25 = -25\n"})
+
+
+def test_applies_to_lists_and_ranges():
+    from forklib import variants
+
+    assert variants.covers("0.4.0..0.4.1, 0.6.0", "0.4.1") and variants.covers("0.4.0..0.4.1, 0.6.0", "0.6.0")
+    assert not variants.covers("0.4.0..0.4.1, 0.6.0", "0.4.2") and not variants.covers("0.4.2", "0.4.20")
+    assert variants.covers("v0.10.0..0.12.1", "0.11.0") and not variants.covers("0.10.0..0.12.1", "0.9.0")
+
+
+def test_round_trip_through_a_variant_restores_everything_byte_for_byte(env, capsys):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]  # from git, so that the pin gets its commit back
+    assert rebase(env, "1.3.0", *repo) == 0
+    on_1_3 = snapshot(env["root"])
+    assert on_1_3 != before and "patches/variants/0001-ours-in-a/1.0.0.patch" in on_1_3
+    assert on_1_3["patches/variants/0001-ours-in-a/1.0.0.patch"] == before["patches/0001-ours-in-a.patch"]
+    assert b"Variant for 1.0.0: `patches/variants/0001-ours-in-a/1.0.0.patch`" in on_1_3["PATCHES.md"]
+    git(env["root"], "commit", "-qam", "on 1.3.0")
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "variants")
+    assert rebase(env, "1.0.0", *repo) == 0
+    assert "from patches/variants/0001-ours-in-a/1.0.0.patch" in capsys.readouterr().out
+    assert snapshot(env["root"]) == before  # series, patches, variants, PATCHES.md, pin and laid-down tree
+
+
+def test_continue_records_the_resolution_for_the_next_time(env, capsys):
+    assert rebase(env, "1.3.0") == 1
+    (env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py").write_text(RESOLVED_1_3)
+    assert rebase(env, "--continue") == 0
+    resolved = snapshot(env["root"])
+    assert "patches/variants/0001-ours-in-a/1.0.0.patch" in resolved
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.3.0")
+    assert rebase(env, "1.0.0") == 0  # back, from the variant kept for 1.0.0
+    assert (env["root"] / "patches" / "variants" / "0001-ours-in-a" / "1.3.0.patch").is_file()  # the resolution
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "back on 1.0.0")
+    capsys.readouterr()
+    assert rebase(env, "1.3.0") == 0  # no human this time
+    assert "from patches/variants/0001-ours-in-a/1.3.0.patch" in capsys.readouterr().out
+    assert snapshot(env["root"]) == resolved
+
+
+def test_a_variant_that_does_not_fit_stops_with_a_rej(env, capsys):
+    add_variant(env, "0001-ours-in-a.patch", "1.2.0", "1.2.0", RESOLVED_1_3)  # written for 1.3.0's line 10
+    before = snapshot(env["root"])
+    assert rebase(env, "1.2.0") == 1
+    err = capsys.readouterr().err
+    assert "src/diffusers/a.py: hunk 1" in err and "the variant's lines are not there" in err
+    assert "-x10 = 10  # upstream edit" in (env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py.rej").read_text()
+    assert snapshot(env["root"]) == before
+
+
+def test_check_table_uses_variants(env, capsys):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    assert rebase(env, "--check", "1.2.0", "1.3.0", "--no-import") == 0
+    rows = expected_rows(capsys.readouterr().out)
+    assert rows["1.3.0"][:2] == ["clean", "variants: 0001 variant 1.3.0"]
+    assert rows["1.2.0"][:2] == ["three-way", "0001 three-way: a.py hunk 1"]
+
+
+def test_verify_reports_bad_variants(env):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    assert tree.verify(env["root"]) == []
+    folder = env["root"] / "patches" / "variants" / "0001-ours-in-a"
+    (folder / "1.3.0.patch").rename(folder / "1.9.0.patch")
+    tree.write(env["root"] / "patches" / "variants" / "0099-gone", "1.0.0.patch", "Description: x\n")
+    problems = tree.verify(env["root"])
+    assert "patches/variants/0001-ours-in-a/1.9.0.patch: its Applies-To (1.3.0) does not cover 1.9.0" in problems
+    assert "patches/variants/0099-gone: no patch of that name in patches/series" in problems
+
+
+def test_two_variants_serving_a_release_are_refused_unless_one_is_named_after_it():
+    from forklib import variants
+    from forklib.release import ForkError
+
+    vs = [{"label": "1.2.0", "applies": "1.2.0..1.3.0", "rel": "v/1.2.0.patch"},
+          {"label": "1.3.0", "applies": "1.3.0..1.4.0", "rel": "v/1.3.0.patch"}]
+    assert variants.choose(vs, "1.3.0")["label"] == "1.3.0" and variants.choose(vs, "1.2.5")["label"] == "1.2.0"
+    assert variants.choose(vs, "1.5.0") is None
+    vs[1]["label"] = "1.3.5"
+    with pytest.raises(ForkError, match="2 variants serve 1.3.0"):
+        variants.choose(vs, "1.3.0")
+
+
+def test_refresh_warns_that_variants_need_the_same_change(env):
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    tree.write(env["root"], "src/diffusers/b.py", B_PY.replace("return 1", "return -1").replace("return 2", "return -2"))
+    said = []
+    tree.refresh(env["root"], log=said.append)
+    assert any(m.startswith("warning: 0001-ours-in-a.patch has variants (variants/0001-ours-in-a/1.3.0.patch)")
+               for m in said)

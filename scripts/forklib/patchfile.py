@@ -299,3 +299,14 @@ def set_field(header: str, name: str, value: str) -> str:
 def render(header: str, diffs: list) -> str:
     head = header.rstrip("\n") + "\n\n" if header.strip() else ""
     return head + "".join(diffs)
+
+
+def render_file(fp: FilePatch) -> str:
+    """One file's diff as parsed (a .rej of hunks that found no place)."""
+    out = [f"--- {'a/' + fp.old_path if fp.old_path else '/dev/null'}\n",
+           f"+++ {'b/' + fp.new_path if fp.new_path else '/dev/null'}\n"]
+    for h in fp.hunks:
+        out.append(hunk_header(h) + "\n")
+        for tag, text in h.lines:
+            out.extend(_emit(tag, [text]))
+    return "".join(out)

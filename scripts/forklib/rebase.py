@@ -12,8 +12,12 @@ the rebase: its files (conflict markers, or a .rej where there is no file to mer
 in .rebase/tree/, and nothing outside .rebase/ changes. ``--continue`` takes the resolution from
 there; ``--abort`` throws the attempt away (and restores the old tree if a rebase had finished).
 
+A patch with a variant for the target release (patches/variants/<patch>/<release>.patch, chosen by
+its Applies-To; see variants.py) is applied from that variant instead.
+
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
-against the new release (Applies-To and Last-Update updated), the pin and PATCHES.md follow, and
+against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
+not make again is kept as the variant for the old release, the pin and PATCHES.md follow, and
 ``verify`` and the project's tests run.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import patchfile, release, tree
+from . import patchfile, release, tree, variants
 from .release import PREFIX, ForkError
 
 WORK = ".rebase"
@@ -175,28 +179,37 @@ def rebase_file(fp, base, ours, theirs, labels) -> tuple:
         exact = ["clean" if o == 0 else "offset" for o in offsets]
         if None not in offsets:
             return text, hunks(exact, offsets), None
+        merged, conflicts = None, 1
         if base is not None and ours is not None:
             merged, conflicts = merge3(ours, base, theirs, labels)
-            if conflicts:  # most are a line of ours beside a line upstream changed: GNU patch's fuzz places them
-                fuzzed, fuzz = patchfile.apply_hunks_fuzzy(fp, theirs)
-                if fuzzed is not None:
-                    hows = ["fuzz" if f else how for f, how in zip(fuzz, exact)]
-                    return fuzzed, hunks(hows, offsets), None
-            failed = "conflict" if conflicts else "three-way"
-            hows = [failed if o is None else how for o, how in zip(offsets, exact)]
-            return merged, hunks(hows, offsets), "markers" if conflicts else None
+        if conflicts:  # most are a line of ours beside a line upstream changed: GNU patch's fuzz places them
+            fuzzed, fuzz = patchfile.apply_hunks_fuzzy(fp, theirs)
+            if fuzzed is not None:
+                hows = ["fuzz" if f else how for f, how in zip(fuzz, exact)]
+                return fuzzed, hunks(hows, offsets), None
+        if merged is None:  # a variant: no old release to merge from, so its hunks go to a .rej
+            return theirs, hunks(["conflict" if o is None else how for o, how in zip(offsets, exact)], offsets), "unmatched"
+        failed = "conflict" if conflicts else "three-way"
+        hows = [failed if o is None else how for o, how in zip(offsets, exact)]
+        return merged, hunks(hows, offsets), "markers" if conflicts else None
     return theirs, hunks(["conflict"] * len(fp.hunks)), "gone upstream"
 
 
 def rebase_patch(name, patch, old_before, old_after, new_before, labels) -> tuple[dict, dict]:
-    """(new tree after the patch, result). The result's conflicts name each file left unmerged."""
+    """(new tree after the patch, result). The result's conflicts name each file left unmerged.
+    ``old_before``/``old_after`` None: a variant, written for the new release, with no old tree to merge from."""
     after = dict(new_before)
     result = {"name": name, "hunks": [], "conflicts": [], "moved": {}}
+    variant = old_before is None
     for fp in patch.files:
-        base = old_before.get(fp.old_path) if fp.old_path else None
-        ours = old_after.get(fp.new_path) if fp.new_path else None
+        if variant:
+            base = "".join(t for h in fp.hunks for t in h.old()) if fp.new_path is None else None
+            ours = "".join(t for h in fp.hunks for t in h.new()) if fp.old_path is None else None
+        else:
+            base = old_before.get(fp.old_path) if fp.old_path else None
+            ours = old_after.get(fp.new_path) if fp.new_path else None
         src = fp.old_path or fp.new_path
-        if fp.old_path and src not in after:
+        if fp.old_path and src not in after and base is not None:
             src = moved_to(src, base, after, old_before) or src
             if src != fp.old_path:
                 result["moved"][fp.old_path] = src
@@ -207,7 +220,8 @@ def rebase_patch(name, patch, old_before, old_after, new_before, labels) -> tupl
             after[dest] = text
         result["hunks"] += [{**h, "path": dest} for h in hunks]
         if conflict:
-            rej = patchfile.diff_file(dest, base, ours) if conflict != "markers" else None
+            rej = (patchfile.render_file(fp) if variant else patchfile.diff_file(dest, base, ours)) \
+                if conflict != "markers" else None
             result["conflicts"].append({"path": dest, "kind": conflict, "rej": rej})
     result["status"] = worst(HOW[h["how"]] for h in result["hunks"])
     return after, result
@@ -244,16 +258,25 @@ def old_series(root: Path) -> tuple[list, list, dict]:
     return patches, states, pin
 
 
-def replay(patches, old_states, new_before, start, old_version, new_version, keep_going=False) -> tuple:
+def replay(patches, old_states, new_before, start, old_version, new_version, keep_going=False,
+           found_variants=None) -> tuple:
     """Rebase ``patches[start:]`` onto ``new_before``. Returns (texts, results, stop): new patch texts
-    by name (old headers), per-patch results, and None or (k, tree before it, tree with the conflicts)
-    for the first patch that does not apply. ``keep_going`` (--check) goes on past it, without the
-    conflicting files' changes, to see how the later patches fare."""
+    by name (the headers of the texts they came from), per-patch results, and None or (k, tree before it,
+    tree with the conflicts) for the first patch that does not apply. A patch with a variant serving
+    ``new_version`` (``found_variants``: name -> variants) is applied from that variant instead.
+    ``keep_going`` (--check) goes on past a conflict, without the conflicting files' changes, to see how
+    the later patches fare."""
     texts, results, state, stop = {}, [], new_before, None
     for k in range(start, len(patches)):
         name, patch = patches[k]
         labels = (f"{old_version} + {name}", f"{old_version}", f"{new_version}")
-        after, res = rebase_patch(name, patch, old_states[k], old_states[k + 1], state, labels)
+        v = variants.choose((found_variants or {}).get(name, []), new_version)
+        if v:
+            patch = v["patch"]
+            after, res = rebase_patch(name, patch, None, None, state, labels)
+            res["variant"] = v["rel"]
+        else:
+            after, res = rebase_patch(name, patch, old_states[k], old_states[k + 1], state, labels)
         results.append(res)
         text = None if res["conflicts"] else tree.patch_text(patch.header, state, after, changed(state, after))
         if text is None and not res["conflicts"]:
@@ -288,10 +311,15 @@ def work(root: Path) -> Path:
 
 def fingerprint(root: Path) -> str:
     h = hashlib.sha256()
-    for rel in [release.PIN_FILE, "PATCHES.md", *sorted(p.relative_to(root).as_posix() for p in (root / "patches").glob("*"))]:
+    for rel in [release.PIN_FILE, "PATCHES.md", *patch_files(root)]:
         text = tree.read(root, rel)
         h.update(f"{rel}\0{text}\0".encode())
     return h.hexdigest()
+
+
+def patch_files(root: Path) -> list:
+    """Every file under patches/ (the series, the patches, their variants), root-relative."""
+    return sorted(p.relative_to(root).as_posix() for p in (Path(root) / "patches").rglob("*") if p.is_file())
 
 
 def load_state(root: Path) -> dict:
@@ -366,7 +394,8 @@ def source_line(t: dict) -> str:
 
 def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
     old, new = st["old_pin"]["version"], st["target"]["version"]
-    more, results, stop = replay(patches, old_states, new_before, start, old, new)
+    more, results, stop = replay(patches, old_states, new_before, start, old, new,
+                                 found_variants=variants.load(root, st["names"]))
     texts.update(more)
     st["results"] = st["results"][:start] + results
     for res in results:
@@ -379,7 +408,8 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
 def print_result(res: dict) -> None:
     detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "fuzz": "fuzz",
                                   "conflict": "conflict"}.get(res["status"], ""))
-    print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}")
+    print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}"
+          + (f" (from patches/{res['variant']})" if res.get("variant") else ""))
 
 
 def moves(res: dict) -> str:
@@ -403,7 +433,9 @@ def stopped(root, st, texts, k, before, after) -> int:
         at = ", ".join(f"hunk {h['hunk']} ({h['at']})" for h in hunks)
         if c["kind"] != "markers":
             tree.write(work(root) / "tree", c["path"] + ".rej", c["rej"])
-            lines.append(f"  {c['path']}: {at}: the file is {c['kind']} (renamed?); the change is in {where}{c['path']}.rej")
+            why = ("the variant's lines are not there" if c["kind"] == "unmatched"
+                   else f"the file is {c['kind']} (renamed?)")
+            lines.append(f"  {c['path']}: {at}: {why}; the change is in {where}{c['path']}.rej")
         else:
             lines.append(f"  {c['path']}: {at}: conflicts in a three-way merge; markers in {where}{c['path']}")
     lines += [f"resolve in {where} (the whole new tree; remove the markers and any .rej), then 'fork.py rebase --continue';",
@@ -433,7 +465,9 @@ def cmd_continue(args) -> int:
     if unresolved:
         raise ForkError(f"not resolved yet in {WORK}/tree/: " + ", ".join(unresolved)
                         + " (remove the conflict markers; apply and delete each .rej)")
-    text = tree.patch_text(patches[k][1].header, before, after, edited)
+    used = st["results"][k].get("variant")
+    header = patchfile.parse(tree.read(root, f"patches/{used}"), used).header if used else patches[k][1].header
+    text = tree.patch_text(header, before, after, edited)
     if text is None:
         raise ForkError(f"the resolution leaves {name} empty: drop it from patches/series first "
                         "('fork.py rebase --abort', commit, start again)")
@@ -457,8 +491,7 @@ def cmd_abort(args) -> int:
     st = load_state(root)
     if st["finished"]:
         backup = work(root) / "backup"
-        for p in (root / "patches").glob("*"):
-            p.unlink()
+        shutil.rmtree(root / "patches")
         for rel, text in read_tree(backup).items():
             tree.write(root, rel, text)
         tree.materialize(root, force=True)
@@ -470,13 +503,12 @@ def cmd_abort(args) -> int:
 # ---------------------------------------------------------------- finishing
 def finish(root: Path, st: dict, texts: dict) -> int:
     target, old = st["target"], st["old_pin"]
-    keep = [release.PIN_FILE, "PATCHES.md", *(p.relative_to(root).as_posix() for p in (root / "patches").glob("*"))]
+    keep = [release.PIN_FILE, "PATCHES.md", *patch_files(root)]
     write_tree(work(root) / "backup", {rel: tree.read(root, rel) for rel in keep if tree.read(root, rel) is not None})
     st["finished"] = True
     save_state(root, st)
     try:
-        for res in st["results"]:
-            write_patch(root, res["name"], texts[res["name"]], target["version"], res["status"] == "resolved")
+        write_patches(root, st, texts)
         release.save_pin(root, new_pin(old, target))
         tree.write_patches_doc(root)
         tree.materialize(root)
@@ -507,15 +539,98 @@ def new_pin(old: dict, target: dict) -> dict:
             if new[k] is not None}
 
 
-def write_patch(root: Path, name: str, text: str, version: str, by_hand: bool) -> None:
-    """Write a rebased patch; Applies-To gains ``version`` (or restarts from it after a hand resolution)."""
-    patch = patchfile.parse(text, name)
-    old = tree.read(root, f"patches/{name}")
-    listed = [] if by_hand else [v.strip() for v in (patch.field("Applies-To") or "").split(",") if v.strip()]
-    header = patchfile.set_field(patch.header, "Applies-To", ", ".join(sorted({*listed, version}, key=vkey)))
-    if old is None or diff_body(text) != diff_body(old):
+def write_patches(root: Path, st: dict, texts: dict) -> None:
+    """Write the rebased series. A variant that applied unchanged becomes the main patch (its file goes);
+    each main patch the rebase replaces is kept as the variant for the release it served, unless the
+    rebase back would make it again byte for byte from its replacement (see ``reproducible``)."""
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    names = st["names"]
+    found = variants.load(root, names)
+    mains = {n: tree.read(root, f"patches/{n}") for n in names}
+    out, promoted = {}, set()
+    for res in st["results"]:
+        name, used = res["name"], res.get("variant")
+        source = tree.read(root, f"patches/{used}") if used else mains[name]
+        out[name] = new_text(texts[name], source, new, res["status"] == "resolved")
+        if used and out[name] == source:
+            promoted.add(used)
+    left = {n: [v for v in vs if v["rel"] not in promoted] for n, vs in found.items()}
+    again = reproducible(root, st, names, out, mains, left)
+    for name in names:
+        if out[name] == mains[name]:
+            continue
+        if name not in again:
+            keep = patchfile.parse(mains[name], name)
+            text = mains[name]
+            if not covers(keep.field("Applies-To"), old):  # a text kept for a release must say it serves it
+                text = patchfile.render(patchfile.set_field(keep.header, "Applies-To", ", ".join(
+                    filter(None, [keep.field("Applies-To"), old]))), [diff_body(text)])
+            tree.write(root, f"patches/{variants.rel_path(name, old)}", text)
+        tree.write(root, f"patches/{name}", out[name])
+    for rel in promoted:
+        if not any(variants.rel_path(n, old) == rel and n not in again and out[n] != mains[n] for n in names):
+            (root / "patches" / rel).unlink()
+    for folder in (root / "patches" / variants.DIR).glob("*/"):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if (root / "patches" / variants.DIR).is_dir() and not any((root / "patches" / variants.DIR).iterdir()):
+        (root / "patches" / variants.DIR).rmdir()
+
+
+def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left: dict) -> set:
+    """The patches whose old text a rebase back to the old release would make again, byte for byte, from
+    the new text (by the same clean/offset/three-way/fuzz steps, no variant serving the old release): they
+    need no variant. Checked one patch at a time against the old tree before it, which the rebase back
+    rebuilds exactly (each earlier patch is either made again or restored from its variant)."""
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    try:
+        new_base = target_files(root, st["target"])
+        parsed = [(n, patchfile.parse(out[n], n)) for n in names]
+        new_states = [new_base]
+        for n, patch in parsed:
+            new_states.append(patchfile.apply(patch, new_states[-1], n, strict=True)[0])
+        _, old_states, _ = old_series(root)
+    except (ForkError, patchfile.PatchError):
+        return set()
+    same = set()
+    for k, (name, patch) in enumerate(parsed):
+        if out[name] == mains[name]:
+            continue
+        if any(covers(v["applies"], old) for v in left.get(name, [])):
+            continue  # the rebase back would take that variant: keep the old text, named after its release
+        labels = (f"{new} + {name}", new, old)
+        after, res = rebase_patch(name, patch, new_states[k], new_states[k + 1], old_states[k], labels)
+        if res["conflicts"]:
+            continue
+        text = tree.patch_text(patch.header, old_states[k], after, changed(old_states[k], after))
+        if text is not None and new_text(text, out[name], old, False) == mains[name]:
+            same.add(name)
+    return same
+
+
+def covers(applies: str | None, version: str) -> bool:
+    try:
+        return variants.covers(applies, version)
+    except ForkError:
+        return False
+
+
+def new_text(text: str, source: str, version: str, by_hand: bool) -> str:
+    """The patch file for ``version``: ``source`` (the main patch or the variant it came from) byte for byte
+    where the rebase left its diffs as they were; else its header with Applies-To ``version``, and today's
+    Last-Update where the change itself (its - and + lines) is new, not only its context and line numbers."""
+    if not by_hand and diff_body(text) == diff_body(source):
+        return source
+    header = patchfile.set_field(patchfile.parse(source, "source").header, "Applies-To", version)
+    if by_hand or change_lines(text) != change_lines(source):
         header = patchfile.set_field(header, "Last-Update", datetime.date.today().isoformat())
-    tree.write(root, f"patches/{name}", patchfile.render(header, [diff_body(text)]))
+    return patchfile.render(header, [diff_body(text)])
+
+
+def change_lines(text: str) -> list:
+    """What a patch changes, without where: per file, its removed and added lines."""
+    return [(fp.old_path, fp.new_path, [(t, line) for h in fp.hunks for t, line in h.lines if t in "+-"])
+            for fp in patchfile.parse(text, "patch").files]
 
 
 def diff_body(text: str) -> str:
@@ -569,7 +684,8 @@ def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
         new_base = target_files(root, target)
     except ForkError as e:
         return {**row, "status": "error", "detail": str(e).replace("|", "/")}
-    texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version, keep_going=True)
+    texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version, keep_going=True,
+                                  found_variants=variants.load(root, [n for n, _ in patches]))
     first = results[: stop[0] + 1] if stop else results
     row["status"] = worst(r["status"] for r in first)
     row["detail"] = check_detail(first)
@@ -595,7 +711,14 @@ def check_detail(results: list) -> str:
     offsets = [f"{r['name'][:4]} x{sum(h['how'] == 'offset' for h in r['hunks'])}" for r in results
                if any(h["how"] == "offset" for h in r["hunks"])]
     moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]
-    return "; ".join(parts + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
+    used = [f"{r['name'][:4]} {label(r)}" for r in results if r.get("variant")]
+    return "; ".join((["variants: " + ", ".join(used)] if used else []) + parts
+                     + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
+
+
+def label(res: dict) -> str:
+    """'variant 0.4.1' for a result applied from patches/variants/<name>/0.4.1.patch."""
+    return "variant " + res["variant"].rsplit("/", 1)[-1][:-len(".patch")] if res.get("variant") else "main"
 
 
 def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:

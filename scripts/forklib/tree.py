@@ -12,7 +12,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from . import patchfile
+from . import patchfile, variants
 from .release import PREFIX, ForkError, describe, fork_version, load_pin, pristine
 
 MANIFEST = PREFIX + ".upstream-manifest.json"
@@ -241,6 +241,9 @@ def refresh(root: Path, new_patch: str | None = None, log=print) -> list:
     if write_patches_doc(root):
         rewritten.append("PATCHES.md")
     log(f"refreshed: {', '.join(rewritten) if rewritten else 'nothing changed'}")
+    for name, vs in variants.load(root, [n for n in rewritten if n in names]).items():
+        log(f"warning: {name} has variants ({', '.join(v['rel'] for v in vs)}), written against its old text: "
+            "make the same change in them, or delete those the main patch now reaches by rebase (rebase --check)")
     return rewritten
 
 
@@ -319,6 +322,7 @@ def verify(root: Path, docs: bool = True) -> list:
             problems.append(f"{rel}: differs from pristine + series (a hand edit? 'fork.py refresh' keeps it as a patch)")
         elif rel not in man["files"]:
             problems.append(f"{rel}: upstream file not recorded as laid down (a file of ours shadowing it?)")
+    problems += variants.problems(root, names)
     mine = tracked(root)
     problems += [f"{p}: a file of ours shadows the upstream file of the same path" for p in sorted(mine & set(base))]
     if docs:
@@ -341,7 +345,9 @@ DOC_END = "<!-- end of series -->"
 
 def patches_doc(root: Path) -> str:
     out = [DOC_BEGIN, ""]
-    for name, patch in load_patches(root):
+    names = series(root)
+    found = variants.load(root, names)
+    for name, patch in load_patches(root, names):
         desc = (patch.field("Description") or "").strip()
         body = []
         for line in patch.header.splitlines()[1:]:
@@ -354,7 +360,9 @@ def patches_doc(root: Path) -> str:
         out += [f"### {name}", f"**{desc}**", "", " ".join(body), "",
                 f"- Applies to upstream: {patch.field('Applies-To') or '?'}",
                 f"- Upstream status: {patch.field('Forwarded') or '?'}",
-                f"- Touches ({changed} changed lines): {', '.join(files)}", ""]
+                f"- Touches ({changed} changed lines): {', '.join(files)}"]
+        out += [f"- Variant for {v['applies']}: `patches/{v['rel']}`" for v in found.get(name, [])]
+        out.append("")
     out.append(DOC_END)
     return "\n".join(out)
 

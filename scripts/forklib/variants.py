@@ -1,0 +1,119 @@
+"""Series variants: alternative texts of a patch for the upstream releases the main text cannot serve.
+
+``patches/variants/<patch name without .patch>/<release>.patch`` is the same change written for another
+release: a full patch with its own DEP-3 header, whose ``Applies-To`` says which releases it serves, as a
+list of versions and inclusive ranges (``0.4.0..0.4.1, 0.6.0``). ``rebase V`` takes, for each patch of the
+series, the variant whose Applies-To covers V if there is one (it must apply there as written, offsets and
+fuzz aside), else the main patch with the three-way merge and fuzz. When the rebase finishes, every patch
+whose text changed keeps its old text as the variant for the release it came from
+(``variants/<name>/<old release>.patch``, byte for byte), and a variant that was used becomes the main
+patch (its file is removed from variants/). So a rebase there and back restores the series byte for byte,
+and a release resolved once by hand (``rebase --continue``) needs no hand the next time.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from . import patchfile
+from .release import ForkError
+
+DIR = "variants"
+_ITEM = re.compile(r"^v?(\d+(?:\.\d+)*)(?:\s*\.\.\s*v?(\d+(?:\.\d+)*))?$")
+
+
+def vkey(version: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", version))
+
+
+def parse_applies(text: str | None) -> list:
+    """``Applies-To`` as a list of (low, high) inclusive version keys; ForkError on a malformed item."""
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = _ITEM.match(item)
+        if not m:
+            raise ForkError(f"Applies-To item {item!r} is neither a version (0.4.1) nor a range (0.4.0..0.4.1)")
+        out.append((vkey(m.group(1)), vkey(m.group(2) or m.group(1))))
+    return out
+
+
+def covers(applies: str | None, version: str) -> bool:
+    key = vkey(version)
+    return any(lo <= key <= hi for lo, hi in parse_applies(applies))
+
+
+def stem(name: str) -> str:
+    return name[:-len(".patch")] if name.endswith(".patch") else name
+
+
+def rel_path(name: str, label: str) -> str:
+    """``patches/``-relative path of the variant of ``name`` labelled ``label`` (a release)."""
+    return f"{DIR}/{stem(name)}/{label}.patch"
+
+
+def load(root: Path, names: list) -> dict:
+    """name -> [{"label", "rel", "text", "patch", "applies"}] for each variant on disk, by release order."""
+    out = {}
+    base = Path(root) / "patches" / DIR
+    for name in names:
+        folder = base / stem(name)
+        found = []
+        for p in sorted(folder.glob("*.patch")) if folder.is_dir() else []:
+            text = p.read_bytes().decode("utf-8")
+            patch = patchfile.parse(text, f"{DIR}/{stem(name)}/{p.name}")
+            found.append({"label": p.stem, "rel": f"{DIR}/{stem(name)}/{p.name}", "text": text, "patch": patch,
+                          "applies": patch.field("Applies-To")})
+        if found:
+            out[name] = sorted(found, key=lambda v: vkey(v["label"]))
+    return out
+
+
+def choose(variants: list, version: str) -> dict | None:
+    """The variant serving ``version``: the one covering it (the one named after it where several do)."""
+    hits = [v for v in variants if covers(v["applies"], version)]
+    if len(hits) > 1:
+        named = [v for v in hits if v["label"] == version]
+        if len(named) != 1:
+            raise ForkError(f"{len(hits)} variants serve {version}: {', '.join(v['rel'] for v in hits)}; "
+                            "narrow their Applies-To")
+        return named[0]
+    return hits[0] if hits else None
+
+
+def problems(root: Path, names: list) -> list:
+    """What verify reports about patches/variants/: unknown patches, stray files, variants without a
+    Description or whose Applies-To is malformed or leaves out the release they are named after. (Two
+    variants serving one release are refused by ``choose`` when a rebase asks for it, unless one is named
+    after it.)"""
+    out = []
+    base = Path(root) / "patches" / DIR
+    if not base.is_dir():
+        return out
+    known = {stem(n) for n in names}
+    for entry in sorted(base.iterdir()):
+        if entry.name not in known:
+            out.append(f"patches/{DIR}/{entry.name}: no patch of that name in patches/series")
+        elif not entry.is_dir():
+            out.append(f"patches/{DIR}/{entry.name}: expected a folder of <release>.patch files")
+        else:
+            stray = [p.name for p in entry.iterdir() if not p.name.endswith(".patch")]
+            out += [f"patches/{DIR}/{entry.name}/{s}: not a .patch file" for s in sorted(stray)]
+    try:
+        loaded = load(root, [n for n in names if stem(n) in {e.name for e in base.iterdir()}])
+    except (ForkError, patchfile.PatchError) as e:
+        return out + [str(e)]
+    for name, vs in loaded.items():
+        for v in vs:
+            try:
+                if not parse_applies(v["applies"]):
+                    out.append(f"patches/{v['rel']}: no Applies-To (which releases does it serve?)")
+                elif not covers(v["applies"], v["label"]):
+                    out.append(f"patches/{v['rel']}: its Applies-To ({v['applies']}) does not cover {v['label']}")
+            except ForkError as e:
+                out.append(f"patches/{v['rel']}: {e}")
+            if not v["patch"].field("Description"):
+                out.append(f"patches/{v['rel']}: no 'Description:' header (DEP-3)")
+    return out
