@@ -71,3 +71,22 @@ def test_a_capture_that_fails_falls_back_with_the_reason(caplog):
     np.testing.assert_array_equal(call(x).cpu().numpy(), x.cpu().numpy())
     assert call.failed and call.graphs == {}
     np.testing.assert_array_equal(call(2 * x).cpu().numpy(), 2 * x.cpu().numpy())
+
+
+def test_a_compile_that_fails_at_its_first_call_runs_uncompiled(monkeypatch, caplog):
+    """torch.compile compiles lazily: a failure there (no triton, no compiler) is logged and the model runs
+    uncompiled; an error of the call itself still reaches the caller."""
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("backend compiler failed: no triton here")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    report = {"compile": [], "reasons": []}
+    fn = fast_path._compile(lambda x: x * 2, "UNet", report)
+    assert report["compile"] == ["UNet"]
+    assert fn(torch.ones(2)).tolist() == [2.0, 2.0]
+    assert "no triton here" in fn.failed
+    assert fn(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    with pytest.raises(TypeError):
+        fn("not", "a tensor")

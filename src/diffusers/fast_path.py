@@ -159,14 +159,34 @@ def _on_cuda(model) -> bool:
     return p is not None and p.device.type == "cuda"
 
 
+class CompiledOrEager:
+    """``torch.compile(fn)``, which compiles at its first call: where compiling fails there (no triton, no C
+    compiler, an unsupported op), the failure is logged with its reason and ``fn`` runs uncompiled from then
+    on; an error of the call itself is raised again by the uncompiled run."""
+
+    def __init__(self, fn, compiled, what):
+        self.fn, self.compiled, self.what = fn, compiled, what
+        self.failed = None
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                text = str(e).strip().splitlines()
+                self.failed = f"{type(e).__name__}: {text[0] if text else ''}"
+                logger.warning(f"fast path: torch.compile of the {self.what} failed, it runs uncompiled ({self.failed})")
+        return self.fn(*args, **kwargs)
+
+
 def _compile(fn, what, report):
     try:
         compiled = torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
-        report["compile"].append(what)
-        return compiled
-    except Exception as e:  # an old torch, no triton: say so and go on without
+    except Exception as e:  # an old torch: say so and go on without
         report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
         return fn
+    report["compile"].append(what)
+    return CompiledOrEager(fn, compiled, what)
 
 
 def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
