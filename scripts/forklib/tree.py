@@ -347,8 +347,11 @@ def status_line(root: Path) -> str:
 
 def series_count(root: Path, pin: dict) -> str:
     """'8 patches', or '8 patches, 7 applied (0008 upstream since 0.7.0)' where upstream has some."""
-    patches = load_patches(root)
-    out = [f"{n[:4]} upstream since {variants.since(p)}" for n, p in patches if variants.skipped(p, pin["version"])]
+    try:
+        patches = load_patches(root)
+        out = [f"{n[:4]} upstream since {variants.since(p)}" for n, p in patches if variants.skipped(p, pin["version"])]
+    except (ForkError, patchfile.PatchError):  # a missing or broken patch: verify names it
+        return f"{len(series(root))} patches"
     return f"{len(patches)} patches" + (f", {len(patches) - len(out)} applied ({', '.join(out)})" if out else "")
 
 
