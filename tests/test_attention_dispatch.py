@@ -1,6 +1,7 @@
 """The attention dispatcher on the CPU: numerics against a float64 reference on fresh random inputs,
 slicing, edge inputs, and the dispatcher's logic with stand-in backends."""
 import logging as pylogging
+import inspect
 import math
 
 import pytest
@@ -98,15 +99,26 @@ def test_bad_shapes_are_refused_clearly():
 
 
 # ------------------------------------------------------------------------------------------ the modules
+# upstream 0.7 renamed CrossAttention's context_dim to cross_attention_dim (and made to_out a ModuleList) and
+# AttentionBlock's num_groups to norm_num_groups
+GROUPS = next(k for k in ("num_groups", "norm_num_groups") if k in inspect.signature(AttentionBlock).parameters)
+CONTEXT_DIM = next(k for k in ("context_dim", "cross_attention_dim") if k in inspect.signature(CrossAttention).parameters)
+
+
+def to_out(attn, hidden_states):
+    out = attn.to_out
+    return torch.nn.Sequential(*out)(hidden_states) if isinstance(out, torch.nn.ModuleList) else out(hidden_states)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_cross_attention_module_sliced_and_not(backend):
     torch.manual_seed(0)
-    attn = CrossAttention(query_dim=64, context_dim=48, heads=4, dim_head=20).eval()
+    attn = CrossAttention(query_dim=64, heads=4, dim_head=20, **{CONTEXT_DIM: 48}).eval()
     x, ctx = rand(3, 30, 64), rand(3, 11, 48)
     q = attn.to_q(x).unflatten(-1, (4, 20)).transpose(1, 2)
     k = attn.to_k(ctx).unflatten(-1, (4, 20)).transpose(1, 2)
     v = attn.to_v(ctx).unflatten(-1, (4, 20)).transpose(1, 2)
-    expected = attn.to_out(reference(q, k, v, 20**-0.5).float().transpose(1, 2).flatten(2))
+    expected = to_out(attn, reference(q, k, v, 20**-0.5).float().transpose(1, 2).flatten(2))
     with torch.no_grad():
         with ad.attention_backend(backend):
             plain = attn(x, context=ctx)
@@ -119,7 +131,7 @@ def test_cross_attention_module_sliced_and_not(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
 def test_vae_attention_block(backend):
     torch.manual_seed(0)
-    block = AttentionBlock(64, num_groups=8).eval()
+    block = AttentionBlock(64, **{GROUPS: 8}).eval()
     x = rand(2, 64, 8, 8)
     with torch.no_grad(), ad.attention_backend("math"):
         ref = block(x)

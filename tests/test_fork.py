@@ -2,6 +2,7 @@
 compatibility patches on today's huggingface_hub and transformers."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,11 @@ def test_verify_names_a_bad_patch(fork, damage):
         shutil.copy(patch, fork / "patches/0042-stray.patch")
         expect = "patch file 0042-stray.patch is not listed in patches/series"
     else:
-        patch.write_text(patch.read_text().replace("@@ -14,6 +14,7 @@", "@@ -10,6 +10,7 @@"))
+        # move its first hunk 4 lines up, whichever line the release has it at
+        text = patch.read_text()
+        m = re.search(r"^@@ -(\d+),(\d+) \+(\d+),(\d+) @@", text, re.M)
+        a, b, c, d = (int(n) for n in m.groups())
+        patch.write_text(text.replace(m.group(0), f"@@ -{a - 4},{b} +{c - 4},{d} @@", 1))
         expect = "applies at offset +4"
     res = fork_py(fork, "verify")
     assert res.returncode != 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -43,6 +44,7 @@ RELEASES = {
     "1.4.0": {"a.py": a_py(), "__init__.py": "raise ImportError('broken 1.4.0')\n"},
     "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": "def other():\n    return 42\n"},  # patched file gone: .rej
     "1.6.0": {"a.py": a_py(), "b.py": None, "sub/b.py": B_PY + "\n\ndef k():\n    return 3\n"},  # moved: followed
+    "1.7.0": {"a.py": a_py({25: "x25 = -25\n"})},                      # upstream has 0002's change
 }
 
 
@@ -317,7 +319,7 @@ def test_check_table(env, capsys, source):
     extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
     assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
     rows = expected_rows(capsys.readouterr().out)
-    assert [rows[v][0] for v in RELEASES] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
+    assert [rows[v][0] for v in RELEASES if v != "1.7.0"] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
     assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
     assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
     assert rows["1.1.0"][1] == "offsets: 0001 x1, 0002 x1"
@@ -508,3 +510,62 @@ def test_refresh_warns_that_variants_need_the_same_change(env):
     tree.refresh(env["root"], log=said.append)
     assert any(m.startswith("warning: 0001-ours-in-a.patch has variants (variants/0001-ours-in-a/1.3.0.patch)")
                for m in said)
+
+
+# ---------------------------------------------------------------- Upstream-Since: patches upstream has
+def upstream_since(env, name, version, doc=True):
+    """Declare in ``name``'s header that upstream has its change from ``version`` on; commit."""
+    path = env["root"] / "patches" / name
+    text = re.sub(r"\nUpstream-Since: .*", "", path.read_text(), count=1)
+    path.write_text(text.replace("\nApplies-To:", f"\nUpstream-Since: {version}\nApplies-To:", 1))
+    if doc:
+        tree.write_patches_doc(env["root"])
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", f"{name} upstream since {version}")
+    return path
+
+
+def test_a_patch_upstream_has_is_skipped_from_that_release_on_and_applied_before(env, capsys):
+    assert rebase(env, "--check", "1.1.0", "1.7.0", "--no-import") == 1  # 1.7.0: 0002 changes nothing there
+    assert expected_rows(capsys.readouterr().out)["1.7.0"][0] == "empty"
+    upstream_since(env, "0002-late-line.patch", "1.7.0")
+    assert tree.verify(env["root"]) == []  # on 1.0.0 it is applied as before
+    assert "Upstream since: 1.7.0" in (env["root"] / "PATCHES.md").read_text()
+    assert rebase(env, "--check", "1.1.0", "1.7.0", "--no-import") == 0
+    rows = expected_rows(capsys.readouterr().out)
+    assert rows["1.1.0"][:2] == ["offsets", "offsets: 0001 x1, 0002 x1"]  # before the release: applied
+    assert rows["1.7.0"][:2] == ["clean", "0002 upstream since 1.7.0"]  # from it on: skipped
+
+
+def test_round_trip_past_upstream_since_is_byte_identical(env, capsys):
+    patch = upstream_since(env, "0002-late-line.patch", "1.7.0")
+    text, before = patch.read_bytes(), snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]
+    assert rebase(env, "1.7.0", *repo) == 0
+    out = capsys.readouterr().out
+    assert "0002-late-line.patch" in out and "upstream since 1.7.0: not applied" in out and "verify: OK" in out
+    assert release.load_pin(env["root"])["version"] == "1.7.0"
+    assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"})  # 0001 ours, line 25 upstream's
+    assert patch.read_bytes() == text and "0002-late-line.patch" in tree.series(env["root"])  # kept as it is
+    assert tree.verify(env["root"]) == []
+    assert "2 patches, 1 applied (0002 upstream since 1.7.0)" in tree.status_line(env["root"])
+    tree.materialize(env["root"], log=lambda m: None)  # materialize on the new pin skips it too
+    assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"})
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.7.0")
+    assert rebase(env, "1.0.0", *repo) == 0
+    assert "0002-late-line.patch" in capsys.readouterr().out
+    assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"})  # applied again, from its text
+    assert snapshot(env["root"]) == before  # series, patches, PATCHES.md, pin and laid-down tree
+
+
+def test_verify_checks_upstream_since(env):
+    upstream_since(env, "0002-late-line.patch", "1.7.0")
+    add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    assert tree.verify(env["root"]) == []
+    upstream_since(env, "0001-ours-in-a.patch", "2.0")  # the main patch says so, its variant does not
+    problems = tree.verify(env["root"])
+    assert any("0001-ours-in-a/1.3.0.patch: Upstream-Since (none) but 0001-ours-in-a.patch says 2.0" in p
+               for p in problems)
+    upstream_since(env, "0002-late-line.patch", "soon", doc=False)
+    assert any("Upstream-Since: 'soon' is not a release version" in p for p in tree.verify(env["root"]))

@@ -251,6 +251,9 @@ def old_series(root: Path) -> tuple[list, list, dict]:
     patches = tree.load_patches(root)
     states = [release.pristine(root, pin)]
     for name, patch in patches:
+        if variants.skipped(patch, pin["version"]):  # upstream has it on the pin: the tree is as before it
+            states.append(states[-1])
+            continue
         try:
             states.append(patchfile.apply(patch, states[-1], name)[0])
         except patchfile.PatchError as e:
@@ -270,11 +273,18 @@ def replay(patches, old_states, new_before, start, old_version, new_version, kee
     for k in range(start, len(patches)):
         name, patch = patches[k]
         labels = (f"{old_version} + {name}", f"{old_version}", f"{new_version}")
+        since = variants.skipped(patch, new_version)
+        if since:  # upstream has it from new_version on: not applied, its text kept as it is
+            results.append({"name": name, "hunks": [], "conflicts": [], "moved": {}, "status": "upstream",
+                            "since": since})
+            continue
         v = variants.choose((found_variants or {}).get(name, []), new_version)
         if v:
             patch = v["patch"]
             after, res = rebase_patch(name, patch, None, None, state, labels)
             res["variant"] = v["rel"]
+        elif variants.skipped(patch, old_version):  # not applied on the old release: no old tree to merge
+            after, res = rebase_patch(name, patch, None, None, state, labels)  # from; applied as written
         else:
             after, res = rebase_patch(name, patch, old_states[k], old_states[k + 1], state, labels)
         results.append(res)
@@ -406,6 +416,9 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
 
 
 def print_result(res: dict) -> None:
+    if res.get("since"):
+        print(f"  {res['name']:<34} upstream since {res['since']}: not applied (kept in the series for older releases)")
+        return
     detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "fuzz": "fuzz",
                                   "conflict": "conflict"}.get(res["status"], ""))
     print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}"
@@ -457,8 +470,9 @@ def cmd_continue(args) -> int:
     k, name = st["stopped_at"], st["names"][st["stopped_at"]]
     patches, old_states, _ = old_series(root)
     new_base = target_files(root, st["target"])
-    texts = {n: (work(root) / "patches" / n).read_text() for n in st["names"][:k]}
-    before, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n in st["names"][:k]], strict=True)
+    texts = {n: (work(root) / "patches" / n).read_text() for n in st["names"][:k] if (work(root) / "patches" / n).is_file()}
+    before, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n in st["names"][:k] if n in texts],
+                                  strict=True)
     after = read_tree(work(root) / "tree")
     edited = changed(before, after)
     unresolved = sorted(p for p in after if p.endswith(".rej") or p in edited and has_markers(after[p]))
@@ -550,6 +564,9 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
     out, promoted = {}, set()
     for res in st["results"]:
         name, used = res["name"], res.get("variant")
+        if res.get("since"):  # not applied on the new release: kept byte for byte for the older ones
+            out[name] = mains[name]
+            continue
         source = tree.read(root, f"patches/{used}") if used else mains[name]
         out[name] = new_text(texts[name], source, new, res["status"] == "resolved")
         if used and out[name] == source:
@@ -588,7 +605,8 @@ def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left
         parsed = [(n, patchfile.parse(out[n], n)) for n in names]
         new_states = [new_base]
         for n, patch in parsed:
-            new_states.append(patchfile.apply(patch, new_states[-1], n, strict=True)[0])
+            new_states.append(new_states[-1] if variants.skipped(patch, new) else
+                              patchfile.apply(patch, new_states[-1], n, strict=True)[0])
         _, old_states, _ = old_series(root)
     except (ForkError, patchfile.PatchError):
         return set()
@@ -596,6 +614,8 @@ def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left
     for k, (name, patch) in enumerate(parsed):
         if out[name] == mains[name]:
             continue
+        if variants.skipped(patch, old):
+            continue  # the rebase back would not apply it, so it would not make the old text: keep that
         if any(covers(v["applies"], old) for v in left.get(name, [])):
             continue  # the rebase back would take that variant: keep the old text, named after its release
         labels = (f"{new} + {name}", new, old)
@@ -687,7 +707,7 @@ def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
     texts, results, stop = replay(patches, old_states, new_base, 0, pin["version"], version, keep_going=True,
                                   found_variants=variants.load(root, [n for n, _ in patches]))
     first = results[: stop[0] + 1] if stop else results
-    row["status"] = worst(r["status"] for r in first)
+    row["status"] = worst(r["status"] for r in first if not r.get("since"))
     row["detail"] = check_detail(first)
     if stop:
         row["later"] = ", ".join(later(r) for r in results[stop[0] + 1:]) or "-"
@@ -697,6 +717,8 @@ def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
 
 
 def later(res: dict) -> str:
+    if res.get("since"):
+        return f"{res['name'][:4]} upstream since {res['since']}"
     n = len(res["conflicts"])
     return f"{res['name'][:4]} {res['status']}" + (f" ({n} file{'s' * (n > 1)})" if n else "")
 
@@ -712,7 +734,8 @@ def check_detail(results: list) -> str:
                if any(h["how"] == "offset" for h in r["hunks"])]
     moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]
     used = [f"{r['name'][:4]} {label(r)}" for r in results if r.get("variant")]
-    return "; ".join((["variants: " + ", ".join(used)] if used else []) + parts
+    gone = [f"{r['name'][:4]} upstream since {r['since']}" for r in results if r.get("since")]
+    return "; ".join(gone + (["variants: " + ", ".join(used)] if used else []) + parts
                      + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
 
 
@@ -725,7 +748,8 @@ def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
     """Lay the result in a scratch folder with our own modules; (import check, tests)."""
     if args.no_import and not args.tests:
         return "not run", "not run"
-    files, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n, _ in patches], strict=True)
+    files, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n, _ in patches if n in texts],
+                                 strict=True)
     with tempfile.TemporaryDirectory() as d:
         for rel, text in files.items():
             tree.write(Path(d), rel, text)

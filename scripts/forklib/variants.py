@@ -117,3 +117,27 @@ def problems(root: Path, names: list) -> list:
             if not v["patch"].field("Description"):
                 out.append(f"patches/{v['rel']}: no 'Description:' header (DEP-3)")
     return out
+
+
+# ---------------------------------------------------------------- patches upstream has since a release
+SINCE = "Upstream-Since"
+
+
+def since(patch) -> str | None:
+    """The release from which upstream has the patch's change (its ``Upstream-Since`` field), or None."""
+    value = patch.field(SINCE)
+    if value and not _ITEM.match(value) or value and ".." in value:
+        raise ForkError(f"{SINCE}: {value!r} is not a release version (e.g. 0.7.0)")
+    return value.lstrip("v") if value else None
+
+
+def skipped(patch, version: str) -> str | None:
+    """``Upstream-Since`` where it says ``version`` needs the patch no more (version >= it), else None.
+    Such a patch stays in patches/series for older releases, but on ``version`` it is not applied."""
+    s = since(patch)
+    return s if s and vkey(version) >= vkey(s) else None
+
+
+def active(patches: list, version: str) -> list:
+    """The (name, patch) pairs of the series applied on ``version``: all but those upstream has by then."""
+    return [(n, p) for n, p in patches if not skipped(p, version)]
