@@ -13,7 +13,9 @@ in .rebase/tree/, and nothing outside .rebase/ changes. ``--continue`` takes the
 there; ``--abort`` throws the attempt away (and restores the old tree if a rebase had finished).
 
 A patch with a variant for the target release (patches/variants/<patch>/<release>.patch, chosen by
-its Applies-To; see variants.py) is applied from that variant instead.
+its Applies-To; see variants.py) is applied from that variant instead. A patch whose header says
+``Upstream-Since: X`` is not applied on X or later ("upstream since X"): it stays in the series, byte for
+byte, for the releases before X, where a rebase back applies it again.
 
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
 against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
