@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import patchfile, release, tree, variants
 from .release import PREFIX, ForkError
+from .variants import vkey
 
 WORK = ".rebase"
 RANK = ["clean", "offsets", "three-way", "fuzz", "resolved", "empty", "conflict"]
@@ -48,10 +49,6 @@ _FINAL = re.compile(r"v?\d+\.\d+\.\d+")
 
 
 # ---------------------------------------------------------------- the target release
-def vkey(version: str) -> tuple:
-    return tuple(int(n) for n in re.findall(r"\d+", version))
-
-
 def parse_target(text: str) -> tuple[str, str]:
     """(version, tag) from ``0.5.1`` or ``v0.5.1``."""
     m = _VERSION.fullmatch(text.strip())

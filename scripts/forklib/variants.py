@@ -6,8 +6,8 @@ list of versions and inclusive ranges (``0.4.0..0.4.1, 0.6.0``). ``rebase V`` ta
 series, the variant whose Applies-To covers V if there is one (it must apply there as written, offsets and
 fuzz aside), else the main patch with the three-way merge and fuzz. When the rebase finishes, every patch
 whose text changed keeps its old text as the variant for the release it came from
-(``variants/<name>/<old release>.patch``, byte for byte), and a variant that was used becomes the main
-patch (its file is removed from variants/). So a rebase there and back restores the series byte for byte,
+(``variants/<name>/<old release>.patch``, byte for byte) unless the rebase back would make that text again
+by itself, and a variant that was used becomes the main patch (its file is removed from variants/). So a rebase there and back restores the series byte for byte,
 and a release resolved once by hand (``rebase --continue``) needs no hand the next time.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ SINCE = "Upstream-Since"
 def since(patch) -> str | None:
     """The release from which upstream has the patch's change (its ``Upstream-Since`` field), or None."""
     value = patch.field(SINCE)
-    if value and not _ITEM.match(value) or value and ".." in value:
+    if value and (".." in value or not _ITEM.match(value)):
         raise ForkError(f"{SINCE}: {value!r} is not a release version (e.g. 0.7.0)")
     return value.lstrip("v") if value else None
 
