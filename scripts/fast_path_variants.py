@@ -32,7 +32,26 @@ UNET_VARIANTS = {
         "coordinate_descent_check_all_directions": True}),
     "compile+cl+mm+qkv": dict(compile=True, cl=True, qkv=True),
     "compile+cl+mm+cudnnbench": dict(compile=True, cl=True, bench=True),
+    # inductor freezing: weights become constants of the compiled graph (inference only)
+    "compile+cl+mm+freeze": dict(compile=True, cl=True, options={"conv_1x1_as_mm": True, "freezing": True}),
+    # regional compilation: each ResnetBlock2D / SpatialTransformer compiled on its own (same-shaped blocks
+    # share their compiled code): a shorter compile, fewer fusions across block boundaries
+    "regional+cl+mm": dict(compile="regional", cl=True),
+    "regional+cl+mm+cudnnbench": dict(compile="regional", cl=True, bench=True),
 }
+
+REGIONS = ("ResnetBlock2D", "SpatialTransformer", "AttentionBlock")
+
+
+def set_regional(model, on, options=None):
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if on and hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    for m in model.modules():
+        if type(m).__name__ in REGIONS:
+            m._compiled_call_impl = None
+            if on:
+                m.compile(dynamic=False, options=dict(options))
 
 
 def fused_qkv_forward(self, hidden_states, context=None, mask=None):
@@ -64,6 +83,36 @@ def per_call_ms(call, calls, repeats):
     return statistics.median(out)
 
 
+FAMILIES = [("attention", r"fmha|flash|attention|cudnn_generated_fort_native_sdpa|sdpa"),
+            ("convolution", r"conv|implicit|dgrad|wgrad|fprop|cutlass.*nhwc|xmma"),
+            ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas"),
+            ("triton (fused)", r"triton"),
+            ("copy/other", r".")]
+
+
+def kernel_profile(call, calls=5):
+    """GPU time per call by kernel (graph replays are traced kernel by kernel): the top kernels and the
+    share per family."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] = per.get(e.name, 0.0) + e.device_time / 1000 / calls
+    fams = {}
+    for name, ms in per.items():
+        fam = next(f for f, pat in FAMILIES if re.search(pat, name, re.I))
+        fams[fam] = fams.get(fam, 0.0) + ms
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:20]
+    return dict(total_ms=round(sum(per.values()), 3), families={k: round(v, 3) for k, v in fams.items()},
+                kernels=len(per), top=[(n[:120], round(ms, 4)) for n, ms in top])
+
+
 def emit(args, row):
     row = {"images": args.images, **row}
     print(json.dumps(row), flush=True)
@@ -82,8 +131,15 @@ def measure(args, what, name, make, call_args, reference=None):
             torch.cuda.synchronize()
             warm = time.perf_counter() - start
             ms = per_call_ms(lambda: fn(*call_args), args.calls, args.repeats)
+            prof = None
+            if name in args.profile.split(","):
+                try:
+                    prof = kernel_profile(lambda: fn(*call_args))
+                except Exception as e:
+                    prof = {"error": f"{type(e).__name__}: {e}"[:300]}
         diff = None if reference is None else (out.float() - reference.float()).abs().max().item()
-        emit(args, dict(part=what, variant=name, warmup_s=round(warm, 1), ms=round(ms, 3), max_abs_diff=diff))
+        emit(args, dict(part=what, variant=name, warmup_s=round(warm, 1), ms=round(ms, 3), max_abs_diff=diff,
+                        **({"profile": prof} if prof else {})))
         return out
     except Exception as e:
         emit(args, dict(part=what, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
@@ -97,6 +153,8 @@ def main():
     ap.add_argument("--parts", default="unet,vae,text")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--vae", default="eager,graph,compile+cl+mm+graph")
+    ap.add_argument("--profile", default="", help="variants (by name) to profile kernel by kernel")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev, dt = "cuda", torch.float16
@@ -122,7 +180,10 @@ def main():
                 set_qkv(unet, v.get("qkv", False))
                 torch.backends.cudnn.benchmark = v.get("bench", False)
                 fn = unet.forward
-                if v["compile"]:
+                set_regional(unet, False)
+                if v["compile"] == "regional":
+                    set_regional(unet, True, v.get("options", fast_path.INDUCTOR_OPTIONS))
+                elif v["compile"]:
                     opts = v.get("options", fast_path.INDUCTOR_OPTIONS)
                     fn = torch.compile(fn, dynamic=False, options=dict(opts))
                 graphed = fast_path.GraphedForward(fn)
@@ -131,24 +192,30 @@ def main():
             measure(args, "unet", name, make, (sample, t, ctx), reference)
         unet.to(memory_format=torch.contiguous_format)
         set_qkv(unet, False)
+        set_regional(unet, False)
         torch.backends.cudnn.benchmark = False
 
     if "vae" in args.parts:
         z = torch.randn(args.images, 4, 64, 64, device=dev, dtype=dt, generator=g)
         with torch.no_grad():
             reference = vae.decode(z).sample
-        measure(args, "vae", "eager", lambda: (lambda z: vae.decode(z).sample), (z,), reference)
-        measure(args, "vae", "graph", lambda: (lambda z, d=fast_path.GraphedDecode(vae.decode): d(z).sample), (z,),
-                reference)
-
-        def compiled(cl, opts=True):
-            vae.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            fn = torch.compile(vae.decode, dynamic=False, options=dict(fast_path.INDUCTOR_OPTIONS) if opts else {})
+        def vae_variant(name):
+            vae.to(memory_format=torch.channels_last if "+cl" in name else torch.contiguous_format)
+            set_regional(vae, False)
+            fn = vae.decode
+            if name.startswith("compile"):
+                fn = torch.compile(vae.decode, dynamic=False, options=dict(fast_path.INDUCTOR_OPTIONS))
+            elif name.startswith("regional"):
+                set_regional(vae, True, fast_path.INDUCTOR_OPTIONS)
+            if name == "eager":
+                return lambda z: vae.decode(z).sample
             d = fast_path.GraphedDecode(fn)
             return lambda z: d(z).sample
 
-        measure(args, "vae", "compile+cl+mm+graph", lambda: compiled(True), (z,), reference)
+        for name in args.vae.split(","):
+            measure(args, "vae", name, lambda name=name: vae_variant(name), (z,), reference)
         vae.to(memory_format=torch.contiguous_format)
+        set_regional(vae, False)
 
     if "text" in args.parts:
         ids = torch.randint(0, 49408, (args.images, 77), device=dev, generator=g)
