@@ -83,13 +83,13 @@ def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--backends is empty")
-    fast = ("", "+graphs", "+compile")  # a fast-path suffix: pipe.enable_fast_path() on top of the backend
+    fast = ("", "+graphs", "+compile", "+regional")  # a fast-path suffix: pipe.enable_fast_path() on top of the backend
     peer = "installed+reduce-overhead"  # the installed diffusers with torch.compile(unet, mode="reduce-overhead")
     bad = [n for n in names if n != peer and (not any(n.endswith(f) and n[: len(n) - len(f)] in allowed for f in fast)
                                               or n.startswith("installed+"))]
     if bad:
         raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}"
-                         f" (each may end in +graphs or +compile: the fast path on top; or {peer})")
+                         f" (each may end in +graphs, +compile or +regional: the fast path on top; or {peer})")
     return list(dict.fromkeys(names))
 
 

@@ -376,7 +376,7 @@ def measure_backend(pipe, name, args, bar, add):
         undo = lambda: pipe.unet.__dict__.pop("forward", None)  # noqa: E731
         fast = None
     elif fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
-        report = pipe.enable_fast_path(compile=fast == "compile")
+        report = pipe.enable_fast_path(compile={"compile": True, "regional": "regional"}.get(fast, False))
         if not report["cuda_graphs"]:
             undo()
             add(failed_row(name, None, BenchError("fast path not applied: " + "; ".join(report["reasons"]))))

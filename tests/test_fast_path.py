@@ -39,7 +39,7 @@ def test_graphed_text_encoder_passes_other_calls_through():
 
 
 
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, True, "regional"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_gives_the_same_images(compile):
@@ -48,12 +48,16 @@ def test_fast_path_gives_the_same_images(compile):
     report = pipe.enable_fast_path(compile=compile)
     assert report["cuda_graphs"] == ["UNet", "VAE decode", "text encoder"], report
     assert report["compile"] == (["UNet", "VAE decode"] if compile else []), report
+    regions = getattr(pipe.unet, "_fast_path_regions", None)
+    assert (regions is not None and len(regions.blocks) > 0) == (compile == "regional")
     assert isinstance(pipe.unet, UNet2DConditionModel) and pipe._timesteps_device == "cpu"
     for n in (1, 2, 1):  # a new batch captures new graphs; an old one is replayed
         np.testing.assert_allclose(_run(pipe, "cuda", n), plain[n], atol=2 / 255)
     assert len(pipe.unet.forward.graphs) == 2 and len(pipe.vae.decode.graphed.graphs) == 2
     assert pipe.unet.forward.graphed.failed is None and pipe.vae.decode.graphed.failed is None
+    assert regions is None or regions.failed is None
     pipe.disable_fast_path()
+    assert all(m._compiled_call_impl is None for m in pipe.unet.modules())
     assert "forward" not in vars(pipe.unet) and "decode" not in vars(pipe.vae) and "forward" not in vars(pipe.text_encoder)
     assert pipe._timesteps_device == pipe.device
     assert all(p.is_contiguous() for p in pipe.unet.parameters())
@@ -90,3 +94,64 @@ def test_a_compile_that_fails_at_its_first_call_runs_uncompiled(monkeypatch, cap
     assert fn(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
     with pytest.raises(TypeError):
         fn("not", "a tensor")
+
+
+def test_regional_compile_routes_each_block_and_undoes(monkeypatch):
+    """compile="regional" hands each ResnetBlock2D / SpatialTransformer / AttentionBlock to torch.compile
+    (here a stand-in that counts calls and runs the block) with the same output; undo() restores them."""
+    calls = []
+
+    def counting_compile(fn, **kwargs):
+        assert kwargs["dynamic"] is False and kwargs["options"] == fast_path.INDUCTOR_OPTIONS
+
+        def compiled(*args, **kw):
+            calls.append(type(fn.__self__).__name__)
+            return fn(*args, **kw)
+        return compiled
+
+    unet = local_pipelines.components("tiny")["unet"].eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(7)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ref = unet(x, t, ctx).sample
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    report = {"compile": [], "reasons": []}
+    fast_path._compile_regions(unet, "UNet", report)
+    regions = unet._fast_path_regions
+    kinds = {type(m).__name__ for m in regions.blocks}
+    assert report["compile"] == ["UNet"] and kinds == {"ResnetBlock2D", "SpatialTransformer"}
+    with torch.no_grad():
+        out = unet(x, t, ctx).sample
+    np.testing.assert_array_equal(out.numpy(), ref.numpy())
+    assert len(calls) == len(regions.blocks) and set(calls) == kinds
+    regions.undo()
+    calls.clear()
+    with torch.no_grad():
+        unet(x, t, ctx)
+    assert calls == [] and all(m._compiled_call_impl is None for m in unet.modules())
+
+
+def test_a_regional_compile_that_fails_runs_every_block_uncompiled(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("backend compiler failed: no C compiler")
+        return compiled
+
+    vae = local_pipelines.components("tiny")["vae"].eval()
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    regions = fast_path.RegionalCompile(vae, "VAE decode")
+    assert {type(m).__name__ for m in regions.blocks} >= {"ResnetBlock2D"}
+    with caplog.at_level("WARNING"), torch.no_grad():
+        np.testing.assert_array_equal(vae.decode(z).sample.numpy(), ref.numpy())
+        np.testing.assert_array_equal(vae.decode(z).sample.numpy(), ref.numpy())
+    assert "no C compiler" in regions.failed
+    assert sum("blocks failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compile_takes_true_false_or_regional():
+    pipe = local_pipelines.stable_diffusion("tiny")
+    with pytest.raises(ValueError, match="regional"):
+        pipe.enable_fast_path(compile="max-autotune")

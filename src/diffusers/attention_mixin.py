@@ -30,7 +30,8 @@ class PipelineMixin(AttentionBackendMixin):
         """Make generation as fast as this GPU allows, with the same images: the UNet step, the VAE decode and
         the text encoder are each captured as a CUDA graph per input shape and replayed; ``compile=True`` runs
         the UNet and the VAE decoder through torch.compile first (channels-last weights; about a minute of
-        warm-up in a fresh process, cached after). Returns a report of what was applied; what cannot apply is
+        warm-up in a fresh process, cached after); ``compile="regional"`` compiles each repeated block instead
+        (a shorter warm-up, slightly slower steps). Returns a report of what was applied; what cannot apply is
         logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
         from . import fast_path
 

@@ -179,6 +179,63 @@ class CompiledOrEager:
         return self.fn(*args, **kwargs)
 
 
+# regional compilation: the blocks the models repeat, each compiled on its own so that blocks of the same
+# shape share one compiled graph (a shorter warm-up than compiling the whole model; measured in BENCHMARKS.md)
+REGIONS = ("ResnetBlock2D", "SpatialTransformer", "AttentionBlock")
+# compiled graphs per block type (one per shape and batch): dynamo's default of 8 would leave the rest eager
+RECOMPILE_LIMIT = 128
+
+
+class RegionalCompile:
+    """torch.compile of each block of ``model`` whose class is in ``REGIONS`` (nn.Module's own
+    ``_compiled_call_impl`` hook, as ``Module.compile()`` sets it). A compile that fails in any block is
+    logged once with its reason, and every block of the model runs uncompiled from then on."""
+
+    def __init__(self, model, what):
+        self.what, self.failed, self.blocks = what, None, []
+        for knob in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
+                break
+        for m in model.modules():
+            if type(m).__name__ in REGIONS:
+                m._compiled_call_impl = self._wrap(m._call_impl)
+                self.blocks.append(m)
+
+    def _wrap(self, eager):
+        compiled = torch.compile(eager, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+
+        def call(*args, **kwargs):
+            if self.failed is None:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as e:
+                    text = str(e).strip().splitlines()
+                    self.failed = f"{type(e).__name__}: {text[0] if text else ''}"
+                    logger.warning(f"fast path: torch.compile of the {self.what}'s blocks failed, they run "
+                                   f"uncompiled ({self.failed})")
+            return eager(*args, **kwargs)
+
+        return call
+
+    def undo(self):
+        for m in self.blocks:
+            m._compiled_call_impl = None
+
+
+def _compile_regions(model, what, report):
+    try:
+        regions = RegionalCompile(model, what)
+    except Exception as e:  # an old torch: say so and go on without
+        report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
+        return
+    if regions.blocks:
+        model._fast_path_regions = regions
+        report["compile"].append(what)
+    else:
+        report["reasons"].append(f"the {what} has no blocks to compile regionally ({', '.join(REGIONS)})")
+
+
 def _compile(fn, what, report):
     try:
         compiled = torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
@@ -193,8 +250,12 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
            text_encoder: bool = True):
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
 
+    ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
+    ``"regional"`` (each repeated block compiled on its own: a shorter warm-up, steps a little slower).
     ``channels_last`` (default: with ``compile``) stores the UNet's and VAE's weights channels-last, which
     only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models."""
+    if compile not in (False, True, "regional"):
+        raise ValueError(f"compile must be False, True or 'regional', not {compile!r}")
     report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
     unet = getattr(pipe, "unet", None)
     channels_last = compile if channels_last is None else channels_last
@@ -222,7 +283,10 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
                 if channels_last:
                     model.to(memory_format=torch.channels_last)
                     report["channels_last"].append(what)
-                fn = _compile(fn, what, report)
+                if compile == "regional":
+                    _compile_regions(model, what, report)
+                else:
+                    fn = _compile(fn, what, report)
             if cuda_graphs:
                 fn = wrapper(fn, pool)
                 report["cuda_graphs"].append(what)
@@ -242,7 +306,12 @@ def disable(pipe):
     """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
     for name, attr in (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward")):
         model = getattr(pipe, name, None)
-        if model is not None and attr in model.__dict__:
-            delattr(model, attr)  # back to the class's own method
+        if model is None:
+            continue
+        regions = model.__dict__.pop("_fast_path_regions", None)
+        if regions is not None:
+            regions.undo()
+        if regions is not None or attr in model.__dict__:
+            model.__dict__.pop(attr, None)  # back to the class's own method
             if name != "text_encoder":
                 model.to(memory_format=torch.contiguous_format)
