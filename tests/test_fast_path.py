@@ -48,6 +48,9 @@ def test_fast_path_gives_the_same_images(compile):
     report = pipe.enable_fast_path(compile=compile)
     assert report["cuda_graphs"] == ["UNet", "VAE decode", "text encoder"], report
     assert report["compile"] == (["UNet", "VAE decode"] if compile else []), report
+    # compiled: an uncompiled run plans the attention calls before each capture (no graph breaks)
+    assert (pipe.unet.forward.graphed.prepare is not None) == bool(compile)
+    assert (pipe.vae.decode.graphed.prepare is not None) == bool(compile)
     regions = getattr(pipe.unet, "_fast_path_regions", None)
     assert (regions is not None and len(regions.blocks) > 0) == (compile == "regional")
     assert isinstance(pipe.unet, UNet2DConditionModel) and pipe._timesteps_device == "cpu"
@@ -155,3 +158,21 @@ def test_compile_takes_true_false_or_regional():
     pipe = local_pipelines.stable_diffusion("tiny")
     with pytest.raises(ValueError, match="regional"):
         pipe.enable_fast_path(compile="max-autotune")
+
+
+def test_torch_compile_traces_the_attention_dispatcher_without_graph_breaks():
+    """The dispatcher's first call of a shape plans it (and logs the choice): under torch.compile that must
+    not break the graph, nor must the planned calls after it."""
+    from diffusers.models import attention_dispatch
+
+    unet = local_pipelines.components("tiny")["unet"].eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(7)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim)
+    attention_dispatch._cache.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        first = torch._dynamo.explain(unet.forward)(x, t, ctx)
+        unet(x, t, ctx)
+        again = torch._dynamo.explain(unet.forward)(x, t, ctx)
+    assert (first.graph_count, first.graph_break_count) == (1, 0), first.break_reasons
+    assert (again.graph_count, again.graph_break_count) == (1, 0), again.break_reasons

@@ -36,8 +36,8 @@ class GraphedCall:
     outputs (callers such as PNDM keep past outputs: the static buffers are never handed out). A capture
     that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
 
-    def __init__(self, fn, name: str, pool=None, warmup: int = 2):
-        self.fn, self.name, self.pool, self.warmup = fn, name, pool, warmup
+    def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None):
+        self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
         self.graphs = {}
         self.failed = None  # the reason capture was given up, if it was
 
@@ -68,6 +68,8 @@ class GraphedCall:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            if self.prepare is not None:  # an uncompiled run first: the attention dispatcher plans each shape
+                self.prepare(*cap.inputs)  # eagerly, so torch.compile then traces no planning code (no graph breaks)
             for _ in range(self.warmup):  # compiles, kernels pick algorithms and attention plans are made here
                 self.fn(*cap.inputs)
         torch.cuda.current_stream().wait_stream(side)
@@ -86,9 +88,10 @@ class GraphedForward:
     ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
     forward."""
 
-    def __init__(self, forward, pool=None, warmup: int = 2):
+    def __init__(self, forward, pool=None, warmup: int = 2, prepare=None):
         self.inner = forward  # the UNet's own forward, or torch.compile of it
-        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup)
+        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup,
+                                   prepare and (lambda s, t, c: prepare(s, t, c).sample))
         self._timesteps = {}
 
     @property
@@ -118,9 +121,10 @@ class GraphedForward:
 class GraphedDecode:
     """Takes the place of an AutoencoderKL's ``decode``."""
 
-    def __init__(self, decode, pool=None):
+    def __init__(self, decode, pool=None, prepare=None):
         self.inner = decode
-        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1)
+        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1,
+                                   prepare=prepare and (lambda z: prepare(z).sample))
 
     def __call__(self, z, return_dict: bool = True):
         from .models.vae import DecoderOutput
@@ -135,7 +139,7 @@ class GraphedTextForward:
     """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
     any other call (masks, hidden states, grad) takes the model's own forward."""
 
-    def __init__(self, forward, pool=None):
+    def __init__(self, forward, pool=None, prepare=None):
         self.inner = forward
 
         def run(ids):
@@ -192,7 +196,7 @@ class RegionalCompile:
     logged once with its reason, and every block of the model runs uncompiled from then on."""
 
     def __init__(self, model, what):
-        self.what, self.failed, self.blocks = what, None, []
+        self.what, self.failed, self.blocks, self.bypass = what, None, [], False
         for knob in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
@@ -206,7 +210,7 @@ class RegionalCompile:
         compiled = torch.compile(eager, dynamic=False, options=dict(INDUCTOR_OPTIONS))
 
         def call(*args, **kwargs):
-            if self.failed is None:
+            if self.failed is None and not self.bypass:
                 try:
                     return compiled(*args, **kwargs)
                 except Exception as e:
@@ -217,6 +221,17 @@ class RegionalCompile:
             return eager(*args, **kwargs)
 
         return call
+
+    def uncompiled(self, fn):
+        """``fn`` run with every block uncompiled (the fast path's planning run before a capture)."""
+        def run(*args, **kwargs):
+            self.bypass = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.bypass = False
+
+        return run
 
     def undo(self):
         for m in self.blocks:
@@ -232,8 +247,9 @@ def _compile_regions(model, what, report):
     if regions.blocks:
         model._fast_path_regions = regions
         report["compile"].append(what)
-    else:
-        report["reasons"].append(f"the {what} has no blocks to compile regionally ({', '.join(REGIONS)})")
+        return regions
+    report["reasons"].append(f"the {what} has no blocks to compile regionally ({', '.join(REGIONS)})")
+    return None
 
 
 def _compile(fn, what, report):
@@ -278,17 +294,20 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
             if not _on_cuda(model):
                 report["reasons"].append(f"the {what} is not on a CUDA device: left as it is")
                 continue
-            fn = getattr(model, attr)
+            fn = own = getattr(model, attr)
+            prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
             if compile and what != "text encoder":  # the text encoder runs twice per image: graphs suffice
                 if channels_last:
                     model.to(memory_format=torch.channels_last)
                     report["channels_last"].append(what)
                 if compile == "regional":
-                    _compile_regions(model, what, report)
+                    regions = _compile_regions(model, what, report)
+                    prepare = regions and regions.uncompiled(own)
                 else:
                     fn = _compile(fn, what, report)
+                    prepare = own if fn is not own else None
             if cuda_graphs:
-                fn = wrapper(fn, pool)
+                fn = wrapper(fn, pool, prepare=prepare)
                 report["cuda_graphs"].append(what)
             if fn is not getattr(model, attr):
                 setattr(model, attr, fn)

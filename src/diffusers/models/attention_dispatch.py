@@ -168,7 +168,7 @@ def _forced_sdpa(kernel, q, k, v, scale):
     a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if getattr(torch.compiler, "is_compiling", lambda: False)():  # torch 2.3+
+    if _compiling():
         with sdpa_kernel(getattr(SDPBackend, kernel)):
             return _sdpa(q, k, v, scale)
     cuda = torch.backends.cuda
@@ -180,6 +180,10 @@ def _forced_sdpa(kernel, q, k, v, scale):
     finally:
         for name, on in saved.items():
             getattr(cuda, "enable_" + name)(on)
+
+
+def _compiling() -> bool:
+    return getattr(torch.compiler, "is_compiling", lambda: False)()  # torch 2.3+
 
 
 def _torch_would_pick(kernel, c) -> bool:
@@ -363,7 +367,7 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
         why = _verdict(cand, c)
         if not why:
             logged = ("logged", c.key())
-            if logged not in _cache:
+            if logged not in _cache and not _compiling():  # a logger call would break torch.compile's graph
                 _cache[logged] = True
                 logger.debug(f"attention auto ({c.describe()}): {cand}"
                              + ("; skipped " + "; ".join(skipped) if skipped else ""))
