@@ -179,8 +179,11 @@ def main():
                 unet.to(memory_format=torch.channels_last if v.get("cl") else torch.contiguous_format)
                 set_qkv(unet, v.get("qkv", False))
                 torch.backends.cudnn.benchmark = v.get("bench", False)
-                fn = unet.forward
+                fn = own = unet.forward
                 set_regional(unet, False)
+                # an uncompiled run first, as enable_fast_path() does: attention plans exist before tracing
+                with torch.no_grad():
+                    own(sample, t, ctx)
                 if v["compile"] == "regional":
                     set_regional(unet, True, v.get("options", fast_path.INDUCTOR_OPTIONS))
                 elif v["compile"]:
