@@ -6,7 +6,11 @@
 At one image a UNet step on an H100 spends most of its time launching kernels from Python (eager
 26 ms against 12-13 ms of GPU work): replaying a CUDA graph removes that, for the UNet step, the VAE
 decode and the text encoder alike. ``compile=True`` also runs the UNet and the VAE decoder through
-torch.compile (fusions; channels-last; the warm-up is reported by the benchmark). Whatever cannot apply
+torch.compile (fusions; channels-last; the warm-up is reported by the benchmark); ``compile="regional"``
+compiles each repeated block on its own instead (a shorter first warm-up). Before each capture the model
+runs once uncompiled, so the attention dispatcher has planned every shape and torch.compile traces one
+graph without breaks. cuDNN's benchmark mode, fused QKV projections and inductor freezing were measured and
+left out (BENCHMARKS.md, third round). Whatever cannot apply
 (no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
 that part runs as before.
 """
