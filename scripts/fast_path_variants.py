@@ -40,18 +40,17 @@ UNET_VARIANTS = {
     "regional+cl+mm+cudnnbench": dict(compile="regional", cl=True, bench=True),
 }
 
-REGIONS = ("ResnetBlock2D", "SpatialTransformer", "AttentionBlock")
+_regions = {}  # model -> fast_path.RegionalCompile in force
 
 
-def set_regional(model, on, options=None):
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if on and hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
-    for m in model.modules():
-        if type(m).__name__ in REGIONS:
-            m._compiled_call_impl = None
-            if on:
-                m.compile(dynamic=False, options=dict(options))
+def set_regional(model, on, what=""):
+    """The fast path's own regional compilation (``compile="regional"``) on or off; returns it when on."""
+    old = _regions.pop(id(model), None)
+    if old is not None:
+        old.undo()
+    if on:
+        _regions[id(model)] = fast_path.RegionalCompile(model, what)
+        return _regions[id(model)]
 
 
 def fused_qkv_forward(self, hidden_states, context=None, mask=None):
@@ -179,17 +178,15 @@ def main():
                 unet.to(memory_format=torch.channels_last if v.get("cl") else torch.contiguous_format)
                 set_qkv(unet, v.get("qkv", False))
                 torch.backends.cudnn.benchmark = v.get("bench", False)
-                fn = own = unet.forward
+                # as enable_fast_path() does: an uncompiled run plans the attention before each capture
+                fn = prepare = unet.forward
                 set_regional(unet, False)
-                # an uncompiled run first, as enable_fast_path() does: attention plans exist before tracing
-                with torch.no_grad():
-                    own(sample, t, ctx)
                 if v["compile"] == "regional":
-                    set_regional(unet, True, v.get("options", fast_path.INDUCTOR_OPTIONS))
+                    prepare = set_regional(unet, True, "UNet").uncompiled(unet.forward)
                 elif v["compile"]:
                     opts = v.get("options", fast_path.INDUCTOR_OPTIONS)
                     fn = torch.compile(fn, dynamic=False, options=dict(opts))
-                graphed = fast_path.GraphedForward(fn)
+                graphed = fast_path.GraphedForward(fn, prepare=prepare if v["compile"] else None)
                 return lambda s, tt, c: graphed(s, tt, c).sample
 
             measure(args, "unet", name, make, (sample, t, ctx), reference)
@@ -205,14 +202,14 @@ def main():
         def vae_variant(name):
             vae.to(memory_format=torch.channels_last if "+cl" in name else torch.contiguous_format)
             set_regional(vae, False)
-            fn = vae.decode
+            fn = prepare = vae.decode
             if name.startswith("compile"):
                 fn = torch.compile(vae.decode, dynamic=False, options=dict(fast_path.INDUCTOR_OPTIONS))
             elif name.startswith("regional"):
-                set_regional(vae, True, fast_path.INDUCTOR_OPTIONS)
+                prepare = set_regional(vae, True, "VAE decode").uncompiled(vae.decode)
             if name == "eager":
                 return lambda z: vae.decode(z).sample
-            d = fast_path.GraphedDecode(fn)
+            d = fast_path.GraphedDecode(fn, prepare=prepare if name != "graph" else None)
             return lambda z: d(z).sample
 
         for name in args.vae.split(","):

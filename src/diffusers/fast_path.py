@@ -30,6 +30,12 @@ logger = logging.get_logger(__name__)
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
 
 
+def _reason(e: Exception) -> str:
+    """An exception as one line for the log: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
 class _Captured:
     __slots__ = ("graph", "inputs", "out")
 
@@ -41,6 +47,7 @@ class GraphedCall:
     that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
 
     def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None):
+        # prepare: called with the same inputs once before a capture's warm-up, its result unused
         self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
         self.graphs = {}
         self.failed = None  # the reason capture was given up, if it was
@@ -54,7 +61,7 @@ class GraphedCall:
             try:
                 cap = self.graphs[key] = self._capture(tensors)
             except Exception as e:  # e.g. a model that syncs with the host inside its forward
-                self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                self.failed = _reason(e)
                 logger.warning(f"fast path: the {self.name} is not captured as a CUDA graph and runs as before "
                                f"({self.failed})")
                 torch.cuda.synchronize()
@@ -94,8 +101,7 @@ class GraphedForward:
 
     def __init__(self, forward, pool=None, warmup: int = 2, prepare=None):
         self.inner = forward  # the UNet's own forward, or torch.compile of it
-        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup,
-                                   prepare and (lambda s, t, c: prepare(s, t, c).sample))
+        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup, prepare)
         self._timesteps = {}
 
     @property
@@ -127,8 +133,7 @@ class GraphedDecode:
 
     def __init__(self, decode, pool=None, prepare=None):
         self.inner = decode
-        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1,
-                                   prepare=prepare and (lambda z: prepare(z).sample))
+        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare)
 
     def __call__(self, z, return_dict: bool = True):
         from .models.vae import DecoderOutput
@@ -150,7 +155,7 @@ class GraphedTextForward:
             out = forward(ids)
             return out[0], out[1]
 
-        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1)
+        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare)
 
     def __call__(self, input_ids=None, *args, **kwargs):
         if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
@@ -181,8 +186,7 @@ class CompiledOrEager:
             try:
                 return self.compiled(*args, **kwargs)
             except Exception as e:
-                text = str(e).strip().splitlines()
-                self.failed = f"{type(e).__name__}: {text[0] if text else ''}"
+                self.failed = _reason(e)
                 logger.warning(f"fast path: torch.compile of the {self.what} failed, it runs uncompiled ({self.failed})")
         return self.fn(*args, **kwargs)
 
@@ -218,8 +222,7 @@ class RegionalCompile:
                 try:
                     return compiled(*args, **kwargs)
                 except Exception as e:
-                    text = str(e).strip().splitlines()
-                    self.failed = f"{type(e).__name__}: {text[0] if text else ''}"
+                    self.failed = _reason(e)
                     logger.warning(f"fast path: torch.compile of the {self.what}'s blocks failed, they run "
                                    f"uncompiled ({self.failed})")
             return eager(*args, **kwargs)
