@@ -83,14 +83,30 @@ def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--backends is empty")
-    fast = ("", "+graphs", "+compile", "+regional")  # a fast-path suffix: pipe.enable_fast_path() on top of the backend
     peer = "installed+reduce-overhead"  # the installed diffusers with torch.compile(unet, mode="reduce-overhead")
-    bad = [n for n in names if n != peer and (not any(n.endswith(f) and n[: len(n) - len(f)] in allowed for f in fast)
-                                              or n.startswith("installed+"))]
+
+    def known(n):
+        base, plus, fast = n.partition("+")
+        return base in allowed and (not plus or (base != "installed" and fast_path_modes(fast) is not None))
+
+    bad = [n for n in names if n != peer and not known(n)]
     if bad:
         raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}"
-                         f" (each may end in +graphs, +compile or +regional: the fast path on top; or {peer})")
+                         f" (each may end in +graphs, +compile or +regional: the fast path on top, and -graphs,"
+                         f" -compile or -regional for the VAE apart, e.g. auto+compile-regional; or {peer})")
     return list(dict.fromkeys(names))
+
+
+FAST_MODES = {"graphs": False, "compile": True, "regional": "regional"}
+
+
+def fast_path_modes(suffix: str):
+    """A fast-path suffix ('compile', 'compile-graphs': UNet mode, then the VAE's apart) as enable_fast_path's
+    (compile, compile_vae); None if it is not one."""
+    parts = suffix.split("-")
+    if not 1 <= len(parts) <= 2 or not all(p in FAST_MODES for p in parts):
+        return None
+    return FAST_MODES[parts[0]], (FAST_MODES[parts[1]] if len(parts) == 2 else None)
 
 
 def parse_ints(text: str, option: str) -> list:

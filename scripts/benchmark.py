@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, backend_status_list,  # noqa: E402
-                          backend_verdicts, dispatcher, free_memory, header, is_oom, machine, matmul_peak,
+                          backend_verdicts, dispatcher, fast_path_modes, free_memory, header, is_oom, machine, matmul_peak,
                           median, parse_backends, parse_ints, progress, table, write_json)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,7 +376,8 @@ def measure_backend(pipe, name, args, bar, add):
         undo = lambda: pipe.unet.__dict__.pop("forward", None)  # noqa: E731
         fast = None
     elif fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
-        report = pipe.enable_fast_path(compile={"compile": True, "regional": "regional"}.get(fast, False))
+        compile, compile_vae = fast_path_modes(fast)  # e.g. compile-graphs: the UNet compiled, the VAE graphed
+        report = pipe.enable_fast_path(compile=compile, compile_vae=compile_vae)
         if not report["cuda_graphs"]:
             undo()
             add(failed_row(name, None, BenchError("fast path not applied: " + "; ".join(report["reasons"]))))
@@ -405,8 +406,12 @@ def time_row(pipe, name, images, args, gen, bar) -> dict:
     bar.set_postfix_str(f"{name}, {images} images")
     try:
         row = dict(backend=name, images=images, status="ok", reason=None)
+        before = warmup_parts(pipe)
         row.update(time_pipeline(pipe, images, steps=args.steps, repeats=args.repeats,
                                  warmup_steps=args.warmup_steps, **gen))
+        after = warmup_parts(pipe)
+        if after:  # the fast path's capture (and compile) seconds per model, for this batch size
+            row["warmup_parts_s"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
     except Exception as e:
         row = failed_row(name, images, e)
     finally:
@@ -415,6 +420,14 @@ def time_row(pipe, name, images, args, gen, bar) -> dict:
                                                      else f"{row['status']} ({row['reason']})"))
     bar.update(1)
     return row
+
+
+def warmup_parts(pipe) -> dict:
+    try:
+        from diffusers import fast_path
+    except ImportError:  # an installed diffusers without the fast path (the peer)
+        return {}
+    return fast_path.warmup_seconds(pipe) if hasattr(fast_path, "warmup_seconds") else {}
 
 
 def failed_row(name, images, e) -> dict:
@@ -438,7 +451,11 @@ def run(args) -> dict:
     the end), so a run cut short by a time limit still leaves its rows."""
     verdicts = backend_verdicts(args.backends)
     pipe, built = build(args)
-    config = {k: v for k, v in vars(args).items() if k not in ("json", "charts", "no_progress")}
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "charts", "no_progress", "compile_times")}
+    if not args.external_diffusers:  # the inductor options the fast path's compiles ran with
+        from diffusers import fast_path
+
+        config["inductor_options"] = dict(getattr(fast_path, "INDUCTOR_OPTIONS", {}))
     report = dict(kind="pipeline", schema=1, complete=False, machine=machine(args.device), config={**config, **built},
                   backend_status=backend_status_list(), matmul_peak=matmul_peak(args.device, DTYPES[args.dtype]),
                   work=None, max_batch={}, rows=[])
@@ -580,6 +597,11 @@ def parse(argv):
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ap.add_argument("--charts", metavar="DIR", help="write throughput.png and memory.png (needs matplotlib)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="an inductor option for the fast path's compiles, over its own INDUCTOR_OPTIONS "
+                         "(e.g. pattern_matcher=True); repeatable")
+    ap.add_argument("--compile-times", metavar="FILE",
+                    help="write torch.compile's own time breakdown (torch._dynamo.utils.compile_times) here")
     args = ap.parse_args(argv)
     try:
         return settle(args)
@@ -587,8 +609,30 @@ def parse(argv):
         ap.error(str(e))
 
 
+def inductor_options(items) -> dict:
+    """--inductor KEY=VALUE items as a dict; keys must be inductor config names, values Python literals
+    (True, 2, "x") or bare words."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not hasattr(inductor_config, key):
+            raise BenchError(f"--inductor {item!r}: expected KEY=VALUE with KEY an inductor config option")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def settle(args):
     """Defaults that depend on the machine and --tiny; refusal of bad combinations."""
+    args.inductor = inductor_options(args.inductor)
+    if args.inductor and args.external_diffusers:
+        raise BenchError("--inductor sets the fork's fast-path compiles; the peer (--external-diffusers) has none")
     if not args.tiny and not torch.cuda.is_available() and args.device is None and not args.model:
         print("benchmark: no CUDA device: running the tiny configuration (--tiny)", file=sys.stderr)
         args.tiny = True
@@ -636,6 +680,10 @@ def main(argv=None):
         return bench_attention.main(argv[1:])
     args = parse(argv)
     torch.set_grad_enabled(False)
+    if args.inductor:
+        from diffusers import fast_path
+
+        fast_path.INDUCTOR_OPTIONS.update(args.inductor)
     try:
         report = run(args)
         print(render(report))
@@ -647,6 +695,11 @@ def main(argv=None):
     except BenchError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.compile_times:
+            from torch._dynamo.utils import compile_times
+
+            Path(args.compile_times).write_text(compile_times(repr="str", aggregate=True))
     return 1 if any(r["status"] == "error" for r in report["rows"]) else 0
 
 

@@ -230,11 +230,18 @@ def test_safety_checker_left_out_but_images_kept():
     (["--tiny", "--batch-sizes", "a"], "positive integers"),
     (["--tiny", "--backends", "flash"], "unknown attention backend"),
     (["--tiny", "--backends", ""], "--backends is empty"),
+    (["--tiny", "--backends", "auto+unet"], "unknown attention backend"),
+    (["--tiny", "--backends", "auto+compile-unet"], "unknown attention backend"),
+    (["--tiny", "--backends", "auto+compile-graphs-graphs"], "unknown attention backend"),
+    (["--tiny", "--backends", "installed+compile"], "unknown attention backend"),
     (["--tiny", "--height", "100"], "multiples of 8"),
     (["--tiny", "--repeats", "0"], "--repeats must be at least 1"),
     (["--tiny", "--dtype", "fp16"], "half precision needs CUDA"),
     (["--external-diffusers", "--backends", "sdpa"], "only --backends installed"),
     (["--tiny", "--model", "x"], "exclude each other"),
+    (["--tiny", "--inductor", "no_such_option=1"], "inductor config option"),
+    (["--tiny", "--inductor", "pattern_matcher"], "KEY=VALUE"),
+    (["--external-diffusers", "--backends", "installed", "--inductor", "pattern_matcher=True"], "has none"),
 ])
 def test_bad_options_are_refused_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -249,3 +256,30 @@ def test_defaults_without_cuda(capsys):
     assert args.tiny and (args.device, args.dtype, args.steps, args.height) == ("cpu", "fp32", 3, 128)
     assert args.backends == ["installed", "auto"] and args.batch_sizes == [1, 2]  # installed first
     assert "tiny configuration" in capsys.readouterr().err
+
+
+def test_fast_path_suffixes_are_accepted():
+    names = ["auto+graphs", "sdpa+compile", "auto+regional", "auto+compile-graphs", "auto+compile-regional"]
+    assert bench.parse(["--tiny", "--backends", ",".join(names)]).backends == names
+    assert [bench.fast_path_modes(n.partition("+")[2]) for n in names] == [
+        (False, None), (True, None), ("regional", None), (True, False), (True, "regional")]
+
+
+def test_inductor_options_and_compile_times(tmp_path):
+    """--inductor reaches the fast path's compile options and the report; --compile-times writes the
+    breakdown (here empty of compiles: no CUDA, so the fast path does not apply)."""
+    from diffusers import fast_path
+
+    args = bench.parse(["--tiny", "--inductor", "pattern_matcher=True", "--inductor", "conv_1x1_as_mm=False"])
+    assert args.inductor == {"pattern_matcher": True, "conv_1x1_as_mm": False}
+    saved = dict(fast_path.INDUCTOR_OPTIONS)
+    try:
+        out, times = tmp_path / "r.json", tmp_path / "times.txt"
+        assert bench.main(["--tiny", "--batch-sizes", "1", "--repeats", "1", "--backends", "auto", "--no-progress",
+                           "--no-flops", "--inductor", "pattern_matcher=True", "--json", str(out),
+                           "--compile-times", str(times)]) == 0
+        assert json.loads(out.read_text())["config"]["inductor_options"]["pattern_matcher"] is True
+        assert "TorchDynamo compilation metrics" in times.read_text()
+    finally:
+        fast_path.INDUCTOR_OPTIONS.clear()
+        fast_path.INDUCTOR_OPTIONS.update(saved)

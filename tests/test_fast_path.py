@@ -39,18 +39,22 @@ def test_graphed_text_encoder_passes_other_calls_through():
 
 
 
-@pytest.mark.parametrize("compile", [False, True, "regional"])
+@pytest.mark.parametrize("compile,compile_vae", [(False, None), (True, None), ("regional", None), (True, False),
+                                                 (True, "regional")])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_path_gives_the_same_images(compile):
+def test_fast_path_gives_the_same_images(compile, compile_vae):
     pipe = local_pipelines.stable_diffusion("tiny").to("cuda")
     plain = {n: _run(pipe, "cuda", n) for n in (1, 2)}
-    report = pipe.enable_fast_path(compile=compile)
+    report = pipe.enable_fast_path(compile=compile, compile_vae=compile_vae)
     assert report["cuda_graphs"] == ["UNet", "VAE decode", "text encoder"], report
-    assert report["compile"] == (["UNet", "VAE decode"] if compile else []), report
+    vae_mode = compile if compile_vae is None else compile_vae
+    assert report["compile"] == [w for w, m in (("UNet", compile), ("VAE decode", vae_mode)) if m], report
     # compiled: an uncompiled run plans the attention calls before each capture (no graph breaks)
     assert (pipe.unet.forward.graphed.prepare is not None) == bool(compile)
-    assert (pipe.vae.decode.graphed.prepare is not None) == bool(compile)
+    assert (pipe.vae.decode.graphed.prepare is not None) == bool(vae_mode)
+    assert (getattr(pipe.vae, "_fast_path_regions", None) is not None) == (vae_mode == "regional")
+    assert fast_path.warmup_seconds(pipe) == {"UNet step": 0.0, "VAE decode": 0.0, "text encoder": 0.0}
     regions = getattr(pipe.unet, "_fast_path_regions", None)
     assert (regions is not None and len(regions.blocks) > 0) == (compile == "regional")
     assert isinstance(pipe.unet, UNet2DConditionModel) and pipe._timesteps_device == "cpu"
@@ -59,7 +63,9 @@ def test_fast_path_gives_the_same_images(compile):
     assert len(pipe.unet.forward.graphs) == 2 and len(pipe.vae.decode.graphed.graphs) == 2
     assert pipe.unet.forward.graphed.failed is None and pipe.vae.decode.graphed.failed is None
     assert regions is None or regions.failed is None
+    assert all(s > 0 for s in fast_path.warmup_seconds(pipe).values())
     pipe.disable_fast_path()
+    assert fast_path.warmup_seconds(pipe) == {}
     assert all(m._compiled_call_impl is None for m in pipe.unet.modules())
     assert "forward" not in vars(pipe.unet) and "decode" not in vars(pipe.vae) and "forward" not in vars(pipe.text_encoder)
     assert pipe._timesteps_device == pipe.device
@@ -165,6 +171,9 @@ def test_compile_takes_true_false_or_regional():
     pipe = local_pipelines.stable_diffusion("tiny")
     with pytest.raises(ValueError, match="regional"):
         pipe.enable_fast_path(compile="max-autotune")
+    with pytest.raises(ValueError, match="compile_vae must be"):
+        pipe.enable_fast_path(compile=True, compile_vae="all")
+    assert not fast_path.is_enabled(pipe)
 
 
 def test_torch_compile_traces_the_attention_dispatcher_without_graph_breaks():
@@ -183,3 +192,23 @@ def test_torch_compile_traces_the_attention_dispatcher_without_graph_breaks():
         again = torch._dynamo.explain(unet.forward)(x, t, ctx)
     assert (first.graph_count, first.graph_break_count) == (1, 0), first.break_reasons
     assert (again.graph_count, again.graph_break_count) == (1, 0), again.break_reasons
+
+
+def test_the_fast_path_compile_options_keep_the_unet_output():
+    """torch.compile with the fast path's inductor options (on the CPU here: the same graph passes as on
+    CUDA, other code generation) gives the eager UNet's output to float32 rounding."""
+    unet = local_pipelines.components("tiny")["unet"].eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor(7)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    report = {"compile": [], "reasons": []}
+    torch._dynamo.reset()
+    compiled = fast_path._compile(unet.forward, "UNet", report)
+    with torch.no_grad():
+        eager = unet(x, t, ctx).sample
+        out = compiled(x, t, ctx).sample
+    if compiled.failed is not None:
+        pytest.skip(f"torch.compile cannot run here: {compiled.failed}")
+    assert report["compile"] == ["UNet"]
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out, torch.zeros_like(out))

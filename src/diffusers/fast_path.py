@@ -6,11 +6,14 @@
 At one image a UNet step on an H100 spends most of its time launching kernels from Python (eager
 26 ms against 12-13 ms of GPU work): replaying a CUDA graph removes that, for the UNet step, the VAE
 decode and the text encoder alike. ``compile=True`` also runs the UNet and the VAE decoder through
-torch.compile (fusions; channels-last; the warm-up is reported by the benchmark); ``compile="regional"``
-compiles each repeated block on its own instead (a shorter first warm-up). Before each capture the model
-runs once uncompiled, so the attention dispatcher has planned every shape and torch.compile traces one
-graph without breaks. cuDNN's benchmark mode, fused QKV projections and inductor freezing were measured and
-left out (BENCHMARKS.md, third round). Whatever cannot apply
+torch.compile (fusions; channels-last; the warm-up is reported by the benchmark, per model);
+``compile="regional"`` compiles each repeated block on its own instead (since the one-graph fix below it no
+longer warms up faster on an H100, and its steps are 2% slower: an option for models whose whole graph
+will not compile); ``compile_vae`` sets the VAE decoder's mode apart (``False``: graphed only, 20 s less
+warm-up, 14 ms more per image). Before each capture the model runs once uncompiled, so the attention
+dispatcher has planned every shape and torch.compile traces one graph without breaks. cuDNN's benchmark
+mode, fused QKV projections and inductor freezing were measured and left out (BENCHMARKS.md, third and
+fourth rounds). Whatever cannot apply
 (no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
 that part runs as before.
 """
@@ -25,9 +28,11 @@ from .utils import logging
 logger = logging.get_logger(__name__)
 
 # torch.compile options for the UNet and the VAE decoder (inductor config, scoped to these compiles): 1x1
-# convolutions as matmuls. Coordinate-descent tuning was measured too and left out: it took the UNet's
-# compile past five minutes on the H100 (BENCHMARKS.md).
-INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True}
+# convolutions as matmuls; no pattern-matcher passes (they search the UNet's graph for attention and other
+# patterns for about 10 s of the warm-up and find nothing to gain: attention already reaches its kernel
+# through the dispatcher; BENCHMARKS.md, fourth round). Coordinate-descent tuning was measured too and left
+# out: it took the UNet's compile past five minutes on the H100.
+INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "pattern_matcher": False}
 
 
 def _reason(e: Exception) -> str:
@@ -51,6 +56,7 @@ class GraphedCall:
         self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
         self.graphs = {}
         self.failed = None  # the reason capture was given up, if it was
+        self.capture_s = 0.0  # seconds spent capturing, compiles included (the warm-up this model costs)
 
     def __call__(self, *tensors):
         if self.failed is not None:
@@ -89,8 +95,10 @@ class GraphedCall:
             out = self.fn(*cap.inputs)
         cap.out = out if isinstance(out, tuple) else (out,)
         torch.cuda.synchronize()
+        took = time.perf_counter() - start
+        self.capture_s += took
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
-        logger.info(f"fast path: captured the {self.name} for {shapes} in {time.perf_counter() - start:.1f} s")
+        logger.info(f"fast path: captured the {self.name} for {shapes} in {took:.1f} s")
         return cap
 
 
@@ -270,18 +278,21 @@ def _compile(fn, what, report):
 
 
 def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
-           text_encoder: bool = True):
+           text_encoder: bool = True, compile_vae=None):
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
 
     ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
-    ``"regional"`` (each repeated block compiled on its own: a shorter warm-up, steps a little slower).
+    ``"regional"`` (each repeated block compiled on its own: steps a little slower).
     ``channels_last`` (default: with ``compile``) stores the UNet's and VAE's weights channels-last, which
-    only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models."""
-    if compile not in (False, True, "regional"):
-        raise ValueError(f"compile must be False, True or 'regional', not {compile!r}")
+    only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models;
+    ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only."""
+    for name, value in (("compile", compile), ("compile_vae", compile_vae)):
+        if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
+            raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
+    modes = {"UNet": compile, "VAE decode": compile if compile_vae is None else compile_vae, "text encoder": False}
     report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
     unet = getattr(pipe, "unet", None)
-    channels_last = compile if channels_last is None else channels_last
+    channels_last = bool(compile) if channels_last is None else channels_last
     if unet is None:
         report["reasons"].append("the pipeline has no UNet")
     elif not torch.cuda.is_available():
@@ -303,11 +314,12 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
                 continue
             fn = own = getattr(model, attr)
             prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
-            if compile and what != "text encoder":  # the text encoder runs twice per image: graphs suffice
+            mode = modes[what]  # the text encoder runs twice per image: graphs suffice
+            if mode:
                 if channels_last:
                     model.to(memory_format=torch.channels_last)
                     report["channels_last"].append(what)
-                if compile == "regional":
+                if mode == "regional":
                     regions = _compile_regions(model, what, report)
                     prepare = regions and regions.uncompiled(own)
                 else:
@@ -321,6 +333,17 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
     for why in report["reasons"]:
         logger.warning(f"fast path: {why}")
     return report
+
+
+def warmup_seconds(pipe) -> dict:
+    """Seconds each graphed model has spent so far on capturing (its compiles included), by name."""
+    out = {}
+    for name, attr in (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward")):
+        wrapper = getattr(getattr(pipe, name, None), "__dict__", {}).get(attr)
+        graphed = getattr(wrapper, "graphed", None)
+        if isinstance(graphed, GraphedCall):
+            out[graphed.name] = graphed.capture_s
+    return out
 
 
 def is_enabled(pipe) -> bool:
