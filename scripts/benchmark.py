@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, backend_status_list,  # noqa: E402
-                          backend_verdicts, dispatcher, fast_path_modes, free_memory, header, is_oom, machine, matmul_peak,
-                          median, parse_backends, parse_ints, progress, table, write_json)
+                          backend_verdicts, dispatcher, fast_path_modes, free_memory, header, is_oom, machine,
+                          matmul_peak, median, parse_backends, parse_ints, progress, table, write_json)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse"

@@ -28,8 +28,8 @@ from .utils import logging
 logger = logging.get_logger(__name__)
 
 # torch.compile options for the UNet and the VAE decoder (inductor config, scoped to these compiles): 1x1
-# convolutions as matmuls; no pattern-matcher passes (they search the UNet's graph for attention and other
-# patterns for about 10 s of the warm-up and find nothing to gain: attention already reaches its kernel
+# convolutions as matmuls; no pattern-matcher passes (they searched the UNet's graph for 7-9 s of the
+# warm-up, and without them one image was no slower on the H100; attention already reaches its kernel
 # through the dispatcher; BENCHMARKS.md, fourth round). Coordinate-descent tuning was measured too and left
 # out: it took the UNet's compile past five minutes on the H100.
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "pattern_matcher": False}
@@ -283,7 +283,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
 
     ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
     ``"regional"`` (each repeated block compiled on its own: steps a little slower).
-    ``channels_last`` (default: with ``compile``) stores the UNet's and VAE's weights channels-last, which
+    ``channels_last`` (default: for each compiled model) stores the UNet's and VAE's weights channels-last, which
     only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models;
     ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only."""
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
@@ -292,7 +292,6 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
     modes = {"UNet": compile, "VAE decode": compile if compile_vae is None else compile_vae, "text encoder": False}
     report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
     unet = getattr(pipe, "unet", None)
-    channels_last = bool(compile) if channels_last is None else channels_last
     if unet is None:
         report["reasons"].append("the pipeline has no UNet")
     elif not torch.cuda.is_available():
@@ -316,7 +315,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
             prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
             mode = modes[what]  # the text encoder runs twice per image: graphs suffice
             if mode:
-                if channels_last:
+                if channels_last or channels_last is None:  # default: channels-last where compiled
                     model.to(memory_format=torch.channels_last)
                     report["channels_last"].append(what)
                 if mode == "regional":
