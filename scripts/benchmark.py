@@ -427,7 +427,7 @@ def warmup_parts(pipe) -> dict:
         from diffusers import fast_path
     except ImportError:  # an installed diffusers without the fast path (the peer)
         return {}
-    return fast_path.warmup_seconds(pipe) if hasattr(fast_path, "warmup_seconds") else {}
+    return fast_path.warmup_seconds(pipe)
 
 
 def failed_row(name, images, e) -> dict:
@@ -455,7 +455,7 @@ def run(args) -> dict:
     if not args.external_diffusers:  # the inductor options the fast path's compiles ran with
         from diffusers import fast_path
 
-        config["inductor_options"] = dict(getattr(fast_path, "INDUCTOR_OPTIONS", {}))
+        config["inductor_options"] = dict(fast_path.INDUCTOR_OPTIONS)
     report = dict(kind="pipeline", schema=1, complete=False, machine=machine(args.device), config={**config, **built},
                   backend_status=backend_status_list(), matmul_peak=matmul_peak(args.device, DTYPES[args.dtype]),
                   work=None, max_batch={}, rows=[])

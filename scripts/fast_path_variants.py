@@ -28,12 +28,12 @@ UNET_VARIANTS = {
     "compile+mm": dict(compile=True, cl=False),
     "compile+cl+mm": dict(compile=True, cl=True),
     "compile+cl+mm+tuned": dict(compile=True, cl=True, options={
-        "conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False,
+        **fast_path.INDUCTOR_OPTIONS, "coordinate_descent_tuning": True, "epilogue_fusion": False,
         "coordinate_descent_check_all_directions": True}),
     "compile+cl+mm+qkv": dict(compile=True, cl=True, qkv=True),
     "compile+cl+mm+cudnnbench": dict(compile=True, cl=True, bench=True),
     # inductor freezing: weights become constants of the compiled graph (inference only)
-    "compile+cl+mm+freeze": dict(compile=True, cl=True, options={"conv_1x1_as_mm": True, "freezing": True}),
+    "compile+cl+mm+freeze": dict(compile=True, cl=True, options={**fast_path.INDUCTOR_OPTIONS, "freezing": True}),
     # regional compilation: each ResnetBlock2D / SpatialTransformer compiled on its own (same-shaped blocks
     # share their compiled code): a shorter compile, fewer fusions across block boundaries
     "regional+cl+mm": dict(compile="regional", cl=True),
@@ -204,7 +204,7 @@ def main():
             set_regional(vae, False)
             fn = prepare = vae.decode
             if name.startswith("compile"):
-                fn = torch.compile(vae.decode, dynamic=False, options=dict(fast_path.INDUCTOR_OPTIONS))
+                fn = fast_path._torch_compile(vae.decode)  # as enable_fast_path() compiles it
             elif name.startswith("regional"):
                 prepare = set_regional(vae, True, "VAE decode").uncompiled(vae.decode)
             if name == "eager":

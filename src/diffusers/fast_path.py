@@ -200,7 +200,8 @@ class CompiledOrEager:
 
 
 # regional compilation: the blocks the models repeat, each compiled on its own so that blocks of the same
-# shape share one compiled graph (a shorter warm-up than compiling the whole model; measured in BENCHMARKS.md)
+# shape share one compiled graph (since the one-graph fix no shorter a warm-up than the whole model on the
+# H100: BENCHMARKS.md, fourth round)
 REGIONS = ("ResnetBlock2D", "SpatialTransformer", "AttentionBlock")
 # compiled graphs per block type (one per shape and batch): dynamo's default of 8 would leave the rest eager
 RECOMPILE_LIMIT = 128
@@ -223,7 +224,7 @@ class RegionalCompile:
                 self.blocks.append(m)
 
     def _wrap(self, eager):
-        compiled = torch.compile(eager, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+        compiled = _torch_compile(eager)
 
         def call(*args, **kwargs):
             if self.failed is None and not self.bypass:
@@ -267,9 +268,13 @@ def _compile_regions(model, what, report):
     return None
 
 
+def _torch_compile(fn):
+    return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+
+
 def _compile(fn, what, report):
     try:
-        compiled = torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+        compiled = _torch_compile(fn)
     except Exception as e:  # an old torch: say so and go on without
         report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
         return fn
@@ -334,10 +339,14 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
     return report
 
 
+# the pipeline's models the fast path wraps, and the method of each it takes the place of
+WRAPPED = (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward"))
+
+
 def warmup_seconds(pipe) -> dict:
     """Seconds each graphed model has spent so far on capturing (its compiles included), by name."""
     out = {}
-    for name, attr in (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward")):
+    for name, attr in WRAPPED:
         wrapper = getattr(getattr(pipe, name, None), "__dict__", {}).get(attr)
         graphed = getattr(wrapper, "graphed", None)
         if isinstance(graphed, GraphedCall):
@@ -352,7 +361,7 @@ def is_enabled(pipe) -> bool:
 
 def disable(pipe):
     """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
-    for name, attr in (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward")):
+    for name, attr in WRAPPED:
         model = getattr(pipe, name, None)
         if model is None:
             continue
