@@ -377,7 +377,8 @@ def measure_backend(pipe, name, args, bar, add):
         fast = None
     elif fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
         compile, compile_vae = fast_path_modes(fast)  # e.g. compile-graphs: the UNet compiled, the VAE graphed
-        report = pipe.enable_fast_path(compile=compile, compile_vae=compile_vae)
+        report = pipe.enable_fast_path(compile=compile, compile_vae=compile_vae,
+                                       parallel_compile=args.parallel_compile)
         if not report["cuda_graphs"]:
             undo()
             add(failed_row(name, None, BenchError("fast path not applied: " + "; ".join(report["reasons"]))))
@@ -412,6 +413,9 @@ def time_row(pipe, name, images, args, gen, bar) -> dict:
         after = warmup_parts(pipe)
         if after:  # the fast path's capture (and compile) seconds per model, for this batch size
             row["warmup_parts_s"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+            helper = compile_helper(pipe)
+            if helper:  # what the helper-process compile of the VAE decoder did, per shape
+                row["compile_helper"] = helper
     except Exception as e:
         row = failed_row(name, images, e)
     finally:
@@ -428,6 +432,14 @@ def warmup_parts(pipe) -> dict:
     except ImportError:  # an installed diffusers without the fast path (the peer)
         return {}
     return fast_path.warmup_seconds(pipe)
+
+
+def compile_helper(pipe) -> dict:
+    try:
+        from diffusers import fast_path
+    except ImportError:
+        return {}
+    return fast_path.helper_results(pipe)
 
 
 def failed_row(name, images, e) -> dict:
@@ -600,6 +612,9 @@ def parse(argv):
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="an inductor option for the fast path's compiles, over its own INDUCTOR_OPTIONS "
                          "(e.g. pattern_matcher=True); repeatable")
+    ap.add_argument("--no-parallel-compile", dest="parallel_compile", action="store_false",
+                    help="fast-path rows: compile the VAE decoder in this process after the UNet, not in a helper "
+                         "process alongside it (enable_fast_path(parallel_compile=False))")
     ap.add_argument("--compile-times", metavar="FILE",
                     help="write torch.compile's own time breakdown (torch._dynamo.utils.compile_times) here")
     args = ap.parse_args(argv)

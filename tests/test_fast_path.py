@@ -64,7 +64,11 @@ def test_fast_path_gives_the_same_images(compile, compile_vae):
     assert pipe.unet.forward.graphed.failed is None and pipe.vae.decode.graphed.failed is None
     assert regions is None or regions.failed is None
     assert all(s > 0 for s in fast_path.warmup_seconds(pipe).values())
+    # both compiled: a helper process compiled the VAE decoder for each batch while the UNet compiled here
+    helper = fast_path.helper_results(pipe)
+    assert helper == ({"1x4x16x16": "compiled", "2x4x16x16": "compiled"} if compile and vae_mode else {}), helper
     pipe.disable_fast_path()
+    assert fast_path.helper_results(pipe) == {}
     assert fast_path.warmup_seconds(pipe) == {}
     assert all(m._compiled_call_impl is None for m in pipe.unet.modules())
     assert "forward" not in vars(pipe.unet) and "decode" not in vars(pipe.vae) and "forward" not in vars(pipe.text_encoder)

@@ -26,18 +26,20 @@ class PipelineMixin(AttentionBackendMixin):
     """What DiffusionPipeline gains: ``set_attention_backend`` and the fast path."""
 
     def enable_fast_path(self, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
-                         text_encoder: bool = True, compile_vae=None):
+                         text_encoder: bool = True, compile_vae=None, parallel_compile: bool = True):
         """Make generation as fast as this GPU allows, with the same images: the UNet step, the VAE decode and
         the text encoder are each captured as a CUDA graph per input shape and replayed; ``compile=True`` runs
         the UNet and the VAE decoder through torch.compile first (channels-last weights; about a minute of
         warm-up in a fresh process, cached after); ``compile="regional"`` compiles each repeated block instead
-        (slightly slower steps); ``compile_vae`` sets the VAE decoder's apart (default: as
-        ``compile``), e.g. ``False``: graphed only. Returns a report of what was applied; what cannot apply is
-        logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
+        (slightly slower steps); ``compile_vae`` sets the VAE decoder's apart (default: as ``compile``), e.g.
+        ``False``: graphed only; ``parallel_compile`` (default on) compiles the VAE decoder in a helper process
+        while this one compiles the UNet, for a shorter warm-up. Returns a report of what was applied; what
+        cannot apply is logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
         from . import fast_path
 
         return fast_path.enable(self, cuda_graphs=cuda_graphs, compile=compile, channels_last=channels_last,
-                                vae=vae, text_encoder=text_encoder, compile_vae=compile_vae)
+                                vae=vae, text_encoder=text_encoder, compile_vae=compile_vae,
+                                parallel_compile=parallel_compile)
 
     @property
     def _timesteps_device(self):

@@ -164,8 +164,11 @@ class GraphedTextForward:
             return out[0], out[1]
 
         self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare)
+        self.last_batch = None
 
     def __call__(self, input_ids=None, *args, **kwargs):
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            self.last_batch = input_ids.shape[0]  # the pipeline's batch (the helper-process compile's shape)
         if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
                 or torch.is_grad_enabled()):
             return self.inner(input_ids, *args, **kwargs)
@@ -282,15 +285,46 @@ def _compile(fn, what, report):
     return CompiledOrEager(fn, compiled, what)
 
 
+WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder": GraphedTextForward}
+
+
+def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None):
+    """The fast path for one model (``what``: a key of ``WRAPPERS``) in place of its method ``attr``:
+    compiled as ``mode`` says (False, True or "regional"), then graphed. ``hook(prepare)`` may wrap the
+    uncompiled run made before each capture (the helper-process compile uses it). Returns the wrapper."""
+    fn = own = getattr(model, attr)
+    prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
+    if mode:
+        if channels_last or channels_last is None:  # default: channels-last where compiled
+            model.to(memory_format=torch.channels_last)
+            report["channels_last"].append(what)
+        if mode == "regional":
+            regions = _compile_regions(model, what, report)
+            prepare = regions and regions.uncompiled(own)
+        else:
+            fn = _compile(fn, what, report)
+            prepare = own if fn is not own else None
+    if prepare is not None and hook is not None:
+        prepare = hook(prepare)
+    if cuda_graphs:
+        fn = WRAPPERS[what](fn, pool, prepare=prepare)
+        report["cuda_graphs"].append(what)
+    if fn is not getattr(model, attr):
+        setattr(model, attr, fn)
+    return fn
+
+
 def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
-           text_encoder: bool = True, compile_vae=None):
+           text_encoder: bool = True, compile_vae=None, parallel_compile: bool = True):
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
 
     ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
     ``"regional"`` (each repeated block compiled on its own: steps a little slower).
     ``channels_last`` (default: for each compiled model) stores the UNet's and VAE's weights channels-last, which
     only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models;
-    ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only."""
+    ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only;
+    ``parallel_compile``: when both are compiled, a helper process compiles the VAE decoder while this one
+    compiles the UNet (``compile_ahead``)."""
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
         if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
             raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
@@ -307,36 +341,56 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
         report["reasons"].append("the UNet is not on a CUDA device: call pipe.to('cuda') first")
     else:
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
-        parts = [("UNet", unet, "forward", GraphedForward)]
+        parts = [("UNet", unet, "forward")]
         if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
-            parts.append(("VAE decode", pipe.vae, "decode", GraphedDecode))
+            parts.append(("VAE decode", pipe.vae, "decode"))
         if text_encoder and getattr(pipe, "text_encoder", None) is not None:
-            parts.append(("text encoder", pipe.text_encoder, "forward", GraphedTextForward))
-        for what, model, attr, wrapper in parts:
+            parts.append(("text encoder", pipe.text_encoder, "forward"))
+        ahead = _ahead(pipe, parts, modes, report, channels_last) if parallel_compile and cuda_graphs else None
+        for what, model, attr in parts:
             if not _on_cuda(model):
                 report["reasons"].append(f"the {what} is not on a CUDA device: left as it is")
                 continue
-            fn = own = getattr(model, attr)
-            prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
-            mode = modes[what]  # the text encoder runs twice per image: graphs suffice
-            if mode:
-                if channels_last or channels_last is None:  # default: channels-last where compiled
-                    model.to(memory_format=torch.channels_last)
-                    report["channels_last"].append(what)
-                if mode == "regional":
-                    regions = _compile_regions(model, what, report)
-                    prepare = regions and regions.uncompiled(own)
-                else:
-                    fn = _compile(fn, what, report)
-                    prepare = own if fn is not own else None
-            if cuda_graphs:
-                fn = wrapper(fn, pool, prepare=prepare)
-                report["cuda_graphs"].append(what)
-            if fn is not getattr(model, attr):
-                setattr(model, attr, fn)
+            apply_to(model, what, attr, modes[what], report, channels_last, cuda_graphs, pool,
+                     ahead and ahead.get(what))
     for why in report["reasons"]:
         logger.warning(f"fast path: {why}")
     return report
+
+
+def _ahead(pipe, parts, modes, report, channels_last):
+    """Hooks for the helper-process compile of the VAE decoder: started by the UNet's first capture of a
+    shape (the decoder's shape: the text encoder's last batch, the UNet's latent height and width), awaited
+    by the decoder's own capture. None where it cannot apply: both must be compiled on CUDA, and the text
+    encoder graphed (it tells the batch)."""
+    names = {what: model for what, model, _ in parts}
+    if not (modes["UNet"] and modes["VAE decode"] and "text encoder" in names
+            and "VAE decode" in names and all(_on_cuda(m) for m in names.values())):
+        return None
+    from . import compile_ahead
+
+    vae = names["VAE decode"]
+    ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", modes["VAE decode"], dict(INDUCTOR_OPTIONS),
+                                channels_last is not False)
+    pipe._fast_path_ahead = ahead
+    latent_channels = getattr(vae.config, "latent_channels", None) or vae.config["latent_channels"]
+
+    def starting(prepare):
+        def run(sample, *args):
+            text = names["text encoder"].__dict__.get("forward")
+            batch = getattr(text, "last_batch", None)
+            if batch is not None and sample.dim() == 4:
+                ahead.start((batch, latent_channels, sample.shape[2], sample.shape[3]))
+            return prepare(sample, *args)
+        return run
+
+    def waiting(prepare):
+        def run(z, *args):
+            ahead.wait(z.shape)
+            return prepare(z, *args)
+        return run
+
+    return {"UNet": starting, "VAE decode": waiting}
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
@@ -354,6 +408,14 @@ def warmup_seconds(pipe) -> dict:
     return out
 
 
+def helper_results(pipe) -> dict:
+    """What the helper-process compile did so far, per shape ("2x4x64x64"): "compiled", or why not."""
+    ahead = getattr(pipe, "__dict__", {}).get("_fast_path_ahead")
+    if ahead is None:
+        return {}
+    return {"x".join(map(str, shape)): why or "compiled" for shape, why in ahead.done.items()}
+
+
 def is_enabled(pipe) -> bool:
     unet = getattr(pipe, "unet", None)
     return unet is not None and isinstance(unet.__dict__.get("forward"), GraphedForward)
@@ -361,6 +423,9 @@ def is_enabled(pipe) -> bool:
 
 def disable(pipe):
     """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
+    ahead = pipe.__dict__.pop("_fast_path_ahead", None)
+    if ahead is not None:
+        ahead.stop()
     for name, attr in WRAPPED:
         model = getattr(pipe, name, None)
         if model is None:

@@ -1,0 +1,253 @@
+# diffusers-flash: the fast path's VAE decoder compile, run in a helper process while this process compiles
+# the UNet, so that a fresh process's warm-up is the UNet's compile and not the sum of the two.
+"""Compiling ahead in a helper process.
+
+torch.compile's work is serial Python in the process that compiles (lowering, scheduling, code generation:
+BENCHMARKS.md, fourth round): a fresh process compiles the UNet (about 55 s on an H100 host) and then the
+VAE decoder (about 20 s) one after the other, on one core. When the UNet's first capture starts, the shape
+the VAE decoder will be called with is known (the latents: the text encoder's batch, the UNet's height and
+width), so a helper process builds a VAE of the same class and config (random weights: compiled code does
+not depend on the weights' values), runs the fast path's own compile of its decode on that shape and exits.
+Its compiled code lands in inductor's on-disk caches, and this process's own compile of the decoder, when the
+pipeline reaches it, becomes a cache lookup.
+
+Nothing here can change an image: this process still compiles its own model; a helper that fails, is too
+slow or guessed the wrong shape only means this process compiles from scratch, as without the helper (the
+reason is logged). The helper is skipped where inductor's caches are off or the GPU lacks the free memory
+for a second model.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .utils import logging
+
+logger = logging.get_logger(__name__)
+
+# the most this process waits for a helper that is still compiling when it needs the compiled model itself
+# (the helper started earlier on the same work, so it finishes first unless it is stuck)
+WAIT_S = 300.0
+# GPU memory a helper needs free before it starts: its CUDA context and the model, plus the eager decode's
+# activations per image (SD's VAE decoder at 512x512: about 0.8 GiB an image, uncompiled)
+BASE_BYTES = 1.5 * 2**30
+PER_PIXEL_BYTES = 0.8 * 2**30 / (512 * 512)
+
+_FLAGS = (  # backend flags that change compiled code (and inductor's cache keys): the helper mirrors them
+    ("cuda.matmul", "fp32_precision"),  # torch >= 2.9, before the older flags it also sets
+    ("cudnn", "fp32_precision"),
+    ("cuda.matmul", "allow_tf32"),
+    ("cuda.matmul", "allow_fp16_reduced_precision_reduction"),
+    ("cuda.matmul", "allow_bf16_reduced_precision_reduction"),
+    ("cudnn", "allow_tf32"),
+    ("cudnn", "deterministic"),
+    ("cudnn", "benchmark"),
+)
+
+_live = set()  # running helpers, stopped when this process exits
+
+
+@atexit.register
+def _stop_all():
+    for helper in list(_live):
+        helper.stop()
+
+
+def _backends(attr_path):
+    obj = torch.backends
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def caches_on() -> bool:
+    """Whether inductor keeps compiled graphs on disk, where a helper's work can be found."""
+    import torch._inductor.config as config
+
+    return bool(getattr(config, "fx_graph_cache", False)) and not getattr(config, "force_disable_caches", False)
+
+
+def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_last: bool) -> dict:
+    """What a helper needs to compile ``model.<attr>`` as the fast path does, on inputs of ``shape``."""
+    p = next(model.parameters())
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return {
+        "module": type(model).__module__, "class": type(model).__qualname__, "config": config,
+        "attr": attr, "what": what, "mode": mode, "shape": list(shape),
+        "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),
+        "channels_last": channels_last,
+        "training": model.training, "requires_grad": p.requires_grad,
+        "backends": {name: m._attention_backend for name, m in model.named_modules()
+                     if "_attention_backend" in vars(m)},
+        "inductor": options,
+        "flags": {f"{where}.{name}": getattr(_backends(where), name) for where, name in _FLAGS
+                  if hasattr(_backends(where), name)},
+    }
+
+
+def memory_needed(shape) -> int:
+    pixels = shape[0] * shape[-2] * shape[-1] * 64  # latents are 1/8 of the image each way
+    return int(BASE_BYTES + PER_PIXEL_BYTES * pixels)
+
+
+class Helper:
+    """One helper process compiling one model's fast-path call for one input shape."""
+
+    def __init__(self, spec: dict):
+        self.spec, self.shape = spec, tuple(spec["shape"])
+        self.started = time.perf_counter()
+        fd, self.spec_path = tempfile.mkstemp(prefix="diffusers-flash-ahead-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffusers.compile_ahead", self.spec_path],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        _live.add(self)
+
+    def wait(self, timeout: float = WAIT_S):
+        """Wait for the helper; returns None when it compiled, else the reason it did not."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return f"still compiling after {timeout:.0f} s more: stopped"
+        finally:
+            _live.discard(self)
+            self._remove_spec()
+        if rc == 0:
+            return None
+        self.log.seek(0)
+        lines = [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return f"exit status {rc}: {lines[-1].strip() if lines else 'no output'}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        _live.discard(self)
+        self._remove_spec()
+
+    def _remove_spec(self):
+        try:
+            os.remove(self.spec_path)
+        except OSError:
+            pass
+
+
+class Ahead:
+    """The fast path's helper for one model: ``start(shape)`` when the shape it will be called with is known,
+    ``wait(shape)`` just before this process compiles it."""
+
+    def __init__(self, model, attr: str, what: str, mode, options: dict, channels_last: bool):
+        self.model, self.attr, self.what, self.mode, self.options = model, attr, what, mode, options
+        self.channels_last = channels_last
+        self.helpers = {}  # shape -> Helper
+        self.done = {}  # shape -> None (compiled) or the reason it did not
+
+    def start(self, shape):
+        shape = tuple(int(s) for s in shape)
+        if shape in self.helpers or shape in self.done:
+            return
+        try:
+            if not caches_on():
+                raise RuntimeError("inductor's on-disk caches are off")
+            device = next(self.model.parameters()).device
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                need = memory_needed(shape)
+                if free < 2 * need:
+                    raise RuntimeError(f"{free / 2**30:.1f} GiB free on the GPU, {2 * need / 2**30:.1f} wanted")
+            helper = Helper(spec_for(self.model, self.attr, self.what, self.mode, shape, self.options,
+                                     self.channels_last))
+        except Exception as e:
+            self.done[shape] = f"{type(e).__name__}: {e}"
+            logger.info(f"fast path: the {self.what} compiles in this process, no helper ({self.done[shape]})")
+            return
+        self.helpers[shape] = helper
+        logger.info(f"fast path: compiling the {self.what} for {shape} in a helper process (pid "
+                    f"{helper.proc.pid}) while this one compiles the UNet")
+
+    def wait(self, shape):
+        """Before this process's own compile for ``shape``: let a helper working on it finish."""
+        helper = self.helpers.pop(tuple(int(s) for s in shape), None)
+        if helper is None:
+            return
+        failed = self.done[helper.shape] = helper.wait()
+        took = time.perf_counter() - helper.started
+        if failed is None:
+            logger.info(f"fast path: the helper compiled the {self.what} for {helper.shape} in {took:.1f} s; "
+                        f"this process's compile reads it from inductor's cache")
+        else:
+            logger.warning(f"fast path: the helper process did not compile the {self.what} ({failed}); it "
+                           f"compiles here")
+
+    def stop(self):
+        for helper in self.helpers.values():
+            helper.stop()
+        self.helpers.clear()
+
+
+def main(argv=None) -> int:
+    """The helper: compile ``spec``'s model call as the fast path does, on random inputs of its shape."""
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    from . import fast_path
+
+    for key, value in spec["flags"].items():  # in order; only those that differ (setting one sets others)
+        where, name = key.rsplit(".", 1)
+        if hasattr(_backends(where), name) and getattr(_backends(where), name) != value:
+            setattr(_backends(where), name, value)
+    cls = importlib.import_module(spec["module"])
+    for part in spec["class"].split("."):
+        cls = getattr(cls, part)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    with torch.device(device):  # random weights: the compiled code does not depend on their values
+        model = cls(**spec["config"])
+    model.to(dtype).train(spec["training"]).requires_grad_(spec["requires_grad"])
+    modules = dict(model.named_modules())
+    for name, backend in spec["backends"].items():
+        modules[name]._attention_backend = backend
+    fast_path.INDUCTOR_OPTIONS.clear()
+    fast_path.INDUCTOR_OPTIONS.update(spec["inductor"])
+    report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
+    fast_path.apply_to(model, spec["what"], spec["attr"], spec["mode"], report,
+                       channels_last=spec["channels_last"], cuda_graphs=device.type == "cuda")
+    if spec["what"] not in report["compile"]:
+        print(f"not compiled: {report['reasons']}", file=sys.stderr)
+        return 3
+    x = torch.randn(spec["shape"], device=device, dtype=dtype)
+    with torch.no_grad():
+        getattr(model, spec["attr"])(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    failed = _failure(model, spec["attr"])
+    if failed:  # the fast path ran it uncompiled: nothing useful in the cache
+        print(f"the compile failed: {failed}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def _failure(model, attr):
+    """Why the fast path's compile of ``model.<attr>`` fell back to the uncompiled model, if it did."""
+    from . import fast_path
+
+    regions = model.__dict__.get("_fast_path_regions")
+    if regions is not None and regions.failed:
+        return regions.failed
+    fn = model.__dict__.get(attr)
+    inner = getattr(fn, "inner", fn)
+    return getattr(inner, "failed", None) if isinstance(inner, fast_path.CompiledOrEager) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

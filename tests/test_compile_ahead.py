@@ -1,0 +1,91 @@
+"""The helper-process compile (compile_ahead): a helper compiles a model's fast-path call into inductor's
+on-disk cache, this process's own compile of the same call then finds it there and gives the eager output;
+a helper that cannot do its work is reported and changes nothing. Run on the CPU (inductor's C++ backend):
+the mechanism is the same as on CUDA, where the fast path starts it."""
+import logging as pylogging
+
+import pytest
+import torch
+
+from diffusers import compile_ahead, fast_path, local_pipelines
+
+
+def _vae():
+    return local_pipelines.components("tiny")["vae"].eval()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    yield tmp_path / "inductor"
+    torch._dynamo.reset()
+
+
+def test_a_helper_compiles_into_the_cache_this_process_then_reads(fresh_cache, caplog):
+    from torch._dynamo.utils import counters
+
+    vae = _vae()
+    shape = (1, vae.config.latent_channels, 8, 8)
+    ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", True, dict(fast_path.INDUCTOR_OPTIONS),
+                                channels_last=True)
+    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+        ahead.start(shape)
+        assert shape in ahead.helpers, ahead.done
+        ahead.wait(shape)
+    assert ahead.done[shape] is None, ahead.done[shape]
+    assert "the helper compiled the VAE decode" in caplog.text
+    assert any(fresh_cache.rglob("*")), "the helper wrote nothing to inductor's cache"
+
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = vae.decode(z).sample
+    report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
+    counters.clear()
+    fast_path.apply_to(vae, "VAE decode", "decode", True, report, cuda_graphs=False)
+    with torch.no_grad():
+        out = vae.decode(z).sample
+    if vae.decode.failed is not None:
+        pytest.skip(f"torch.compile cannot run here: {vae.decode.failed}")
+    assert report["compile"] == ["VAE decode"] and report["channels_last"] == ["VAE decode"]
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0, dict(counters["inductor"])
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_helper_that_fails_is_reported_and_waited_for_once(fresh_cache, caplog):
+    vae = _vae()
+    ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", True, {"no_such_inductor_option": 1},
+                                channels_last=False)
+    shape = (1, 4, 8, 8)
+    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+        ahead.start(shape)
+        ahead.wait(shape)
+        ahead.wait(shape)  # nothing left to wait for
+    assert ahead.done[shape].startswith("exit status"), ahead.done[shape]
+    assert "no_such_inductor_option" in ahead.done[shape] or "exit status" in caplog.text
+    assert "did not compile the VAE decode" in caplog.text and "it compiles here" in caplog.text
+    assert not compile_ahead._live
+
+
+def test_no_helper_without_inductor_caches(monkeypatch, caplog):
+    import torch._inductor.config as config
+
+    monkeypatch.setattr(config, "fx_graph_cache", False)
+    ahead = compile_ahead.Ahead(_vae(), "decode", "VAE decode", True, {}, channels_last=False)
+    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+        ahead.start((1, 4, 8, 8))
+    assert ahead.helpers == {} and "caches are off" in ahead.done[(1, 4, 8, 8)]
+    assert "compiles in this process, no helper" in caplog.text
+
+
+def test_the_spec_mirrors_the_model_and_the_flags():
+    vae = _vae()
+    vae.set_attention_backend("math")
+    spec = compile_ahead.spec_for(vae, "decode", "VAE decode", "regional", (2, 4, 8, 8), {"a": 1}, True)
+    assert spec["class"] == "AutoencoderKL" and spec["config"]["block_out_channels"] == [32, 64]
+    assert not any(k.startswith("_") for k in spec["config"])
+    assert set(spec["backends"].values()) == {"math"} and len(spec["backends"]) >= 1
+    assert spec["mode"] == "regional" and spec["shape"] == [2, 4, 8, 8] and spec["channels_last"] is True
+    assert spec["flags"]["cudnn.allow_tf32"] == torch.backends.cudnn.allow_tf32
+    assert spec["dtype"] == "float32" and spec["device"] == "cpu" and spec["training"] is False
