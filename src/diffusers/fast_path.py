@@ -30,9 +30,10 @@ logger = logging.get_logger(__name__)
 # torch.compile options for the UNet and the VAE decoder (inductor config, scoped to these compiles): 1x1
 # convolutions as matmuls; no pattern-matcher passes (they searched the UNet's graph for 7-9 s of the
 # warm-up, and without them one image was no slower on the H100; attention already reaches its kernel
-# through the dispatcher; BENCHMARKS.md, fourth round). Coordinate-descent tuning was measured too and left
-# out: it took the UNet's compile past five minutes on the H100.
-INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "pattern_matcher": False}
+# through the dispatcher); no launch-config tuning of the fused pointwise kernels (6 s of a fresh warm-up
+# for kernels that take 5% of a step; one image no slower). BENCHMARKS.md, fourth and fifth rounds.
+# Coordinate-descent tuning was measured too and left out: it took the UNet's compile past five minutes.
+INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "pattern_matcher": False, "triton.autotune_pointwise": False}
 
 
 def _reason(e: Exception) -> str:
