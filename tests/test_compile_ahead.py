@@ -68,13 +68,13 @@ def test_a_helper_that_fails_is_reported_and_waited_for_once(fresh_cache, caplog
     assert not compile_ahead._live
 
 
-def test_no_helper_without_inductor_caches(monkeypatch, caplog):
+def test_no_helper_without_inductor_caches(caplog):
     import torch._inductor.config as config
 
-    monkeypatch.setattr(config, "fx_graph_cache", False)
     ahead = compile_ahead.Ahead(_vae(), "decode", "VAE decode", True, {}, channels_last=False)
-    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+    with caplog.at_level(pylogging.INFO, logger="diffusers"), config.patch(fx_graph_cache=False):
         ahead.start((1, 4, 8, 8))
+    assert config.fx_graph_cache == compile_ahead.caches_on()
     assert ahead.helpers == {} and "caches are off" in ahead.done[(1, 4, 8, 8)]
     assert "compiles in this process, no helper" in caplog.text
 
@@ -89,3 +89,37 @@ def test_the_spec_mirrors_the_model_and_the_flags():
     assert spec["mode"] == "regional" and spec["shape"] == [2, 4, 8, 8] and spec["channels_last"] is True
     assert spec["flags"]["cudnn.allow_tf32"] == torch.backends.cudnn.allow_tf32
     assert spec["dtype"] == "float32" and spec["device"] == "cpu" and spec["training"] is False
+
+
+def test_the_unet_capture_starts_the_decoder_helper_and_the_decoder_capture_awaits_it(monkeypatch):
+    """The fast path's hooks: the UNet's planning run before a capture starts a helper for the decoder's
+    shape (half the UNet's batch when even: classifier-free guidance), the decoder's awaits it, each before
+    the model's own uncompiled run."""
+    events = []
+
+    class Recorder:
+        def __init__(self, model, attr, what, mode, options, channels_last):
+            events.append(("new", what, mode, channels_last))
+
+        def start(self, shape):
+            events.append(("start", tuple(shape)))
+
+        def wait(self, shape):
+            events.append(("wait", tuple(shape)))
+
+    monkeypatch.setattr(compile_ahead, "Ahead", Recorder)
+    monkeypatch.setattr(fast_path, "_on_cuda", lambda model: True)
+    pipe = local_pipelines.stable_diffusion("tiny")
+    parts = [("UNet", pipe.unet, "forward"), ("VAE decode", pipe.vae, "decode")]
+    report = {"reasons": []}
+    assert fast_path._ahead(pipe, parts, {"UNet": True, "VAE decode": False}, report, None) is None
+    assert fast_path._ahead(pipe, parts[:1], {"UNet": True, "VAE decode": True}, report, None) is None
+    hooks = fast_path._ahead(pipe, parts, {"UNet": True, "VAE decode": "regional"}, report, None)
+    assert events == [("new", "VAE decode", "regional", True)]
+    unet_prepare = hooks["UNet"](lambda *a: events.append(("unet", a[0].shape[0])))
+    vae_prepare = hooks["VAE decode"](lambda z: events.append(("vae", z.shape[0])))
+    unet_prepare(torch.zeros(6, 4, 8, 12), torch.tensor(1), torch.zeros(6, 77, 32))
+    vae_prepare(torch.zeros(3, 4, 8, 12))
+    unet_prepare(torch.zeros(3, 4, 8, 8), torch.tensor(1), torch.zeros(3, 77, 32))
+    assert events[1:] == [("start", (3, 4, 8, 12)), ("unet", 6), ("wait", (3, 4, 8, 12)), ("vae", 3),
+                          ("start", (3, 4, 8, 8)), ("unet", 3)]

@@ -4,9 +4,9 @@
 
 torch.compile's work is serial Python in the process that compiles (lowering, scheduling, code generation:
 BENCHMARKS.md, fourth round): a fresh process compiles the UNet (about 55 s on an H100 host) and then the
-VAE decoder (about 20 s) one after the other, on one core. When the UNet's first capture starts, the shape
-the VAE decoder will be called with is known (the latents: the text encoder's batch, the UNet's height and
-width), so a helper process builds a VAE of the same class and config (random weights: compiled code does
+VAE decoder (about 20 s) one after the other, on one core. When the UNet's first capture of a shape starts,
+the shape the VAE decoder will be called with follows (the latents: half the UNet's batch under
+classifier-free guidance, its height and width), so a helper process builds a VAE of the same class and config (random weights: compiled code does
 not depend on the weights' values), runs the fast path's own compile of its decode on that shape and exits.
 Its compiled code lands in inductor's on-disk caches, and this process's own compile of the decoder, when the
 pipeline reaches it, becomes a cache lookup.

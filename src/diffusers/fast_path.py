@@ -165,11 +165,8 @@ class GraphedTextForward:
             return out[0], out[1]
 
         self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare)
-        self.last_batch = None
 
     def __call__(self, input_ids=None, *args, **kwargs):
-        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-            self.last_batch = input_ids.shape[0]  # the pipeline's batch (the helper-process compile's shape)
         if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
                 or torch.is_grad_enabled()):
             return self.inner(input_ids, *args, **kwargs)
@@ -361,12 +358,13 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
 
 def _ahead(pipe, parts, modes, report, channels_last):
     """Hooks for the helper-process compile of the VAE decoder: started by the UNet's first capture of a
-    shape (the decoder's shape: the text encoder's last batch, the UNet's latent height and width), awaited
-    by the decoder's own capture. None where it cannot apply: both must be compiled on CUDA, and the text
-    encoder graphed (it tells the batch)."""
+    shape, awaited by the decoder's own capture. The decoder's shape is the UNet's latents with half its
+    batch when that is even (classifier-free guidance, the pipelines' default, runs the UNet on the
+    unconditional and the conditional half together); a wrong guess (no guidance) only means the decoder
+    compiles here as without a helper. None where it cannot apply: both must be compiled, on CUDA."""
     names = {what: model for what, model, _ in parts}
-    if not (modes["UNet"] and modes["VAE decode"] and "text encoder" in names
-            and "VAE decode" in names and all(_on_cuda(m) for m in names.values())):
+    if not (modes["UNet"] and modes["VAE decode"] and "VAE decode" in names
+            and all(_on_cuda(names[w]) for w in ("UNet", "VAE decode"))):
         return None
     from . import compile_ahead
 
@@ -378,10 +376,9 @@ def _ahead(pipe, parts, modes, report, channels_last):
 
     def starting(prepare):
         def run(sample, *args):
-            text = names["text encoder"].__dict__.get("forward")
-            batch = getattr(text, "last_batch", None)
-            if batch is not None and sample.dim() == 4:
-                ahead.start((batch, latent_channels, sample.shape[2], sample.shape[3]))
+            if sample.dim() == 4:
+                n = sample.shape[0]
+                ahead.start((n // 2 if n % 2 == 0 else n, latent_channels, sample.shape[2], sample.shape[3]))
             return prepare(sample, *args)
         return run
 
