@@ -123,3 +123,35 @@ def test_the_unet_capture_starts_the_decoder_helper_and_the_decoder_capture_awai
     unet_prepare(torch.zeros(3, 4, 8, 8), torch.tensor(1), torch.zeros(3, 77, 32))
     assert events[1:] == [("start", (3, 4, 8, 12)), ("unet", 6), ("wait", (3, 4, 8, 12)), ("vae", 3),
                           ("start", (3, 4, 8, 8)), ("unet", 3)]
+
+
+@pytest.mark.parametrize("counts,waited", [((2, 0), False), ((2, 1), True), ((0, 0), True)])
+def test_a_warm_cache_stops_the_helper_a_cold_one_waits_for_it(monkeypatch, counts, waited):
+    """When every compile since the helper started was a cache hit (a second process), this process reads
+    the cache itself and stops the helper; after a miss (or none counted) it waits for the helper."""
+    import subprocess
+    import sys
+
+    class Slow:
+        shape, counts, started = (1, 4, 8, 8), (0, 0), 0.0
+
+        def __init__(self):
+            self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            self.waited = False
+
+        def stop(self):
+            self.proc.kill()
+            self.proc.wait()
+
+        def wait(self):
+            self.waited = True
+            self.stop()
+            return None
+
+    ahead = compile_ahead.Ahead(_vae(), "decode", "VAE decode", True, {}, channels_last=False)
+    helper = ahead.helpers[Slow.shape] = Slow()
+    monkeypatch.setattr(compile_ahead, "_cache_counts", lambda: counts)
+    ahead.wait(Slow.shape)
+    assert helper.proc.poll() is not None and helper.waited == waited and ahead.helpers == {}
+    assert (ahead.done[Slow.shape] is None) == waited
+    assert waited or ahead.done[Slow.shape].startswith("stopped: inductor's cache is warm")

@@ -9,7 +9,9 @@ the shape the VAE decoder will be called with follows (the latents: half the UNe
 classifier-free guidance, its height and width), so a helper process builds a VAE of the same class and config (random weights: compiled code does
 not depend on the weights' values), runs the fast path's own compile of its decode on that shape and exits.
 Its compiled code lands in inductor's on-disk caches, and this process's own compile of the decoder, when the
-pipeline reaches it, becomes a cache lookup.
+pipeline reaches it, becomes a cache lookup. In a second process (inductor's cache already warm: the UNet's
+compile was all cache hits) reading the cache here is quicker than the helper's start-up, so the helper is
+stopped instead of awaited.
 
 Nothing here can change an image: this process still compiles its own model; a helper that fails, is too
 slow or guessed the wrong shape only means this process compiles from scratch, as without the helper (the
@@ -93,6 +95,16 @@ def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_l
     }
 
 
+def _cache_counts():
+    """Inductor's compiled-graph cache hits and misses in this process so far ((0, 0) where not counted)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    except Exception:
+        return 0, 0
+
+
 def memory_needed(shape) -> int:
     pixels = shape[0] * shape[-2] * shape[-1] * 64  # latents are 1/8 of the image each way
     return int(BASE_BYTES + PER_PIXEL_BYTES * pixels)
@@ -103,7 +115,7 @@ class Helper:
 
     def __init__(self, spec: dict):
         self.spec, self.shape = spec, tuple(spec["shape"])
-        self.started = time.perf_counter()
+        self.started, self.counts = time.perf_counter(), _cache_counts()
         fd, self.spec_path = tempfile.mkstemp(prefix="diffusers-flash-ahead-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
@@ -177,9 +189,17 @@ class Ahead:
                     f"{helper.proc.pid}) while this one compiles the UNet")
 
     def wait(self, shape):
-        """Before this process's own compile for ``shape``: let a helper working on it finish."""
+        """Before this process's own compile for ``shape``: let a helper working on it finish, unless the
+        compiles since it started all came from inductor's cache (a second process: the cache is warm, and
+        reading it here is quicker than the helper's start-up)."""
         helper = self.helpers.pop(tuple(int(s) for s in shape), None)
         if helper is None:
+            return
+        hits, misses = (now - then for now, then in zip(_cache_counts(), helper.counts))
+        if helper.proc.poll() is None and hits > 0 and misses == 0:
+            helper.stop()
+            self.done[helper.shape] = "stopped: inductor's cache is warm (this process's compiles were cache hits)"
+            logger.info(f"fast path: the {self.what} compiles here from inductor's warm cache; helper stopped")
             return
         failed = self.done[helper.shape] = helper.wait()
         took = time.perf_counter() - helper.started
