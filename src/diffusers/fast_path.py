@@ -9,8 +9,10 @@ decode and the text encoder alike. ``compile=True`` also runs the UNet and the V
 torch.compile (fusions; channels-last; the warm-up is reported by the benchmark, per model);
 ``compile="regional"`` compiles each repeated block on its own instead (since the one-graph fix below it no
 longer warms up faster on an H100, and its steps are 2% slower: an option for models whose whole graph
-will not compile); ``compile_vae`` sets the VAE decoder's mode apart (``False``: graphed only, 20 s less
-warm-up, 14 ms more per image). Before each capture the model runs once uncompiled, so the attention
+will not compile); ``compile_vae`` sets the VAE decoder's mode apart (``False``: graphed only, 14 ms more
+per image); ``parallel_compile`` (default on) has a helper process compile the VAE
+decoder while this one compiles the UNet (compile_ahead.py), so a fresh warm-up is about the UNet's compile
+alone. Before each capture the model runs once uncompiled, so the attention
 dispatcher has planned every shape and torch.compile traces one graph without breaks. cuDNN's benchmark
 mode, fused QKV projections and inductor freezing were measured and left out (BENCHMARKS.md, third and
 fourth rounds). Whatever cannot apply
