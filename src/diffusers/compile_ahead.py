@@ -36,8 +36,9 @@ from .utils import logging
 logger = logging.get_logger(__name__)
 
 # the most this process waits for a helper that is still compiling when it needs the compiled model itself
-# (the helper started earlier on the same work, so it finishes first unless it is stuck)
-WAIT_S = 300.0
+# (the helper started a UNet compile earlier, about a minute, on work of 20-30 s: it has finished unless it
+# is stuck, and then compiling here is the quicker way)
+WAIT_S = 120.0
 # GPU memory a helper needs free before it starts: its CUDA context and the model, plus the eager decode's
 # activations per image (SD's VAE decoder at 512x512: about 0.8 GiB an image, uncompiled)
 BASE_BYTES = 1.5 * 2**30
@@ -120,9 +121,13 @@ class Helper:
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffusers.compile_ahead", self.spec_path],
-                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "diffusers.compile_ahead", self.spec_path],
+                                         stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except BaseException:
+            self._remove_spec()
+            raise
         _live.add(self)
 
     def wait(self, timeout: float = WAIT_S):
