@@ -6,17 +6,20 @@ torch.compile's work is serial Python in the process that compiles (lowering, sc
 BENCHMARKS.md, fourth round): a fresh process compiles the UNet (about 55 s on an H100 host) and then the
 VAE decoder (about 20 s) one after the other, on one core. When the UNet's first capture of a shape starts,
 the shape the VAE decoder will be called with follows (the latents: half the UNet's batch under
-classifier-free guidance, its height and width), so a helper process builds a VAE of the same class and config (random weights: compiled code does
-not depend on the weights' values), runs the fast path's own compile of its decode on that shape and exits.
-Its compiled code lands in inductor's on-disk caches, and this process's own compile of the decoder, when the
-pipeline reaches it, becomes a cache lookup. In a second process (inductor's cache already warm: the UNet's
-compile was all cache hits) reading the cache here is quicker than the helper's start-up, so the helper is
-stopped instead of awaited.
+classifier-free guidance, its height and width), so a helper process builds a VAE of the same class and
+config (random weights: compiled code does not depend on the weights' values), mirrors what inductor's cache
+keys depend on (dtype, layout, attention backends, backend flags, inductor options), runs the fast path's own
+compile of its decode on that shape and exits. Its compiled code lands in inductor's on-disk caches, and
+this process's own compile of the decoder, when the pipeline reaches it, becomes a cache lookup; whether it
+did is checked (inductor's hit and miss counters) and reported. In a second process (inductor's cache
+already warm: the UNet's compile was all cache hits) reading the cache here is quicker than the helper's
+start-up, so the helper is stopped instead of awaited.
 
 Nothing here can change an image: this process still compiles its own model; a helper that fails, is too
 slow or guessed the wrong shape only means this process compiles from scratch, as without the helper (the
-reason is logged). The helper is skipped where inductor's caches are off or the GPU lacks the free memory
-for a second model.
+reason is logged). No helper is started where it cannot help or could not match: inductor's caches off, too
+little free GPU memory or too few CPU cores, autocast on, a model class a new process cannot import, mixed
+dtypes, partly frozen or partly training models, inductor options that cannot be passed on.
 """
 from __future__ import annotations
 
@@ -39,10 +42,14 @@ logger = logging.get_logger(__name__)
 # (the helper started a UNet compile earlier, about a minute, on work of 20-30 s: it has finished unless it
 # is stuck, and then compiling here is the quicker way)
 WAIT_S = 120.0
+# fewer cores than this: the helper's compile would slow this process's own (each is one busy core, plus
+# Triton's compile workers)
+MIN_CPUS = 4
 # GPU memory a helper needs free before it starts: its CUDA context and the model, plus the eager decode's
 # activations per image (SD's VAE decoder at 512x512: about 0.8 GiB an image, uncompiled)
 BASE_BYTES = 1.5 * 2**30
 PER_PIXEL_BYTES = 0.8 * 2**30 / (512 * 512)
+REASON_CHARS = 300  # a helper's failure, as reported: the start of its last output line
 
 _FLAGS = (  # backend flags that change compiled code (and inductor's cache keys): the helper mirrors them
     ("cuda.matmul", "fp32_precision"),  # torch >= 2.9, before the older flags it also sets
@@ -54,6 +61,7 @@ _FLAGS = (  # backend flags that change compiled code (and inductor's cache keys
     ("cudnn", "deterministic"),
     ("cudnn", "benchmark"),
 )
+_SDP = ("flash", "mem_efficient", "math", "cudnn")  # torch.backends.cuda.<x>_sdp_enabled / enable_<x>_sdp
 
 _live = set()  # running helpers, stopped when this process exits
 
@@ -78,21 +86,60 @@ def caches_on() -> bool:
     return bool(getattr(config, "fx_graph_cache", False)) and not getattr(config, "force_disable_caches", False)
 
 
+def _inductor_globals() -> dict:
+    """This process's inductor options that differ from their defaults (they are part of the cache keys)."""
+    import torch._inductor.config as config
+
+    out = {}
+    entries = getattr(config, "_config", {})
+    for key, value in config.save_config_portable().items():
+        entry = entries.get(key)
+        if entry is not None and value == entry.default:  # set at some point, but to its default
+            continue
+        if entry is not None or not config._is_default(key):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"inductor option {key}={value!r} cannot be passed to a helper process") from None
+            out[key] = value
+    return out
+
+
+def _sdp_flags() -> dict:
+    return {name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")() for name in _SDP
+            if hasattr(torch.backends.cuda, f"{name}_sdp_enabled")}
+
+
 def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_last: bool) -> dict:
-    """What a helper needs to compile ``model.<attr>`` as the fast path does, on inputs of ``shape``."""
-    p = next(model.parameters())
+    """What a helper needs to compile ``model.<attr>`` as the fast path does, on inputs of ``shape``; a
+    ValueError where a helper could not build the model or match this process's compile."""
+    from .models import attention_dispatch
+    from .models.attention import AttentionBlock, CrossAttention
+
+    cls = type(model)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        raise ValueError(f"{cls.__qualname__} is defined in {cls.__module__}: a new process cannot import it")
+    params = list(model.parameters())
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"parameters of {len(dtypes)} dtypes")
+    if len({p.requires_grad for p in params}) != 1 or len({m.training for m in model.modules()}) != 1:
+        raise ValueError("partly frozen or partly in training mode")
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     return {
-        "module": type(model).__module__, "class": type(model).__qualname__, "config": config,
-        "attr": attr, "what": what, "mode": mode, "shape": list(shape),
-        "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),
-        "channels_last": channels_last,
-        "training": model.training, "requires_grad": p.requires_grad,
-        "backends": {name: m._attention_backend for name, m in model.named_modules()
-                     if "_attention_backend" in vars(m)},
+        "module": cls.__module__, "class": cls.__qualname__, "config": config,
+        "attr": attr, "what": what, "mode": mode, "shape": [int(n) for n in shape],
+        "dtype": str(params[0].dtype).replace("torch.", ""), "device": str(params[0].device),
+        "channels_last": channels_last, "training": model.training, "requires_grad": params[0].requires_grad,
+        "backends": {name: attention_dispatch.current(m) for name, m in model.named_modules()
+                     if isinstance(m, (CrossAttention, AttentionBlock))},
         "inductor": options,
+        "inductor_globals": _inductor_globals(),
         "flags": {f"{where}.{name}": getattr(_backends(where), name) for where, name in _FLAGS
                   if hasattr(_backends(where), name)},
+        "sdp": _sdp_flags(),
+        "deterministic": [torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()],
     }
 
 
@@ -106,9 +153,20 @@ def _cache_counts():
         return 0, 0
 
 
+def _since(counts):
+    return tuple(now - then for now, then in zip(_cache_counts(), counts))
+
+
 def memory_needed(shape) -> int:
     pixels = shape[0] * shape[-2] * shape[-1] * 64  # latents are 1/8 of the image each way
     return int(BASE_BYTES + PER_PIXEL_BYTES * pixels)
+
+
+def _autocast_on(device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class Helper:
@@ -116,10 +174,11 @@ class Helper:
 
     def __init__(self, spec: dict):
         self.spec, self.shape = spec, tuple(spec["shape"])
-        self.started, self.counts = time.perf_counter(), _cache_counts()
+        self.counts = _cache_counts()  # this process's cache hits and misses when the helper started
+        text = json.dumps(spec)  # before any file exists: a value JSON cannot hold leaves nothing behind
         fd, self.spec_path = tempfile.mkstemp(prefix="diffusers-flash-ahead-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
+            f.write(text)
         self.log = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "diffusers.compile_ahead", self.spec_path],
@@ -137,19 +196,25 @@ class Helper:
         except subprocess.TimeoutExpired:
             self.stop()
             return f"still compiling after {timeout:.0f} s more: stopped"
-        finally:
-            _live.discard(self)
-            self._remove_spec()
+        except BaseException:  # e.g. an interrupt while waiting: the helper must not outlive this
+            self.stop()
+            raise
+        _live.discard(self)
+        self._remove_spec()
         if rc == 0:
             return None
         self.log.seek(0)
         lines = [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
-        return f"exit status {rc}: {lines[-1].strip() if lines else 'no output'}"
+        last = lines[-1].strip() if lines else "no output"
+        return f"exit status {rc}: {last[:REASON_CHARS]}{'...' if len(last) > REASON_CHARS else ''}"
 
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # stuck in the driver: the kernel reaps it; do not hang here
+                pass
         _live.discard(self)
         self._remove_spec()
 
@@ -162,13 +227,14 @@ class Helper:
 
 class Ahead:
     """The fast path's helper for one model: ``start(shape)`` when the shape it will be called with is known,
-    ``wait(shape)`` just before this process compiles it."""
+    ``wait(shape)`` just before this process compiles it, ``check(shape)`` after."""
 
     def __init__(self, model, attr: str, what: str, mode, options: dict, channels_last: bool):
         self.model, self.attr, self.what, self.mode, self.options = model, attr, what, mode, options
         self.channels_last = channels_last
         self.helpers = {}  # shape -> Helper
-        self.done = {}  # shape -> None (compiled) or the reason it did not
+        self.done = {}  # shape -> None (the helper compiled it and this process read it from the cache) or why not
+        self._checking = {}  # shape -> cache counts when this process's own compile of it began
 
     def start(self, shape):
         shape = tuple(int(s) for s in shape)
@@ -177,7 +243,12 @@ class Ahead:
         try:
             if not caches_on():
                 raise RuntimeError("inductor's on-disk caches are off")
+            cpus = os.cpu_count() or 1
+            if cpus < MIN_CPUS:
+                raise RuntimeError(f"{cpus} CPU cores: a helper's compile would slow this process's own")
             device = next(self.model.parameters()).device
+            if _autocast_on(device):
+                raise RuntimeError("autocast is on: a helper would compile another graph")
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 need = memory_needed(shape)
@@ -186,8 +257,8 @@ class Ahead:
             helper = Helper(spec_for(self.model, self.attr, self.what, self.mode, shape, self.options,
                                      self.channels_last))
         except Exception as e:
-            self.done[shape] = f"{type(e).__name__}: {e}"
-            logger.info(f"fast path: the {self.what} compiles in this process, no helper ({self.done[shape]})")
+            self.done[shape] = f"no helper: {type(e).__name__}: {e}"
+            logger.info(f"fast path: the {self.what} compiles in this process ({self.done[shape]})")
             return
         self.helpers[shape] = helper
         logger.info(f"fast path: compiling the {self.what} for {shape} in a helper process (pid "
@@ -196,24 +267,46 @@ class Ahead:
     def wait(self, shape):
         """Before this process's own compile for ``shape``: let a helper working on it finish, unless the
         compiles since it started all came from inductor's cache (a second process: the cache is warm, and
-        reading it here is quicker than the helper's start-up)."""
-        helper = self.helpers.pop(tuple(int(s) for s in shape), None)
+        reading it here is quicker than the helper's start-up). Helpers for other shapes were wrong guesses:
+        they are stopped."""
+        shape = tuple(int(s) for s in shape)
+        for other in [s for s in self.helpers if s != shape]:
+            self.helpers.pop(other).stop()
+            self.done[other] = f"stopped: the {self.what} was called for {shape} instead"
+        helper = self.helpers.pop(shape, None)
         if helper is None:
+            self.done.setdefault(shape, "no helper: the UNet's batch suggested another shape")
             return
-        hits, misses = (now - then for now, then in zip(_cache_counts(), helper.counts))
+        hits, misses = _since(helper.counts)
         if helper.proc.poll() is None and hits > 0 and misses == 0:
             helper.stop()
-            self.done[helper.shape] = "stopped: inductor's cache is warm (this process's compiles were cache hits)"
-            logger.info(f"fast path: the {self.what} compiles here from inductor's warm cache; helper stopped")
+            self.done[shape] = "stopped: inductor's cache is warm (this process's compiles were cache hits)"
+            logger.info(f"fast path: this process's compiles so far came from inductor's cache: the {self.what} "
+                        f"compiles here, the helper is stopped")
             return
-        failed = self.done[helper.shape] = helper.wait()
-        took = time.perf_counter() - helper.started
+        began = time.perf_counter()
+        failed = self.done[shape] = helper.wait()
         if failed is None:
-            logger.info(f"fast path: the helper compiled the {self.what} for {helper.shape} in {took:.1f} s; "
-                        f"this process's compile reads it from inductor's cache")
+            self._checking[shape] = _cache_counts()
+            logger.info(f"fast path: the helper has compiled the {self.what} for {shape} (waited "
+                        f"{time.perf_counter() - began:.1f} s for it)")
         else:
             logger.warning(f"fast path: the helper process did not compile the {self.what} ({failed}); it "
                            f"compiles here")
+
+    def check(self, shape):
+        """After this process's own compile for ``shape``: did it read the helper's work from the cache?"""
+        shape = tuple(int(s) for s in shape)
+        counts = self._checking.pop(shape, None)
+        if counts is None:
+            return
+        hits, misses = _since(counts)
+        if misses == 0 and hits > 0:
+            logger.info(f"fast path: the {self.what}'s compile read the helper's work from inductor's cache")
+            return
+        self.done[shape] = (f"the helper compiled, but this process's compile did not find it in inductor's "
+                            f"cache ({hits} hits, {misses} misses)")
+        logger.info(f"fast path: {self.done[shape]}")
 
     def stop(self):
         for helper in self.helpers.values():
@@ -221,21 +314,49 @@ class Ahead:
         self.helpers.clear()
 
 
+def _exit_with_parent():
+    """The helper ends when the process that started it does (killed, where atexit does not run)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv=None) -> int:
     """The helper: compile ``spec``'s model call as the fast path does, on random inputs of its shape."""
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         spec = json.load(f)
+    try:
+        os.remove(argv[0])
+    except OSError:
+        pass
+    _exit_with_parent()
+    import torch._inductor.config as inductor_config
+
     from . import fast_path
 
     for key, value in spec["flags"].items():  # in order; only those that differ (setting one sets others)
         where, name = key.rsplit(".", 1)
         if hasattr(_backends(where), name) and getattr(_backends(where), name) != value:
             setattr(_backends(where), name, value)
+    for name, on in spec["sdp"].items():
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
+    torch.use_deterministic_algorithms(spec["deterministic"][0], warn_only=spec["deterministic"][1])
+    for key, value in spec["inductor_globals"].items():
+        setattr(inductor_config, key, value)
     cls = importlib.import_module(spec["module"])
     for part in spec["class"].split("."):
         cls = getattr(cls, part)
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # streams and graphs on the parent's GPU, not GPU 0
     with torch.device(device):  # random weights: the compiled code does not depend on their values
         model = cls(**spec["config"])
     model.to(dtype).train(spec["training"]).requires_grad_(spec["requires_grad"])

@@ -54,9 +54,11 @@ class GraphedCall:
     outputs (callers such as PNDM keep past outputs: the static buffers are never handed out). A capture
     that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
 
-    def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None):
-        # prepare: called with the same inputs once before a capture's warm-up, its result unused
+    def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None, after=None):
+        # prepare: called with the same inputs once before a capture's warm-up, its result unused; after:
+        # called with them once the warm-up (where torch.compile compiles) is done, before the capture
         self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
+        self.after = after
         self.graphs = {}
         self.failed = None  # the reason capture was given up, if it was
         self.capture_s = 0.0  # seconds spent capturing, compiles included (the warm-up this model costs)
@@ -84,7 +86,9 @@ class GraphedCall:
     def _capture(self, tensors):
         start = time.perf_counter()
         cap = _Captured()
-        cap.inputs = tuple(t.clone() for t in tensors)
+        # contiguous static buffers whatever the caller's layout (copy_ converts): the compiled code then
+        # sees one layout per shape (the helper process compiles for that one)
+        cap.inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -92,6 +96,8 @@ class GraphedCall:
                 self.prepare(*cap.inputs)  # eagerly, so torch.compile then traces no planning code (no graph breaks)
             for _ in range(self.warmup):  # compiles, kernels pick algorithms and attention plans are made here
                 self.fn(*cap.inputs)
+            if self.after is not None:
+                self.after(*cap.inputs)
         torch.cuda.current_stream().wait_stream(side)
         cap.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cap.graph, pool=self.pool):
@@ -110,9 +116,10 @@ class GraphedForward:
     ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
     forward."""
 
-    def __init__(self, forward, pool=None, warmup: int = 2, prepare=None):
+    def __init__(self, forward, pool=None, warmup: int = 2, prepare=None, after=None):
         self.inner = forward  # the UNet's own forward, or torch.compile of it
-        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup, prepare)
+        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup, prepare,
+                                   after)
         self._timesteps = {}
 
     @property
@@ -142,9 +149,10 @@ class GraphedForward:
 class GraphedDecode:
     """Takes the place of an AutoencoderKL's ``decode``."""
 
-    def __init__(self, decode, pool=None, prepare=None):
+    def __init__(self, decode, pool=None, prepare=None, after=None):
         self.inner = decode
-        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare)
+        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare,
+                                   after=after)
 
     def __call__(self, z, return_dict: bool = True):
         from .models.vae import DecoderOutput
@@ -159,14 +167,14 @@ class GraphedTextForward:
     """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
     any other call (masks, hidden states, grad) takes the model's own forward."""
 
-    def __init__(self, forward, pool=None, prepare=None):
+    def __init__(self, forward, pool=None, prepare=None, after=None):
         self.inner = forward
 
         def run(ids):
             out = forward(ids)
             return out[0], out[1]
 
-        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare)
+        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare, after=after)
 
     def __call__(self, input_ids=None, *args, **kwargs):
         if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
@@ -290,8 +298,9 @@ WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder":
 
 def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None):
     """The fast path for one model (``what``: a key of ``WRAPPERS``) in place of its method ``attr``:
-    compiled as ``mode`` says (False, True or "regional"), then graphed. ``hook(prepare)`` may wrap the
-    uncompiled run made before each capture (the helper-process compile uses it). Returns the wrapper."""
+    compiled as ``mode`` says (False, True or "regional"), then graphed. ``hook`` (the helper-process
+    compile's): ``hook["before"](prepare)`` wraps the uncompiled run made before each capture,
+    ``hook["after"]`` runs once the capture's warm-up has compiled. Returns the wrapper."""
     fn = own = getattr(model, attr)
     prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
     if mode:
@@ -304,10 +313,11 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
         else:
             fn = _compile(fn, what, report)
             prepare = own if fn is not own else None
-    if prepare is not None and hook is not None:
-        prepare = hook(prepare)
+    after = None
+    if prepare is not None and hook:
+        prepare, after = hook["before"](prepare) if "before" in hook else prepare, hook.get("after")
     if cuda_graphs:
-        fn = WRAPPERS[what](fn, pool, prepare=prepare)
+        fn = WRAPPERS[what](fn, pool, prepare=prepare, after=after)
         report["cuda_graphs"].append(what)
     if fn is not getattr(model, attr):
         setattr(model, attr, fn)
@@ -360,21 +370,26 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
 
 def _ahead(pipe, parts, modes, report, channels_last):
     """Hooks for the helper-process compile of the VAE decoder: started by the UNet's first capture of a
-    shape, awaited by the decoder's own capture. The decoder's shape is the UNet's latents with half its
-    batch when that is even (classifier-free guidance, the pipelines' default, runs the UNet on the
-    unconditional and the conditional half together); a wrong guess (no guidance) only means the decoder
-    compiles here as without a helper. None where it cannot apply: both must be compiled, on CUDA."""
+    shape, awaited by the decoder's own capture and checked once it has compiled. The decoder's shape is the
+    UNet's latents with half its batch when that is even (classifier-free guidance, the pipelines' default,
+    runs the UNet on the unconditional and the conditional half together); a wrong guess (no guidance) only
+    means the decoder compiles here as without a helper. None where it cannot apply: both must be compiled,
+    on CUDA, and the VAE must say its latent channels."""
     names = {what: model for what, model, _ in parts}
     if not (modes["UNet"] and modes["VAE decode"] and "VAE decode" in names
             and all(_on_cuda(names[w]) for w in ("UNet", "VAE decode"))):
         return None
-    from . import compile_ahead
-
     vae = names["VAE decode"]
-    ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", modes["VAE decode"], dict(INDUCTOR_OPTIONS),
-                                channels_last is not False)
+    try:
+        from . import compile_ahead
+
+        latent_channels = int(dict(vae.config)["latent_channels"])
+        ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", modes["VAE decode"], dict(INDUCTOR_OPTIONS),
+                                    channels_last is not False)
+    except Exception as e:  # e.g. a VAE without diffusers' config
+        report["reasons"].append(f"no helper process for the VAE decode's compile: {_reason(e)}")
+        return None
     pipe._fast_path_ahead = ahead
-    latent_channels = getattr(vae.config, "latent_channels", None) or vae.config["latent_channels"]
 
     def starting(prepare):
         def run(sample, *args):
@@ -390,7 +405,7 @@ def _ahead(pipe, parts, modes, report, channels_last):
             return prepare(z, *args)
         return run
 
-    return {"UNet": starting, "VAE decode": waiting}
+    return {"UNet": {"before": starting}, "VAE decode": {"before": waiting, "after": lambda z: ahead.check(z.shape)}}
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
