@@ -12,8 +12,8 @@ keys depend on (dtype, layout, attention backends, backend flags, inductor optio
 compile of its decode on that shape and exits. Its compiled code lands in inductor's on-disk caches, and
 this process's own compile of the decoder, when the pipeline reaches it, becomes a cache lookup; whether it
 did is checked (inductor's hit and miss counters) and reported. In a second process (inductor's cache
-already warm: the UNet's compile was all cache hits) reading the cache here is quicker than the helper's
-start-up, so the helper is stopped instead of awaited.
+already warm: the UNet's compile was all cache hits), or where nothing needed compiling, compiling here is
+quicker than the helper's start-up, so the helper is stopped instead of awaited.
 
 Nothing here can change an image: this process still compiles its own model; a helper that fails, is too
 slow or guessed the wrong shape only means this process compiles from scratch, as without the helper (the
@@ -265,10 +265,10 @@ class Ahead:
                     f"{helper.proc.pid}) while this one compiles the UNet")
 
     def wait(self, shape):
-        """Before this process's own compile for ``shape``: let a helper working on it finish, unless the
-        compiles since it started all came from inductor's cache (a second process: the cache is warm, and
-        reading it here is quicker than the helper's start-up). Helpers for other shapes were wrong guesses:
-        they are stopped."""
+        """Before this process's own compile for ``shape``: let a helper working on it finish, unless nothing
+        compiled here since it started missed inductor's cache (a second process, whose cache is warm, or
+        graphs compiled earlier in this process): then compiling here is quicker than the helper's start-up,
+        and it is stopped. Helpers for other shapes were wrong guesses: they are stopped."""
         shape = tuple(int(s) for s in shape)
         for other in [s for s in self.helpers if s != shape]:
             self.helpers.pop(other).stop()
@@ -278,11 +278,12 @@ class Ahead:
             self.done.setdefault(shape, "no helper: the UNet's batch suggested another shape")
             return
         hits, misses = _since(helper.counts)
-        if helper.proc.poll() is None and hits > 0 and misses == 0:
+        if helper.proc.poll() is None and misses == 0:
             helper.stop()
-            self.done[shape] = "stopped: inductor's cache is warm (this process's compiles were cache hits)"
-            logger.info(f"fast path: this process's compiles so far came from inductor's cache: the {self.what} "
-                        f"compiles here, the helper is stopped")
+            why = ("inductor's cache is warm (this process's compiles since were cache hits)" if hits else
+                   "nothing was compiled here since it started (graphs compiled earlier in this process)")
+            self.done[shape] = f"stopped: {why}"
+            logger.info(f"fast path: the {self.what} compiles here, the helper is stopped: {why}")
             return
         began = time.perf_counter()
         failed = self.done[shape] = helper.wait()
@@ -304,8 +305,12 @@ class Ahead:
         if misses == 0 and hits > 0:
             logger.info(f"fast path: the {self.what}'s compile read the helper's work from inductor's cache")
             return
-        self.done[shape] = (f"the helper compiled, but this process's compile did not find it in inductor's "
-                            f"cache ({hits} hits, {misses} misses)")
+        if misses == 0:
+            self.done[shape] = ("the helper compiled, but this process needed no compile (it reused a graph "
+                                "compiled earlier here)")
+        else:
+            self.done[shape] = (f"the helper compiled, but this process's compile did not find it in inductor's "
+                                f"cache ({hits} hits, {misses} misses)")
         logger.info(f"fast path: {self.done[shape]}")
 
     def stop(self):
