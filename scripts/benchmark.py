@@ -426,20 +426,21 @@ def time_row(pipe, name, images, args, gen, bar) -> dict:
     return row
 
 
-def warmup_parts(pipe) -> dict:
-    try:
-        from diffusers import fast_path
-    except ImportError:  # an installed diffusers without the fast path (the peer)
-        return {}
-    return fast_path.warmup_seconds(pipe)
-
-
-def compile_helper(pipe) -> dict:
+def _fast_path_report(pipe, what) -> dict:
+    """``fast_path.<what>(pipe)``, or {} for an installed diffusers without the fast path (the peer)."""
     try:
         from diffusers import fast_path
     except ImportError:
         return {}
-    return fast_path.helper_results(pipe)
+    return getattr(fast_path, what)(pipe)
+
+
+def warmup_parts(pipe) -> dict:
+    return _fast_path_report(pipe, "warmup_seconds")
+
+
+def compile_helper(pipe) -> dict:
+    return _fast_path_report(pipe, "helper_results")
 
 
 def failed_row(name, images, e) -> dict:

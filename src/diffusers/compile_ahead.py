@@ -157,6 +157,11 @@ def _since(counts):
     return tuple(now - then for now, then in zip(_cache_counts(), counts))
 
 
+def _key(shape) -> tuple:
+    """A shape (torch.Size, list or tuple) as the plain tuple of ints the helpers are filed under."""
+    return tuple(int(n) for n in shape)
+
+
 def memory_needed(shape) -> int:
     pixels = shape[0] * shape[-2] * shape[-1] * 64  # latents are 1/8 of the image each way
     return int(BASE_BYTES + PER_PIXEL_BYTES * pixels)
@@ -199,8 +204,7 @@ class Helper:
         except BaseException:  # e.g. an interrupt while waiting: the helper must not outlive this
             self.stop()
             raise
-        _live.discard(self)
-        self._remove_spec()
+        self._forget()
         if rc == 0:
             return None
         self.log.seek(0)
@@ -215,6 +219,9 @@ class Helper:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:  # stuck in the driver: the kernel reaps it; do not hang here
                 pass
+        self._forget()
+
+    def _forget(self):
         _live.discard(self)
         self._remove_spec()
 
@@ -237,7 +244,7 @@ class Ahead:
         self._checking = {}  # shape -> cache counts when this process's own compile of it began
 
     def start(self, shape):
-        shape = tuple(int(s) for s in shape)
+        shape = _key(shape)
         if shape in self.helpers or shape in self.done:
             return
         try:
@@ -269,7 +276,7 @@ class Ahead:
         compiled here since it started missed inductor's cache (a second process, whose cache is warm, or
         graphs compiled earlier in this process): then compiling here is quicker than the helper's start-up,
         and it is stopped. Helpers for other shapes were wrong guesses: they are stopped."""
-        shape = tuple(int(s) for s in shape)
+        shape = _key(shape)
         for other in [s for s in self.helpers if s != shape]:
             self.helpers.pop(other).stop()
             self.done[other] = f"stopped: the {self.what} was called for {shape} instead"
@@ -297,7 +304,7 @@ class Ahead:
 
     def check(self, shape):
         """After this process's own compile for ``shape``: did it read the helper's work from the cache?"""
-        shape = tuple(int(s) for s in shape)
+        shape = _key(shape)
         counts = self._checking.pop(shape, None)
         if counts is None:
             return

@@ -299,7 +299,7 @@ WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder":
 def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None):
     """The fast path for one model (``what``: a key of ``WRAPPERS``) in place of its method ``attr``:
     compiled as ``mode`` says (False, True or "regional"), then graphed. ``hook`` (the helper-process
-    compile's): ``hook["before"](prepare)`` wraps the uncompiled run made before each capture,
+    compile's): ``hook["before"](prepare)`` wraps the uncompiled run made before each capture, the optional
     ``hook["after"]`` runs once the capture's warm-up has compiled. Returns the wrapper."""
     fn = own = getattr(model, attr)
     prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
@@ -315,7 +315,7 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
             prepare = own if fn is not own else None
     after = None
     if prepare is not None and hook:
-        prepare, after = hook["before"](prepare) if "before" in hook else prepare, hook.get("after")
+        prepare, after = hook["before"](prepare), hook.get("after")
     if cuda_graphs:
         fn = WRAPPERS[what](fn, pool, prepare=prepare, after=after)
         report["cuda_graphs"].append(what)
