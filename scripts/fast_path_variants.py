@@ -34,6 +34,16 @@ UNET_VARIANTS = {
     "compile+cl+mm+cudnnbench": dict(compile=True, cl=True, bench=True),
     # inductor freezing: weights become constants of the compiled graph (inference only)
     "compile+cl+mm+freeze": dict(compile=True, cl=True, options={**fast_path.INDUCTOR_OPTIONS, "freezing": True}),
+    # the pattern-matcher passes and pointwise launch-config tuning back on (INDUCTOR_OPTIONS turns them off)
+    "compile+cl+mm+pm": dict(compile=True, cl=True, options={
+        **fast_path.INDUCTOR_OPTIONS, "pattern_matcher": True, "triton.autotune_pointwise": True}),
+    # GEMMs autotuned: cuBLAS against Triton templates, which can take the bias/residual/GEGLU epilogues
+    # (and prologues) into the matmul kernel
+    "compile+cl+mm+gemmtune": dict(compile=True, cl=True, options={
+        **fast_path.INDUCTOR_OPTIONS, "max_autotune_gemm": True}),
+    # GEMMs and convolutions autotuned (Triton convolution templates against cuDNN)
+    "compile+cl+mm+autotune": dict(compile=True, cl=True, options={
+        **fast_path.INDUCTOR_OPTIONS, "max_autotune": True}),
     # regional compilation: each ResnetBlock2D / SpatialTransformer compiled on its own (same-shaped blocks
     # share their compiled code): a shorter compile, fewer fusions across block boundaries
     "regional+cl+mm": dict(compile="regional", cl=True),
