@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--images", type=int, default=1)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-parallel-compile", dest="parallel_compile", action="store_false",
+                    help="compile the VAE decoder in this process after the UNet, not in a helper process")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -43,16 +45,21 @@ def main():
     drop_safety_checker(pipe)
     plain = generate(pipe, args.images, args.steps)
     start = time.perf_counter()
-    report = pipe.enable_fast_path(compile=args.compile)
+    report = pipe.enable_fast_path(compile=args.compile, parallel_compile=args.parallel_compile)
     first = generate(pipe, args.images, args.steps)
     first_s = time.perf_counter() - start
     start = time.perf_counter()
     again = generate(pipe, args.images, args.steps)
     steady_s = time.perf_counter() - start
+    from diffusers import fast_path
+
     levels = lambda a, b: float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max() * 255)  # noqa: E731
     row = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, images=args.images, steps=args.steps,
                compile=args.compile, applied={k: v for k, v in report.items() if k != "reasons"},
-               reasons=report["reasons"], warmup_s=round(first_s - steady_s, 1), steady_s=round(steady_s, 3),
+               reasons=report["reasons"], parallel_compile=args.parallel_compile,
+               warmup_s=round(first_s - steady_s, 1), steady_s=round(steady_s, 3),
+               warmup_parts={k: round(v, 2) for k, v in fast_path.warmup_seconds(pipe).items()},
+               compile_helper=fast_path.helper_results(pipe),
                max_diff_levels=round(levels(first, plain), 3),
                mean_diff_levels=round(float(np.abs(first.astype(np.float64) - plain).mean() * 255), 4),
                replay_repeatable=bool(np.array_equal(first, again)))
