@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -69,6 +70,67 @@ def test_a_helper_compiles_into_the_cache_this_process_then_reads(fresh_cache, c
     assert "read the helper's work from inductor's cache" in caplog.text
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     assert _spec_files() == files and not compile_ahead._live
+    # the compile is noted in inductor's cache folder: a later process (here: dynamo's caches emptied, a new
+    # VAE of the same config) starts no helper, and its own compile reads the cache
+    note = ahead.notes[SHAPE]
+    assert note is not None and os.path.exists(note) and note.startswith(str(fresh_cache))
+    torch._dynamo.reset()
+    vae2 = _vae()
+    later = compile_ahead.Ahead(vae2, "decode", "VAE decode", True, dict(fast_path.INDUCTOR_OPTIONS),
+                                channels_last=True)
+    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+        later.start(SHAPE)
+        assert later.helpers == {} and later.done[SHAPE] == compile_ahead.CACHED
+        later.wait(SHAPE)
+        fast_path.apply_to(vae2, "VAE decode", "decode", True, _report(), cuda_graphs=False)
+        with torch.no_grad():
+            vae2.decode(z)
+        later.check(SHAPE)
+    assert later.done[SHAPE] == compile_ahead.CACHED, later.done[SHAPE]
+    assert "read an earlier compile from inductor's cache" in caplog.text
+    assert _spec_files() == files and not compile_ahead._live
+
+
+def test_a_note_whose_compile_is_gone_is_reported_and_written_again(fresh_cache, monkeypatch, caplog):
+    """A note names the compile by everything the helper mirrors; when the cache no longer holds it, this
+    process compiles (as without a helper), says so and notes it again."""
+    ahead = compile_ahead.Ahead(_vae(), "decode", "VAE decode", True, {}, channels_last=False)
+    spec = compile_ahead.spec_for(ahead.model, "decode", "VAE decode", True, SHAPE, {}, False)
+    note = compile_ahead.note_path(spec)
+    assert note == compile_ahead.note_path(dict(spec))  # the same spec, the same note
+    assert note != compile_ahead.note_path({**spec, "shape": [2, 4, 8, 8]})
+    assert note != compile_ahead.note_path({**spec, "inductor": {"max_autotune": True}})
+    os.makedirs(os.path.dirname(note))
+    open(note, "w").close()
+    counts = iter([(0, 0), (1, 2)])
+    monkeypatch.setattr(compile_ahead, "_cache_counts", lambda: next(counts))
+    with caplog.at_level(pylogging.INFO, logger="diffusers"):
+        ahead.start(SHAPE)
+        assert ahead.helpers == {} and ahead.done[SHAPE] == compile_ahead.CACHED
+        os.remove(note)
+        ahead.wait(SHAPE)
+        ahead.check(SHAPE)
+    assert "noted but not found in inductor's cache (1 hits, 2 misses)" in ahead.done[SHAPE], ahead.done[SHAPE]
+    assert "noted but not found" in caplog.text
+    assert os.path.exists(note)  # this process's compile is in the cache now
+    assert fast_path.helper_results(types.SimpleNamespace(_fast_path_ahead=ahead)) == {"1x4x8x8": ahead.done[SHAPE]}
+
+
+def test_no_note_where_nothing_compiled_or_the_folder_is_read_only(fresh_cache, monkeypatch):
+    ahead = compile_ahead.Ahead(_vae(), "decode", "VAE decode", True, {}, channels_last=False)
+    ahead.helpers[SHAPE] = _Slow()
+    ahead.notes[SHAPE] = note = str(fresh_cache / compile_ahead.NOTES / "x")
+    monkeypatch.setattr(compile_ahead, "_cache_counts", lambda: (0, 0))  # dynamo reused a graph: no compile
+    ahead.wait(SHAPE)
+    ahead.check(SHAPE)
+    assert not os.path.exists(note)
+    ahead.notes[(2, 4, 8, 8)] = "/proc/no-such-folder/x"  # cannot be written: logged, nothing raised
+    ahead.done[(2, 4, 8, 8)] = "no helper: test"
+    counts = iter([(0, 0), (0, 1)])
+    monkeypatch.setattr(compile_ahead, "_cache_counts", lambda: next(counts))
+    ahead.wait((2, 4, 8, 8))
+    ahead.check((2, 4, 8, 8))
+    assert ahead.done[(2, 4, 8, 8)] == "no helper: test"
 
 
 def test_a_helper_that_fails_is_reported_and_waited_for_once(fresh_cache, caplog):

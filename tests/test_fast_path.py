@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers import fast_path, local_pipelines
+from diffusers import compile_ahead, fast_path, local_pipelines
 from diffusers.models.unet_2d_condition import UNet2DConditionModel
 
 
@@ -66,10 +66,11 @@ def test_fast_path_gives_the_same_images(compile, compile_vae):
     assert all(s > 0 for s in fast_path.warmup_seconds(pipe).values())
     # both compiled: a helper process compiled the VAE decoder for each batch while the UNet compiled here
     # and this process's compile read it from inductor's cache (or, where nothing compiled here missed the
-    # cache: compiled before on this machine or in this process, the helper was stopped)
+    # cache: compiled before on this machine or in this process, the helper was stopped; or an earlier
+    # compile's note meant no helper was started)
     helper = fast_path.helper_results(pipe)
     assert set(helper) == ({"1x4x16x16", "2x4x16x16"} if compile and vae_mode else set()), helper
-    assert all(r == "compiled" or r.startswith("stopped: ") for r in helper.values()), helper
+    assert all(r in ("compiled", compile_ahead.CACHED) or r.startswith("stopped: ") for r in helper.values()), helper
     pipe.disable_fast_path()
     assert fast_path.helper_results(pipe) == {}
     assert fast_path.warmup_seconds(pipe) == {}

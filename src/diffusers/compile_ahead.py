@@ -13,7 +13,12 @@ compile of its decode on that shape and exits. Its compiled code lands in induct
 this process's own compile of the decoder, when the pipeline reaches it, becomes a cache lookup; whether it
 did is checked (inductor's hit and miss counters) and reported. In a second process (inductor's cache
 already warm: the UNet's compile was all cache hits), or where nothing needed compiling, compiling here is
-quicker than the helper's start-up, so the helper is stopped instead of awaited.
+quicker than the helper's start-up, so the helper is stopped instead of awaited. Once a compile of the model
+has been stored (by a helper or here), a note in inductor's cache folder, named by a hash of everything the
+helper would mirror, says so: a later process with that note starts no helper at all (a stopped one cost a
+second process about 1 s on an H100 host: BENCHMARKS.md, sixth round). Emptying inductor's cache folder
+removes the notes with it; a note whose compile is no longer found only means this process compiles the
+model itself, which is reported.
 
 Nothing here can change an image: this process still compiles its own model; a helper that fails, is too
 slow or guessed the wrong shape only means this process compiles from scratch, as without the helper (the
@@ -24,6 +29,7 @@ dtypes, partly frozen or partly training models, inductor options that cannot be
 from __future__ import annotations
 
 import atexit
+import hashlib
 import importlib
 import json
 import os
@@ -50,6 +56,8 @@ MIN_CPUS = 4
 BASE_BYTES = 1.5 * 2**30
 PER_PIXEL_BYTES = 0.8 * 2**30 / (512 * 512)
 REASON_CHARS = 300  # a helper's failure, as reported: the start of its last output line
+NOTES = "diffusers_flash_ahead"  # the folder, in inductor's cache folder, of the notes on stored compiles
+CACHED = "no helper: an earlier compile of it is in inductor's cache"
 
 _FLAGS = (  # backend flags that change compiled code (and inductor's cache keys): the helper mirrors them
     ("cuda.matmul", "fp32_precision"),  # torch >= 2.9, before the older flags it also sets
@@ -141,6 +149,23 @@ def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_l
         "deterministic": [torch.are_deterministic_algorithms_enabled(),
                           torch.is_deterministic_algorithms_warn_only_enabled()],
     }
+
+
+def note_path(spec: dict):
+    """The note saying that inductor's cache holds the compile ``spec`` describes (None where it cannot be
+    named): a hash of the spec, this torch and diffusers, and the card."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        from . import __version__
+
+        device = torch.device(spec["device"])
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        text = json.dumps({"spec": spec, "torch": torch.__version__, "diffusers": __version__, "card": card},
+                          sort_keys=True)
+        return os.path.join(cache_dir(), NOTES, hashlib.sha256(text.encode()).hexdigest()[:40])
+    except Exception:  # a private path that moved, a spec JSON cannot hold: no note, a helper as before
+        return None
 
 
 def _cache_counts():
@@ -242,6 +267,7 @@ class Ahead:
         self.helpers = {}  # shape -> Helper
         self.done = {}  # shape -> None (the helper compiled it and this process read it from the cache) or why not
         self._checking = {}  # shape -> cache counts when this process's own compile of it began
+        self.notes = {}  # shape -> the path of its note on a stored compile (None: cannot be named)
 
     def start(self, shape):
         shape = _key(shape)
@@ -261,8 +287,14 @@ class Ahead:
                 need = memory_needed(shape)
                 if free < 2 * need:
                     raise RuntimeError(f"{free / 2**30:.1f} GiB free on the GPU, {2 * need / 2**30:.1f} wanted")
-            helper = Helper(spec_for(self.model, self.attr, self.what, self.mode, shape, self.options,
-                                     self.channels_last))
+            spec = spec_for(self.model, self.attr, self.what, self.mode, shape, self.options, self.channels_last)
+            note = self.notes[shape] = note_path(spec)
+            if note is not None and os.path.exists(note):
+                self.done[shape] = CACHED
+                logger.info(f"fast path: the {self.what} for {shape} compiles in this process, no helper: an earlier "
+                            f"compile of it is in inductor's cache")
+                return
+            helper = Helper(spec)
         except Exception as e:
             self.done[shape] = f"no helper: {type(e).__name__}: {e}"
             logger.info(f"fast path: the {self.what} compiles in this process ({self.done[shape]})")
@@ -281,6 +313,8 @@ class Ahead:
             self.helpers.pop(other).stop()
             self.done[other] = f"stopped: the {self.what} was called for {shape} instead"
         helper = self.helpers.pop(shape, None)
+        if shape in self.notes:  # its compile here, whoever did the work, is checked and noted once done
+            self._checking[shape] = _cache_counts()
         if helper is None:
             self.done.setdefault(shape, "no helper: the UNet's batch suggested another shape")
             return
@@ -295,7 +329,7 @@ class Ahead:
         began = time.perf_counter()
         failed = self.done[shape] = helper.wait()
         if failed is None:
-            self._checking[shape] = _cache_counts()
+            self._checking[shape] = _cache_counts()  # after the wait: the helper's own counts are its own
             logger.info(f"fast path: the helper has compiled the {self.what} for {shape} (waited "
                         f"{time.perf_counter() - began:.1f} s for it)")
         else:
@@ -309,6 +343,16 @@ class Ahead:
         if counts is None:
             return
         hits, misses = _since(counts)
+        if hits or misses:  # compiled here (from the cache or not): inductor's cache holds it now
+            self._note(shape)
+        if self.done.get(shape) is not None:  # no helper's work to check: none started, it was stopped or failed
+            if self.done[shape] == CACHED and misses:
+                self.done[shape] = (f"no helper: an earlier compile of it was noted but not found in inductor's "
+                                    f"cache ({hits} hits, {misses} misses): compiled here")
+                logger.info(f"fast path: the {self.what}: {self.done[shape]}")
+            elif self.done[shape] == CACHED and hits:
+                logger.info(f"fast path: the {self.what}'s compile read an earlier compile from inductor's cache")
+            return
         if misses == 0 and hits > 0:
             logger.info(f"fast path: the {self.what}'s compile read the helper's work from inductor's cache")
             return
@@ -319,6 +363,17 @@ class Ahead:
             self.done[shape] = (f"the helper compiled, but this process's compile did not find it in inductor's "
                                 f"cache ({hits} hits, {misses} misses)")
         logger.info(f"fast path: {self.done[shape]}")
+
+    def _note(self, shape):
+        note = self.notes.get(shape)
+        if note is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(note), exist_ok=True)
+            with open(note, "w") as f:
+                json.dump({"what": self.what, "shape": list(shape), "time": time.time()}, f)
+        except OSError as e:  # a read-only cache folder: later processes start a helper as before
+            logger.debug(f"fast path: no note on the {self.what}'s stored compile ({e})")
 
     def stop(self):
         for helper in self.helpers.values():
