@@ -337,7 +337,8 @@ class Ahead:
                            f"compiles here")
 
     def check(self, shape):
-        """After this process's own compile for ``shape``: did it read the helper's work from the cache?"""
+        """After this process's own compile for ``shape``: did it read the helper's (or an earlier) compile
+        from the cache? A compile done here, read or not, is noted for later processes."""
         shape = _key(shape)
         counts = self._checking.pop(shape, None)
         if counts is None:
