@@ -147,6 +147,42 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def timeline(kernels, calls: int = 1, top: int = 10) -> dict:
+    """Where a GPU timeline's time goes between kernels: ``kernels`` as (start, end, name) in microseconds
+    (profiler events; overlapping kernels count once). Per call: the span from the first kernel's start to
+    the last one's end, the time some kernel ran (busy) and the rest (idle: launch gaps, the tails between
+    dependent kernels, host waits), in ms; and the largest gaps, each with the kernel that ended it."""
+    spans = sorted((float(a), float(b), n) for a, b, n in kernels if b >= a)
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "largest_gaps": []}
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for a, b, name in spans:
+        if a > end:
+            gaps.append((a - end, name))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = end - spans[0][0]
+    per = lambda us: round(us / 1000 / calls, 4)  # noqa: E731
+    return {"span_ms": per(span), "busy_ms": per(busy), "idle_ms": per(span - busy), "gaps": len(gaps) / calls,
+            "largest_gaps": [(round(us, 2), name[:80]) for us, name in sorted(gaps, key=lambda g: -g[0])[:top]]}
+
+
+def sm_clock_mhz(device_index: int = 0):
+    """The GPU's current SM clock in MHz (NVML), or None where NVML is missing: a timing taken while the
+    card throttles is not comparable with one taken at full clock."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            return int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 

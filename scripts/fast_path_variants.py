@@ -17,6 +17,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+import bench_common  # scripts/, beside this file
 from diffusers import fast_path, local_pipelines
 from diffusers.models import attention_dispatch
 from diffusers.models.attention import CrossAttention
@@ -79,7 +80,9 @@ def set_qkv(unet, on):
                 m.forward = types.MethodType(fused_qkv_forward, m)
 
 
-def per_call_ms(call, calls, repeats):
+def per_call_ms(call, calls, repeats, clocks=None):
+    """Median ms per call over ``repeats`` batches of ``calls``; ``clocks`` (a list) gets the SM clock read
+    while each batch is still running on the GPU."""
     out = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -87,6 +90,8 @@ def per_call_ms(call, calls, repeats):
         for _ in range(calls):
             call()
         end.record()
+        if clocks is not None:
+            clocks.append(bench_common.sm_clock_mhz(torch.cuda.current_device()))
         torch.cuda.synchronize()
         out.append(start.elapsed_time(end) / calls)
     return statistics.median(out)
@@ -109,17 +114,19 @@ def kernel_profile(call, calls=5):
         for _ in range(calls):
             call()
         torch.cuda.synchronize()
-    per = {}
+    per, spans = {}, []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per[e.name] = per.get(e.name, 0.0) + e.device_time / 1000 / calls
+            spans.append((e.time_range.start, e.time_range.end, e.name))
     fams = {}
     for name, ms in per.items():
         fam = next(f for f, pat in FAMILIES if re.search(pat, name, re.I))
         fams[fam] = fams.get(fam, 0.0) + ms
     top = sorted(per.items(), key=lambda kv: -kv[1])[:20]
     return dict(total_ms=round(sum(per.values()), 3), families={k: round(v, 3) for k, v in fams.items()},
-                kernels=len(per), top=[(n[:120], round(ms, 4)) for n, ms in top])
+                kernels=len(per), top=[(n[:120], round(ms, 4)) for n, ms in top],
+                timeline=bench_common.timeline(spans, calls))
 
 
 def emit(args, row):
@@ -139,7 +146,8 @@ def measure(args, what, name, make, call_args, reference=None):
             out = fn(*call_args)
             torch.cuda.synchronize()
             warm = time.perf_counter() - start
-            ms = per_call_ms(lambda: fn(*call_args), args.calls, args.repeats)
+            clocks = []
+            ms = per_call_ms(lambda: fn(*call_args), args.calls, args.repeats, clocks)
             prof = None
             if name in args.profile.split(","):
                 try:
@@ -148,6 +156,7 @@ def measure(args, what, name, make, call_args, reference=None):
                     prof = {"error": f"{type(e).__name__}: {e}"[:300]}
         diff = None if reference is None else (out.float() - reference.float()).abs().max().item()
         emit(args, dict(part=what, variant=name, warmup_s=round(warm, 1), ms=round(ms, 3), max_abs_diff=diff,
+                        sm_clock_mhz=clocks,
                         **({"profile": prof} if prof else {})))
         return out
     except Exception as e:

@@ -283,3 +283,34 @@ def test_inductor_options_and_compile_times(tmp_path):
     finally:
         fast_path.INDUCTOR_OPTIONS.clear()
         fast_path.INDUCTOR_OPTIONS.update(saved)
+
+
+def test_timeline_counts_overlaps_once_and_names_the_gaps():
+    """The kernel-timeline summary of fast_path_variants' profile, on random kernel layouts against a
+    microsecond-by-microsecond count."""
+    import random
+
+    common = sys.modules["bench_common"]  # scripts/bench_common.py, imported by benchmark.py above
+    rng = random.Random(0)
+    for _ in range(50):
+        kernels, t = [], rng.uniform(0, 10)
+        for i in range(rng.randint(1, 30)):
+            t += rng.choice([0, 0, 1, 2, 5]) - (rng.random() < 0.2) * 3  # back to back, gaps, overlaps
+            length = rng.randint(1, 40)
+            kernels.append((t, t + length, f"k{i}"))
+            t += length
+        calls = rng.randint(1, 4)
+        got = common.timeline(kernels, calls, top=100)
+        start, end = min(a for a, _, _ in kernels), max(b for _, b, _ in kernels)
+        grid = [x / 4 for x in range(int(start * 4), int(end * 4) + 1)]  # quarter-microsecond ticks
+        cover = sum(1 for x in grid[:-1] if any(a <= x + 0.125 < b for a, b, _ in kernels)) / 4
+        assert got["span_ms"] == pytest.approx((end - start) / 1000 / calls, abs=1e-4)
+        assert got["busy_ms"] == pytest.approx(cover / 1000 / calls, abs=0.3 / 1000 / calls + 1e-4)
+        assert got["idle_ms"] == pytest.approx(got["span_ms"] - got["busy_ms"], abs=2e-4)
+        gaps = [us for us, _ in got["largest_gaps"]]
+        assert gaps == sorted(gaps, reverse=True) and all(g > 0 for g in gaps)
+        assert sum(gaps) / 1000 / calls == pytest.approx(got["idle_ms"], abs=2e-4)
+    # a gap is named by the kernel that ends it
+    got = common.timeline([(0, 10, "a"), (15, 20, "b"), (18, 30, "c"), (31, 32, "d")])
+    assert got["largest_gaps"] == [(5.0, "b"), (1.0, "d")] and got["busy_ms"] == 0.026
+    assert common.timeline([])["span_ms"] == 0.0
