@@ -100,6 +100,10 @@ def test_a_note_whose_compile_is_gone_is_reported_and_written_again(fresh_cache,
     assert note == compile_ahead.note_path(dict(spec))  # the same spec, the same note
     assert note != compile_ahead.note_path({**spec, "shape": [2, 4, 8, 8]})
     assert note != compile_ahead.note_path({**spec, "inductor": {"max_autotune": True}})
+    monkeypatch.setattr(compile_ahead, "_source", ["another version of this package's code"])
+    assert note != compile_ahead.note_path(spec)  # the fork's code changed, its version string did not
+    monkeypatch.setattr(compile_ahead, "_source", [])
+    assert note == compile_ahead.note_path(spec)  # the digest, computed again, is the same
     os.makedirs(os.path.dirname(note))
     open(note, "w").close()
     counts = iter([(0, 0), (1, 2)])
@@ -131,6 +135,14 @@ def test_no_note_where_nothing_compiled_or_the_folder_is_read_only(fresh_cache, 
     ahead.wait((2, 4, 8, 8))
     ahead.check((2, 4, 8, 8))
     assert ahead.done[(2, 4, 8, 8)] == "no helper: test"
+    # a helper stopped because the cache was warm: the compile here, read from the cache, is noted
+    ahead.helpers[(3, 4, 8, 8)] = _Slow((3, 4, 8, 8))
+    ahead.notes[(3, 4, 8, 8)] = note = str(fresh_cache / compile_ahead.NOTES / "y")
+    counts = iter([(2, 0), (2, 0), (5, 0)])
+    ahead.wait((3, 4, 8, 8))
+    assert ahead.done[(3, 4, 8, 8)].startswith("stopped: inductor's cache is warm") and not os.path.exists(note)
+    ahead.check((3, 4, 8, 8))
+    assert os.path.exists(note) and ahead.done[(3, 4, 8, 8)].startswith("stopped: ")
 
 
 def test_a_helper_that_fails_is_reported_and_waited_for_once(fresh_cache, caplog):

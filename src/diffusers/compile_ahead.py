@@ -15,7 +15,7 @@ did is checked (inductor's hit and miss counters) and reported. In a second proc
 already warm: the UNet's compile was all cache hits), or where nothing needed compiling, compiling here is
 quicker than the helper's start-up, so the helper is stopped instead of awaited. Once a compile of the model
 has been stored (by a helper or here), a note in inductor's cache folder, named by a hash of everything the
-helper would mirror, says so: a later process with that note starts no helper at all (a stopped one cost a
+helper would mirror and of this package's code, torch and Triton, says so: a later process with that note starts no helper at all (a stopped one cost a
 second process about 1 s on an H100 host: BENCHMARKS.md, sixth round). Emptying inductor's cache folder
 removes the notes with it; a note whose compile is no longer found only means this process compiles the
 model itself, which is reported.
@@ -151,18 +151,44 @@ def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_l
     }
 
 
+_source = []  # the digest of this package's Python files, once computed
+
+
+def _source_digest() -> str:
+    """A digest of every Python file of this package: the fork's version string stays the same across
+    changes to its code, and any of them can change the compiled graph (and inductor's cache key)."""
+    if not _source:
+        root = os.path.dirname(os.path.abspath(__file__))
+        digest = hashlib.sha256()
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    digest.update(os.path.relpath(path, root).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        digest.update(f.read())
+        _source.append(digest.hexdigest())
+    return _source[0]
+
+
 def note_path(spec: dict):
     """The note saying that inductor's cache holds the compile ``spec`` describes (None where it cannot be
-    named): a hash of the spec, this torch and diffusers, and the card."""
+    named): a hash of the spec, this package's code, torch, Triton and the card."""
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        from . import __version__
-
         device = torch.device(spec["device"])
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        text = json.dumps({"spec": spec, "torch": torch.__version__, "diffusers": __version__, "card": card},
-                          sort_keys=True)
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        text = json.dumps({"spec": spec, "source": _source_digest(), "torch": torch.__version__,
+                           "torch_git": getattr(torch.version, "git_version", None), "triton": triton_version,
+                           "card": card}, sort_keys=True)
         return os.path.join(cache_dir(), NOTES, hashlib.sha256(text.encode()).hexdigest()[:40])
     except Exception:  # a private path that moved, a spec JSON cannot hold: no note, a helper as before
         return None
@@ -350,7 +376,7 @@ class Ahead:
             if self.done[shape] == CACHED and misses:
                 self.done[shape] = (f"no helper: an earlier compile of it was noted but not found in inductor's "
                                     f"cache ({hits} hits, {misses} misses): compiled here")
-                logger.info(f"fast path: the {self.what}: {self.done[shape]}")
+                logger.warning(f"fast path: the {self.what}: {self.done[shape]}")
             elif self.done[shape] == CACHED and hits:
                 logger.info(f"fast path: the {self.what}'s compile read an earlier compile from inductor's cache")
             return
