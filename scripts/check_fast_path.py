@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark import drop_safety_checker, place  # noqa: E402
 
-from diffusers import local_pipelines  # noqa: E402
+from diffusers import fast_path, local_pipelines  # noqa: E402
 
 
 def generate(pipe, images, steps, seed=0):
@@ -51,8 +51,6 @@ def main():
     start = time.perf_counter()
     again = generate(pipe, args.images, args.steps)
     steady_s = time.perf_counter() - start
-    from diffusers import fast_path
-
     levels = lambda a, b: float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max() * 255)  # noqa: E731
     row = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, images=args.images, steps=args.steps,
                compile=args.compile, applied={k: v for k, v in report.items() if k != "reasons"},

@@ -203,8 +203,7 @@ def main():
                 if v["compile"] == "regional":
                     prepare = set_regional(unet, True, "UNet").uncompiled(unet.forward)
                 elif v["compile"]:
-                    opts = v.get("options", fast_path.INDUCTOR_OPTIONS)
-                    fn = torch.compile(fn, dynamic=False, options=dict(opts))
+                    fn = fast_path._torch_compile(fn, v.get("options"))
                 graphed = fast_path.GraphedForward(fn, prepare=prepare if v["compile"] else None)
                 return lambda s, tt, c: graphed(s, tt, c).sample
 

@@ -100,9 +100,11 @@ def test_a_note_whose_compile_is_gone_is_reported_and_written_again(fresh_cache,
     assert note == compile_ahead.note_path(dict(spec))  # the same spec, the same note
     assert note != compile_ahead.note_path({**spec, "shape": [2, 4, 8, 8]})
     assert note != compile_ahead.note_path({**spec, "inductor": {"max_autotune": True}})
-    monkeypatch.setattr(compile_ahead, "_source", ["another version of this package's code"])
+    digest = compile_ahead._source_digest
+    monkeypatch.setattr(compile_ahead, "_source_digest", lambda: "another version of this package's code")
     assert note != compile_ahead.note_path(spec)  # the fork's code changed, its version string did not
-    monkeypatch.setattr(compile_ahead, "_source", [])
+    monkeypatch.setattr(compile_ahead, "_source_digest", digest)
+    digest.cache_clear()
     assert note == compile_ahead.note_path(spec)  # the digest, computed again, is the same
     os.makedirs(os.path.dirname(note))
     open(note, "w").close()

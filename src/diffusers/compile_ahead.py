@@ -29,6 +29,7 @@ dtypes, partly frozen or partly training models, inductor options that cannot be
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib
 import json
@@ -151,25 +152,21 @@ def spec_for(model, attr: str, what: str, mode, shape, options: dict, channels_l
     }
 
 
-_source = []  # the digest of this package's Python files, once computed
-
-
+@functools.lru_cache(maxsize=None)
 def _source_digest() -> str:
-    """A digest of every Python file of this package: the fork's version string stays the same across
-    changes to its code, and any of them can change the compiled graph (and inductor's cache key)."""
-    if not _source:
-        root = os.path.dirname(os.path.abspath(__file__))
-        digest = hashlib.sha256()
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for name in sorted(files):
-                if name.endswith(".py"):
-                    path = os.path.join(folder, name)
-                    digest.update(os.path.relpath(path, root).encode() + b"\0")
-                    with open(path, "rb") as f:
-                        digest.update(f.read())
-        _source.append(digest.hexdigest())
-    return _source[0]
+    """A digest of every Python file of this package (computed once): the fork's version string stays the
+    same across changes to its code, and any of them can change the compiled graph (and inductor's cache key)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
 
 
 def note_path(spec: dict):

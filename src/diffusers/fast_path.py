@@ -279,8 +279,9 @@ def _compile_regions(model, what, report):
     return None
 
 
-def _torch_compile(fn):
-    return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS))
+def _torch_compile(fn, options=None):
+    """torch.compile as the fast path calls it: static shapes, ``options`` (default: INDUCTOR_OPTIONS)."""
+    return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS if options is None else options))
 
 
 def _compile(fn, what, report):
