@@ -298,3 +298,126 @@ def test_hub_path_asks_for_safetensors_first_and_for_bin_only_on_entry_not_found
     with pytest.raises(ValueError):  # any other error is not a reason to try the .bin
         sl.hub_weights_file("org/none")
     assert asked == [SAFE]
+
+
+# ---------------------------------------------------------------- hardening (issue 19)
+def _pipeline_folder(path):
+    pipe = local_pipelines.stable_diffusion("tiny", seed=3)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe
+
+
+def test_model_index_naming_a_module_of_its_own_is_refused_and_never_imported(tmp_path, monkeypatch):
+    """A folder whose model_index.json names a module it ships, importable because the folder's parent is
+    on sys.path (python -c, the REPL, notebooks): refused with the entry and library named; nothing runs."""
+    folder = tmp_path / "mymodel"
+    _pipeline_folder(folder)
+    marker = tmp_path / "pwned"
+    hook = folder / "unet" / "hook.py"
+    hook.write_text(f"open({str(marker)!r}, 'w').close()\nfrom diffusers import UNet2DConditionModel\n")
+    for init in (folder / "__init__.py", folder / "unet" / "__init__.py"):
+        init.write_text("")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["mymodel.unet.hook", "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(sl.UntrustedLibraryError) as err:
+        StableDiffusionPipeline.from_pretrained(folder)
+    message = str(err.value)
+    assert "'unet'" in message and "'mymodel.unet.hook'" in message and "refused" in message
+    assert not marker.exists()
+    __import__("mymodel.unet.hook")  # the attack is real: importing that module does run its code
+    assert marker.exists()
+
+
+def test_import_library_allows_only_the_pipeline_libraries():
+    assert sl.import_library("diffusers", "unet").UNet2DConditionModel.__name__ == "UNet2DConditionModel"
+    assert sl.import_library("transformers", "tokenizer").CLIPTokenizer.__name__ == "CLIPTokenizer"
+    for name in ("os", "subprocess", "diffusers.utils", "transformers.x", ""):
+        with pytest.raises(sl.UntrustedLibraryError, match="entry 'text_encoder'"):
+            sl.import_library(name, "text_encoder")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5], ids=["none", "half"])
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_weights_file_missing_some_of_the_models_weights_is_an_error(tmp_path, keep, safe):
+    model = _unet(0)
+    state = model.state_dict()
+    kept = dict(list(state.items())[: int(len(state) * keep)])
+    model.save_config(tmp_path)
+    if safe:
+        save_file({k: v.contiguous() for k, v in kept.items()} or {"unrelated": torch.zeros(1)}, str(tmp_path / SAFE))
+    else:
+        torch.save(kept, tmp_path / BIN)
+    with pytest.raises(sl.IncompleteWeightsError) as err:
+        UNet2DModel.from_pretrained(tmp_path)
+    message = str(err.value)
+    missing = [k for k in state if k not in kept]
+    assert str(tmp_path / (SAFE if safe else BIN)) in message
+    assert f"{len(missing)} of the {len(state)} weights" in message and missing[0] in message
+    assert "ignore_mismatched_sizes=True" in message
+    # asked for explicitly: loads, with the weights the file has
+    loaded = UNet2DModel.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    for k, v in kept.items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_weights_file_with_unexpected_weights_is_an_error(tmp_path):
+    model = _unet(0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    state = load_file(str(tmp_path / SAFE))
+    state["extra.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / SAFE))
+    with pytest.raises(sl.IncompleteWeightsError, match=r"1 weight\(s\) the model does not have.*extra\.weight"):
+        UNet2DModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_a_crash_while_saving_keeps_the_old_weights(tmp_path, monkeypatch, safe):
+    old = _unet(0)
+    old.save_pretrained(tmp_path, safe_serialization=safe)
+    before = sorted(os.listdir(tmp_path))
+
+    def crash(*args, **kwargs):
+        path = args[1] if len(args) > 1 else kwargs.get("filename", args[-1])
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt("killed mid-write")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _unet(1).save_pretrained(tmp_path, save_function=crash, safe_serialization=safe)
+    assert sorted(os.listdir(tmp_path)) == before  # no temporary file left, the old one untouched
+    assert torch.equal(_out(UNet2DModel.from_pretrained(tmp_path)), _out(old))
+
+
+def test_saving_replaces_the_file_by_rename_and_then_removes_the_other_format(tmp_path, monkeypatch):
+    model = _unet(0)
+    model.save_pretrained(tmp_path)  # .bin
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append((os.path.basename(src), os.path.basename(dst), sorted(os.listdir(tmp_path))))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    (src, dst, listing), = seen
+    assert dst == SAFE and src.startswith(".") and BIN in listing  # the .bin was still there at the rename
+    assert _files(tmp_path) == [SAFE]
+
+
+def test_bfloat16_pipeline_returns_images():
+    """numpy has no bfloat16: the pipeline's output step goes through float32 (patch 0010)."""
+    pipe = local_pipelines.stable_diffusion("tiny", seed=3)
+    for part in ("unet", "vae", "text_encoder", "safety_checker"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).to(torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red bicycle", num_inference_steps=2, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.dtype == np.float32 and images.shape[0] == 1 and images.shape[-1] == 3
+    assert np.isfinite(images).all() and images.std() > 0

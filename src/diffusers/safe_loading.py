@@ -34,6 +34,7 @@ WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
 _GIT_LFS_POINTER = b"version https://git-lfs"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format (a pickle, protocol 2+)
 _MAX_LISTED = 5
+LOADABLE_LIBRARIES = ("diffusers", "transformers")  # pipeline_utils.LOADABLE_CLASSES' libraries
 
 
 class CheckpointError(OSError):
@@ -58,6 +59,14 @@ class MissingWeightsError(CheckpointError, FileNotFoundError):
 
 class ShapeMismatchError(CheckpointError, RuntimeError):
     """Weights whose shapes differ from the model's (a RuntimeError too, as upstream's was)."""
+
+
+class IncompleteWeightsError(CheckpointError, RuntimeError):
+    """A weights file that lacks some of the model's weights, or holds weights the model does not have."""
+
+
+class UntrustedLibraryError(ValueError):
+    """A ``model_index.json`` entry names a library pipelines do not load from (importing it would run code)."""
 
 
 # ---------------------------------------------------------------- finding the file
@@ -171,43 +180,119 @@ def _check_state_dict(state_dict, path: str) -> dict:
     return state_dict
 
 
-def check_shapes(model: torch.nn.Module, state_dict: dict, path, ignore_mismatched_sizes: bool = False) -> None:
-    """Raise :class:`ShapeMismatchError` if a weight in ``state_dict`` has another shape than the model's
-    (unless ``ignore_mismatched_sizes``, where upstream drops those weights with a warning)."""
-    if ignore_mismatched_sizes:
-        return
+def check_weights(model: torch.nn.Module, state_dict: dict, path, ignore_mismatched_sizes: bool = False) -> None:
+    """Refuse weights that do not fit the model built from its config: :class:`IncompleteWeightsError` when
+    the file lacks some of the model's weights or holds weights the model does not have (upstream 0.4 would
+    leave the missing ones randomly initialized behind a warning), :class:`ShapeMismatchError` when a weight
+    has another shape. ``ignore_mismatched_sizes=True`` (upstream's option) loads anyway, as upstream does:
+    missing weights newly initialized, unexpected ones and mismatched shapes dropped, each logged."""
     expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
     bad = [(k, tuple(v.shape), tuple(expected[k].shape))
            for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if ignore_mismatched_sizes:
+        if missing or unexpected:
+            logger.warning("%s: %d of %s's weights missing (newly initialized: %s), %d unexpected (ignored: %s); "
+                           "loading anyway because ignore_mismatched_sizes=True", path, len(missing),
+                           type(model).__name__, _listed(missing), len(unexpected), _listed(unexpected))
+        return
+    model_name = type(model).__name__
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the {len(expected)} weights of the {model_name} built from its config "
+                         f"are missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the model does not have are in the file ({_listed(unexpected)})")
+        raise IncompleteWeightsError(
+            path, "; ".join(parts) + ". The file is incomplete or belongs to another model; pass "
+                  "ignore_mismatched_sizes=True to load it anyway with the missing weights newly initialized"
+        )
     if not bad:
         return
     listed = "; ".join(f"{k}: {got} in the file, {want} in the model" for k, got, want in bad[:_MAX_LISTED])
     more = f" (and {len(bad) - _MAX_LISTED} more)" if len(bad) > _MAX_LISTED else ""
     raise ShapeMismatchError(
-        path, f"{len(bad)} weight(s) do not fit the {type(model).__name__} built from its config: {listed}{more}. "
+        path, f"{len(bad)} weight(s) do not fit the {model_name} built from its config: {listed}{more}. "
               "The config and the weights come from different models; pass ignore_mismatched_sizes=True to "
               "leave those weights newly initialized"
     )
 
 
+def _listed(keys: list) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "") if keys else "none"
+
+
+# ---------------------------------------------------------------- which libraries a model folder may name
+def import_library(library: str, entry: str):
+    """The library a pipeline folder's ``model_index.json`` names for ``entry`` (``"unet": ["diffusers",
+    "UNet2DConditionModel"]``), imported only if it is one pipelines load components from (diffusers,
+    transformers). Importing a module runs its code, and a folder could otherwise name a module of its own,
+    found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). Diffusers 0.4
+    loads no component from any other library anyway; custom pipeline code is taken only when the caller
+    names it, through ``from_pretrained(..., custom_pipeline=...)``."""
+    from .transformers_compat import import_library as _import
+
+    if library not in LOADABLE_LIBRARIES:
+        raise UntrustedLibraryError(
+            f"model_index.json: entry {entry!r} names library {library!r}; pipelines load components only from "
+            f"{' and '.join(LOADABLE_LIBRARIES)}, and importing another module would run its code: refused"
+        )
+    return _import(library)
+
+
 # ---------------------------------------------------------------- saving
 def save_state_dict(state_dict: dict, directory, save_function: Callable = torch.save,
-                    safe_serialization: bool = False) -> str:
+                    safe_serialization: bool = False, is_main_process: bool = True) -> str:
     """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
     ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
-    ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream."""
-    if not safe_serialization:
-        path = os.path.join(str(directory), WEIGHTS_NAME)
-        save_function(state_dict, path)
-        return path
-    from safetensors.torch import save_file
+    ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream.
 
-    if save_function is not torch.save:
-        logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
-                       SAFE_WEIGHTS_NAME)
-    path = os.path.join(str(directory), SAFE_WEIGHTS_NAME)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+    The file is written under a temporary name in the same folder, flushed to disk and renamed into place;
+    only then are the folder's other weights files (a previous save's) removed, by the main process. A crash
+    at any point leaves the old weights or the new ones, never neither."""
+    directory = str(directory)
+    name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    path = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    try:
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            if save_function is not torch.save:
+                logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
+                               SAFE_WEIGHTS_NAME)
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
+        else:
+            save_function(state_dict, tmp)
+        if os.path.isfile(tmp):  # a save_function that writes elsewhere (e.g. a TPU's) is left to itself
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if is_main_process:
+        for other in os.listdir(directory):  # upstream's clean-up of a previous save, now after the write
+            full = os.path.join(directory, other)
+            if other != name and other.startswith(WEIGHTS_NAME[:-4]) and os.path.isfile(full):
+                os.remove(full)
     return path
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
