@@ -1,5 +1,5 @@
-"""scripts/benchmark.py: the tiny CPU run end to end (as CI runs it), its timing core on a pipeline
-that is not ours, the largest-batch search, and refusal of bad options."""
+"""The benchmark (``python -m bench``): the tiny CPU run end to end (as CI runs it), its timing core on a
+pipeline that is not ours, the largest-batch search, and refusal of bad options."""
 import importlib.util
 import json
 import os
@@ -13,18 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import pipeline as bench
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "benchmark.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sd_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
 
 
 def _dispatcher_present():
@@ -38,7 +29,7 @@ def _dispatcher_present():
 def _run(*args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env.pop("DIFFUSERS_ATTENTION_BACKEND", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=ROOT)
 
 
@@ -63,7 +54,7 @@ def test_tiny_pipeline_run_reports_every_row(tmp_path):
 
     m = report["machine"]
     assert m["card"].startswith("CPU") and m["torch"] == torch.__version__ and m["date"]
-    assert "--tiny" in m["command"] and "--batch-sizes 1,2" in m["command"]
+    assert "-m bench --tiny" in m["command"] and "--batch-sizes 1,2" in m["command"]
     c = report["config"]
     assert (c["device"], c["dtype"], c["steps"], c["height"]) == ("cpu", "fp32", 3, 128)
     assert report["matmul_peak"]["tflops"] > 0
@@ -116,7 +107,7 @@ def test_attention_microbenchmark_tiny(tmp_path):
 def test_find_max_batch_doubles_then_bisects():
     for largest in (1, 5, 37, 48, 192, 1000):
         probes = []
-        fits = lambda n: probes.append(n) or n <= largest  # noqa: E731
+        fits = lambda n, probes=probes, largest=largest: probes.append(n) or n <= largest  # noqa: E731
         assert bench.find_max_batch(fits, limit=1024) == largest
         assert len(probes) <= 2 * largest.bit_length() + 2, probes
     assert bench.find_max_batch(lambda n: True, limit=100) == 100
@@ -218,7 +209,8 @@ def test_safety_checker_left_out_but_images_kept():
     pipe = types.SimpleNamespace(safety_checker=object(), feature_extractor=object())
     assert "pass-through" in bench.drop_safety_checker(pipe)
     images = torch.rand(2, 8, 8, 3).numpy()
-    clip = pipe.feature_extractor(pipe.numpy_to_pil(images), return_tensors="pt").to("cpu").pixel_values.to(torch.float16)
+    features = pipe.feature_extractor(pipe.numpy_to_pil(images), return_tensors="pt")
+    clip = features.to("cpu").pixel_values.to(torch.float16)
     out, flagged = pipe.safety_checker(images=images, clip_input=clip)
     assert out is images and flagged == [False, False]
     newer = types.SimpleNamespace(safety_checker=object(), config={"requires_safety_checker": True})
@@ -283,34 +275,3 @@ def test_inductor_options_and_compile_times(tmp_path):
     finally:
         fast_path.INDUCTOR_OPTIONS.clear()
         fast_path.INDUCTOR_OPTIONS.update(saved)
-
-
-def test_timeline_counts_overlaps_once_and_names_the_gaps():
-    """The kernel-timeline summary of fast_path_variants' profile, on random kernel layouts against a
-    microsecond-by-microsecond count."""
-    import random
-
-    common = sys.modules["bench_common"]  # scripts/bench_common.py, imported by benchmark.py above
-    rng = random.Random(0)
-    for _ in range(50):
-        kernels, t = [], rng.uniform(0, 10)
-        for i in range(rng.randint(1, 30)):
-            t += rng.choice([0, 0, 1, 2, 5]) - (rng.random() < 0.2) * 3  # back to back, gaps, overlaps
-            length = rng.randint(1, 40)
-            kernels.append((t, t + length, f"k{i}"))
-            t += length
-        calls = rng.randint(1, 4)
-        got = common.timeline(kernels, calls, top=100)
-        start, end = min(a for a, _, _ in kernels), max(b for _, b, _ in kernels)
-        grid = [x / 4 for x in range(int(start * 4), int(end * 4) + 1)]  # quarter-microsecond ticks
-        cover = sum(1 for x in grid[:-1] if any(a <= x + 0.125 < b for a, b, _ in kernels)) / 4
-        assert got["span_ms"] == pytest.approx((end - start) / 1000 / calls, abs=1e-4)
-        assert got["busy_ms"] == pytest.approx(cover / 1000 / calls, abs=0.3 / 1000 / calls + 1e-4)
-        assert got["idle_ms"] == pytest.approx(got["span_ms"] - got["busy_ms"], abs=2e-4)
-        gaps = [us for us, _ in got["largest_gaps"]]
-        assert gaps == sorted(gaps, reverse=True) and all(g > 0 for g in gaps)
-        assert sum(gaps) / 1000 / calls == pytest.approx(got["idle_ms"], abs=2e-4)
-    # a gap is named by the kernel that ends it
-    got = common.timeline([(0, 10, "a"), (15, 20, "b"), (18, 30, "c"), (31, 32, "d")])
-    assert got["largest_gaps"] == [(5.0, "b"), (1.0, "d")] and got["busy_ms"] == 0.026
-    assert common.timeline([])["span_ms"] == 0.0

@@ -1,4 +1,4 @@
-"""diffusers-flash benchmarks: what the pipeline and attention benchmarks share (scripts/benchmark.py).
+"""What the pipeline and attention benchmarks share (``python -m bench``).
 
 The machine and versions for the report header, a clock on the device's timeline, the attention
 dispatcher (imported lazily, with a clear error while it is absent), medians, tables and JSON.
@@ -16,6 +16,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -31,7 +34,7 @@ class BenchError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- dispatcher
-def dispatcher():
+def dispatcher() -> ModuleType:
     """diffusers.models.attention_dispatch, or BenchError saying why it cannot be used."""
     try:
         from diffusers.models import attention_dispatch
@@ -44,7 +47,7 @@ def dispatcher():
     return attention_dispatch
 
 
-def backend_verdicts(names) -> dict:
+def backend_verdicts(names: Iterable[str]) -> dict[str, str | None]:
     """name -> None (can be used) or the reason it is skipped (dispatcher absent, backend unavailable)."""
     try:
         ad = dispatcher()
@@ -64,14 +67,14 @@ def backend_verdicts(names) -> dict:
     return out
 
 
-def backend_status_list() -> list:
+def backend_status_list() -> list[dict[str, Any]]:
     try:
         return [dict(name=n, available=bool(ok), reason=why) for n, ok, why in dispatcher().backend_status()]
     except BenchError as e:
         return [dict(name="*", available=False, reason=str(e))]
 
 
-def accepted(fn, **kwargs) -> dict:
+def accepted(fn: Callable, **kwargs: Any) -> dict[str, Any]:
     """The keyword arguments that ``fn`` takes (the dispatcher may be older or newer than this script)."""
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -79,7 +82,7 @@ def accepted(fn, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
+def parse_backends(text: str, allowed: Sequence[str] = KNOWN_BACKENDS) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--backends is empty")
@@ -100,7 +103,7 @@ def parse_backends(text: str, allowed=KNOWN_BACKENDS) -> list:
 FAST_MODES = {"graphs": False, "compile": True, "regional": "regional"}
 
 
-def fast_path_modes(suffix: str):
+def fast_path_modes(suffix: str) -> tuple[bool | str, bool | str | None] | None:
     """A fast-path suffix ('compile', 'compile-graphs': UNet mode, then the VAE's apart) as enable_fast_path's
     (compile, compile_vae); None if it is not one."""
     parts = suffix.split("-")
@@ -109,7 +112,7 @@ def fast_path_modes(suffix: str):
     return FAST_MODES[parts[0]], (FAST_MODES[parts[1]] if len(parts) == 2 else None)
 
 
-def parse_ints(text: str, option: str) -> list:
+def parse_ints(text: str, option: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -124,70 +127,34 @@ class Clock:
     """Stamps on the device's timeline: CUDA events on a GPU (no synchronisation inside a run), else
     time.perf_counter. ``ms(a, b)`` is valid after ``sync()``."""
 
-    def __init__(self, device):
+    def __init__(self, device: str | torch.device) -> None:
         self.cuda = torch.device(device).type == "cuda"
 
-    def stamp(self):
+    def stamp(self) -> torch.cuda.Event | float:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()
 
-    def ms(self, start, end) -> float:
+    def ms(self, start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
-    def sync(self):
+    def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
 
-def median(values):
+def median(values: Iterable[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
-
-
-def timeline(kernels, calls: int = 1, top: int = 10) -> dict:
-    """Where a GPU timeline's time goes between kernels: ``kernels`` as (start, end, name) in microseconds
-    (profiler events; overlapping kernels count once). Per call: the span from the first kernel's start to
-    the last one's end, the time some kernel ran (busy) and the rest (idle: launch gaps, the tails between
-    dependent kernels, host waits), in ms; and the largest gaps, each with the kernel that ended it."""
-    spans = sorted((float(a), float(b), n) for a, b, n in kernels if b >= a)
-    if not spans:
-        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "largest_gaps": []}
-    busy, gaps, end = 0.0, [], spans[0][0]
-    for a, b, name in spans:
-        if a > end:
-            gaps.append((a - end, name))
-        busy += max(0.0, b - max(a, end))
-        end = max(end, b)
-    span = end - spans[0][0]
-    per = lambda us: round(us / 1000 / calls, 4)  # noqa: E731
-    return {"span_ms": per(span), "busy_ms": per(busy), "idle_ms": per(span - busy), "gaps": len(gaps) / calls,
-            "largest_gaps": [(round(us, 2), name[:80]) for us, name in sorted(gaps, key=lambda g: -g[0])[:top]]}
-
-
-def sm_clock_mhz(device_index: int = 0):
-    """The GPU's current SM clock in MHz (NVML), or None where NVML is missing: a timing taken while the
-    card throttles is not comparable with one taken at full clock."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
-            return int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return None
 
 
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def free_memory():
+def free_memory() -> None:
     import gc
 
     gc.collect()
@@ -195,7 +162,7 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def matmul_peak(device, dtype, n=None, iters=None) -> dict:
+def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, iters: int | None = None) -> dict[str, Any]:
     """Arithmetic peak measured here: the median speed of an n x n x n matmul (the card's floor)."""
     cuda = torch.device(device).type == "cuda"
     n = n or (8192 if cuda else 1024)
@@ -231,7 +198,16 @@ def _version(module):
         return None
 
 
-def machine(device) -> dict:
+def command_line() -> str:
+    """This process's command line as it was typed: ``python -m bench ...`` for this package."""
+    argv = list(sys.argv)
+    if argv and os.path.basename(argv[0]) == "__main__.py" and os.path.dirname(os.path.abspath(argv[0])) == \
+            os.path.dirname(os.path.abspath(__file__)):
+        argv[:1] = ["-m", __package__ or "bench"]
+    return shlex.join([sys.executable] + argv)
+
+
+def machine(device: str) -> dict[str, Any]:
     """Card, driver, versions, date and the exact command line, for the JSON and the table header."""
     cuda = torch.device(device).type == "cuda"
     info = dict(card=None, driver=None, torch=torch.__version__, cuda=torch.version.cuda,
@@ -239,7 +215,7 @@ def machine(device) -> dict:
                 diffusers=_version("diffusers"), transformers=_version("transformers"),
                 python=platform.python_version(), platform=platform.platform(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=shlex.join([sys.executable] + sys.argv), attention_env=os.environ.get(ENV_VAR))
+                command=command_line(), attention_env=os.environ.get(ENV_VAR))
     if cuda:
         index = torch.device(device).index or 0
         info["card"] = torch.cuda.get_device_name(index)
@@ -256,7 +232,7 @@ def machine(device) -> dict:
     return info
 
 
-def header(info: dict) -> str:
+def header(info: dict[str, Any]) -> str:
     cudnn = info["cudnn"]
     cudnn = f"{cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100}" if isinstance(cudnn, int) and cudnn > 9000 else cudnn
     return "\n".join([
@@ -269,7 +245,7 @@ def header(info: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def table(columns, rows) -> str:
+def table(columns: Sequence[tuple[str, str | Callable[[dict], Any], str | None]], rows: Iterable[dict]) -> str:
     """A Markdown table; ``columns`` is [(title, key or function of the row, format)]."""
     def cell(row, key, fmt):
         value = key(row) if callable(key) else row.get(key)
@@ -280,13 +256,13 @@ def table(columns, rows) -> str:
     return "\n".join(lines)
 
 
-def write_json(path, report):
+def write_json(path: str | os.PathLike, report: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)
         f.write("\n")
 
 
-def progress(total, disable, desc):
+def progress(total: int, disable: bool, desc: str) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:

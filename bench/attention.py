@@ -1,4 +1,4 @@
-"""diffusers-flash attention microbenchmark: ``python scripts/benchmark.py attention [options]``.
+"""The attention microbenchmark: ``python -m bench attention [options]``.
 
 Every attention call Stable Diffusion v1.x makes at 512x512 (UNet batch = 2 x images, 8 heads; the
 VAE's single head of dim 512), run through ``attention_dispatch.attention(q, k, v, backend=name)`` for
@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 import torch
 
-from bench_common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, accepted, backend_status_list,
-                          backend_verdicts, dispatcher, free_memory, header, is_oom, machine, median,
-                          parse_backends, table, write_json)
+from .common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, accepted, backend_status_list, backend_verdicts,
+                     dispatcher, free_memory, header, is_oom, machine, median, parse_backends, table, write_json)
 
 # (label, batch, heads, query length, key length, head dim, fp32 softmax as the VAE's AttentionBlock)
 SHAPES = [
@@ -31,20 +33,24 @@ SHAPES = [
 TINY_DIVISOR = 64  # --tiny: query and key lengths / 64 (text's 77 stays), for a CPU in seconds
 
 
-def shapes(tiny):
+Shape = tuple[str, int, int, int, int, int, bool]
+
+
+def shapes(tiny: bool) -> list[Shape]:
     if not tiny:
         return SHAPES
     return [(f"{label} /{TINY_DIVISOR}", b, h, sq // TINY_DIVISOR, sk if sk == 77 else sk // TINY_DIVISOR, d, up)
             for label, b, h, sq, sk, d, up in SHAPES]
 
 
-def tensors(b, h, sq, sk, d, device, dtype, seed=0):
+def tensors(b: int, h: int, sq: int, sk: int, d: int, device: str, dtype: torch.dtype,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     make = lambda s: torch.randn(b, h, s, d, generator=g, device=device, dtype=dtype)  # noqa: E731
     return make(sq), make(sk), make(sk)
 
 
-def time_call(fn, device, repeats, warmup=3, target_ms=5.0) -> float:
+def time_call(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 3, target_ms: float = 5.0) -> float:
     """Median milliseconds per call over ``repeats`` blocks; each block runs enough calls to last about
     ``target_ms`` (one block is timed by two events, so per-call launch overhead is included)."""
     clock = Clock(device)
@@ -65,7 +71,8 @@ def time_call(fn, device, repeats, warmup=3, target_ms=5.0) -> float:
     return median([clock.ms(a, b) / inner for a, b in spans])
 
 
-def measure(ad, shape, backends, verdicts, device, dtype, repeats) -> list:
+def measure(ad: ModuleType, shape: Shape, backends: Sequence[str], verdicts: dict[str, str | None], device: str,
+            dtype: torch.dtype, repeats: int) -> list[dict[str, Any]]:
     label, b, h, sq, sk, d, upcast = shape
     q, k, v = tensors(b, h, sq, sk, d, device, dtype)
     extra = accepted(ad.attention, upcast=upcast)
@@ -82,7 +89,7 @@ def measure(ad, shape, backends, verdicts, device, dtype, repeats) -> list:
         if verdicts[name] is not None:
             row.update(status="skipped", reason=verdicts[name])
             continue
-        fn = lambda: ad.attention(q, k, v, backend=name, **extra)  # noqa: E731
+        fn = lambda name=name: ad.attention(q, k, v, backend=name, **extra)  # noqa: E731
         try:
             out = fn()
             if tuple(out.shape) != tuple(q.shape):
@@ -100,7 +107,7 @@ def measure(ad, shape, backends, verdicts, device, dtype, repeats) -> list:
     return rows
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     ad = dispatcher()  # a clear BenchError while it is absent
     verdicts = backend_verdicts(args.backends)
     info = machine(args.device)
@@ -115,12 +122,12 @@ def run(args) -> dict:
                 rows=rows)
 
 
-def render(report) -> str:
+def render(report: dict[str, Any]) -> str:
     rows, backends = report["rows"], report["config"]["backends"]
     by_shape = {}
     for r in rows:
-        by_shape.setdefault(r["shape"], dict(shape=r["shape"], dims=f"{r['batch']}x{r['heads']}x{r['q_len']}x"
-                                             f"{r['kv_len']}x{r['head_dim']}", chose=r["auto_choice"]))[r["backend"]] = r
+        dims = f"{r['batch']}x{r['heads']}x{r['q_len']}x{r['kv_len']}x{r['head_dim']}"
+        by_shape.setdefault(r["shape"], dict(shape=r["shape"], dims=dims, chose=r["auto_choice"]))[r["backend"]] = r
 
     def cell(name):
         def fmt(entry):
@@ -140,8 +147,8 @@ def render(report) -> str:
                       "", table(columns, list(by_shape.values()))] + (["", *notes] if notes else []))
 
 
-def parse(argv):
-    ap = argparse.ArgumentParser(prog="benchmark.py attention", description=__doc__,
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [n for n in KNOWN_BACKENDS if n != "installed"]
     ap.add_argument("--backends", default=",".join(names), help=f"comma-separated, from: {', '.join(names)}")
@@ -168,7 +175,7 @@ def parse(argv):
     return args
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         report = run(args)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """diffusers-flash benchmark: Stable Diffusion v1.x end to end, per attention backend and batch size.
 
-  python scripts/benchmark.py [options]            the full pipeline (text encode, UNet steps, VAE decode)
-  python scripts/benchmark.py attention [options]  attention kernels alone on the SD 1.x shapes
+  python -m bench [options]            the full pipeline (text encode, UNet steps, VAE decode)
+  python -m bench attention [options]  attention kernels alone on the SD 1.x shapes
 
 The pipeline is the real StableDiffusionPipeline.__call__ (output_type="np"): by default the SD 1.x
 architecture with random weights (timings do not depend on weight values), fp16, 512x512, 50 steps,
@@ -18,14 +18,16 @@ import importlib.util
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, backend_status_list,  # noqa: E402
-                          backend_verdicts, dispatcher, fast_path_modes, free_memory, header, is_oom, machine,
-                          matmul_peak, median, parse_backends, parse_ints, progress, table, write_json)
+from .common import (DTYPES, KNOWN_BACKENDS, BenchError, Clock, backend_status_list, backend_verdicts, dispatcher,
+                     fast_path_modes, free_memory, header, is_oom, machine, matmul_peak, median, parse_backends,
+                     parse_ints, progress, table, write_json)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -33,7 +35,7 @@ GIB = 2 ** 30
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-def _local_pipelines_source():
+def _local_pipelines_source() -> ModuleType:
     """src/diffusers/local_pipelines.py loaded by path: its SD 1.x configs and offline tokenizer, usable
     even when the installed diffusers is another release (--external-diffusers)."""
     spec = importlib.util.spec_from_file_location("_bench_local_pipelines", ROOT / "src/diffusers/local_pipelines.py")
@@ -42,13 +44,13 @@ def _local_pipelines_source():
     return module
 
 
-def fork_pipeline(size):
+def fork_pipeline(size: str) -> Any:
     from diffusers import local_pipelines
 
     return local_pipelines.stable_diffusion(size)
 
 
-def external_pipeline(size):
+def external_pipeline(size: str) -> Any:
     """SD 1.x from the installed diffusers' own classes (any release with the same constructor), random
     weights, no safety checker: for timing a newest-upstream environment against this fork."""
     import diffusers
@@ -80,7 +82,7 @@ def external_pipeline(size):
             raise BenchError(f"diffusers {diffusers.__version__}: cannot build StableDiffusionPipeline ({e})") from None
 
 
-def pretrained_pipeline(model, dtype):
+def pretrained_pipeline(model: str, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionPipeline
 
     try:
@@ -108,7 +110,7 @@ class _PassThroughSafety:
         return images, [False] * len(images)
 
 
-def drop_safety_checker(pipe):
+def drop_safety_checker(pipe: Any) -> str:
     """Leave the safety checker out of the timing. Releases that accept safety_checker=None skip it; 0.4.2
     calls it unconditionally, so pass-through stand-ins replace it, the feature extractor and the
     PIL conversion that feeds them (used for nothing else with output_type="np")."""
@@ -123,14 +125,14 @@ def drop_safety_checker(pipe):
     return "replaced by a pass-through (not timed)"
 
 
-def place(pipe, device, dtype):
+def place(pipe: Any, device: str, dtype: torch.dtype) -> Any:
     for part in vars(pipe).values():
         if isinstance(part, torch.nn.Module):
             part.to(device=device, dtype=dtype)
     return pipe
 
 
-def use_backend(pipe, name, scope):
+def use_backend(pipe: Any, name: str, scope: str) -> Callable[[], None]:
     """Force ``name`` on the whole pipeline or on its UNet only ("installed": leave attention alone).
     Returns what undoes a process-wide setting (a later backend overrides a per-model one)."""
     if name == "installed":
@@ -147,7 +149,7 @@ def use_backend(pipe, name, scope):
 
 
 # ---------------------------------------------------------------------------------------------- timing core
-def shadow(obj, attr, fn):
+def shadow(obj: Any, attr: str, fn: Callable) -> Callable[[], None]:
     """Put ``fn`` in place of ``obj.attr`` (an instance attribute shadows a method); returns the undo."""
     had, old = attr in vars(obj), vars(obj).get(attr)
     setattr(obj, attr, fn)
@@ -158,7 +160,7 @@ class Sections:
     """Times every UNet and text-encoder call (forward hooks) and the VAE's decode (the method wrapped),
     on the device's timeline. Works on any pipeline with unet, text_encoder and vae.decode."""
 
-    def __init__(self, pipe, clock):
+    def __init__(self, pipe: Any, clock: Clock) -> None:
         self.clock, self.spans, self._undo = clock, {"unet": [], "text": [], "vae": []}, []
         self._hook(pipe.unet, "unet")
         self._hook(pipe.text_encoder, "text")
@@ -182,11 +184,11 @@ class Sections:
 
         self._undo.append(shadow(obj, attr, timed))
 
-    def reset(self):
+    def reset(self) -> None:
         for spans in self.spans.values():
             spans.clear()
 
-    def ms(self) -> dict:
+    def ms(self) -> dict[str, list[float]]:
         self.clock.sync()
         return {name: [self.clock.ms(a, b) for a, b in spans] for name, spans in self.spans.items()}
 
@@ -195,7 +197,8 @@ class Sections:
             undo()
 
 
-def generate(pipe, images, steps, height, width, guidance_scale, device, seed=0):
+def generate(pipe: Any, images: int, steps: int, height: int, width: int, guidance_scale: float, device: str,
+             seed: int = 0) -> tuple[int, ...]:
     generator = torch.Generator(device=device).manual_seed(seed)
     out = pipe([PROMPT] * images, height=height, width=width, num_inference_steps=steps,
                guidance_scale=guidance_scale, generator=generator, output_type="np")
@@ -205,8 +208,9 @@ def generate(pipe, images, steps, height, width, guidance_scale, device, seed=0)
     return got
 
 
-def time_pipeline(pipe, images, *, steps=50, height=512, width=512, guidance_scale=7.5, repeats=3,
-                  warmup_steps=5, device="cuda") -> dict:
+def time_pipeline(pipe: Any, images: int, *, steps: int = 50, height: int = 512, width: int = 512,
+                  guidance_scale: float = 7.5, repeats: int = 3, warmup_steps: int = 5,
+                  device: str = "cuda") -> dict[str, Any]:
     """Time ``pipe(...)`` (any Stable Diffusion pipeline with 0.4.2's __call__ signature) making ``images``
     images: one warm-up call of ``warmup_steps`` steps, then ``repeats`` timed calls, synchronised.
     Returns medians over the repeats; raises torch.cuda.OutOfMemoryError like the pipeline does."""
@@ -246,7 +250,7 @@ def time_pipeline(pipe, images, *, steps=50, height=512, width=512, guidance_sca
                 image_shape=list(shape[1:]))
 
 
-def fits(pipe, images, steps, height, width, guidance_scale, device) -> bool:
+def fits(pipe: Any, images: int, steps: int, height: int, width: int, guidance_scale: float, device: str) -> bool:
     """Whether ``images`` images go through the pipeline without running out of memory."""
     try:
         generate(pipe, images, steps, height, width, guidance_scale, device)
@@ -259,7 +263,7 @@ def fits(pipe, images, steps, height, width, guidance_scale, device) -> bool:
         free_memory()
 
 
-def find_max_batch(fits_fn, limit=1024, start=1) -> int:
+def find_max_batch(fits_fn: Callable[[int], bool], limit: int = 1024, start: int = 1) -> int:
     """Largest n <= limit with fits_fn(n): double from ``start`` until one does not fit, then bisect.
     0 when not even ``start`` fits."""
     if not fits_fn(start):
@@ -285,7 +289,7 @@ class FlopSections:
     torch.utils.flop_counter.FlopCounterMode entered around each section through hooks; later UNet
     calls are only counted (PNDM makes steps + 1 of them)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe: Any) -> None:
         self.counts, self.unet_calls, self._undo, self._open = {"unet": [], "text": [], "vae": []}, 0, [], None
         for module, name in ((pipe.unet, "unet"), (pipe.text_encoder, "text")):
             pre = module.register_forward_pre_hook(lambda m, a, name=name: self._enter(name))
@@ -326,7 +330,8 @@ class FlopSections:
             undo()
 
 
-def count_work(pipe, steps, height, width, guidance_scale, device, backend) -> dict:
+def count_work(pipe: Any, steps: int, height: int, width: int, guidance_scale: float, device: str,
+               backend: str) -> dict[str, Any]:
     """FLOPs per image: one UNet call (batch 2 under guidance) x the UNet calls + VAE decode + text
     encode, from one pipeline call making one image. Attention is counted on ``backend`` ("math" when
     the dispatcher exists: FlopCounterMode sees its matmuls, not a fused CPU or outside kernel)."""
@@ -349,7 +354,7 @@ def count_work(pipe, steps, height, width, guidance_scale, device, backend) -> d
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def build(args):
+def build(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
     device, dtype = args.device, DTYPES[args.dtype]
     size = "tiny" if args.tiny else "sd1"
     if args.model:
@@ -366,7 +371,8 @@ def build(args):
                       scheduler=type(pipe.scheduler).__name__)
 
 
-def measure_backend(pipe, name, args, bar, add):
+def measure_backend(pipe: Any, name: str, args: argparse.Namespace, bar: Any,
+                    add: Callable[[dict], None]) -> int | None:
     """Rows for one backend (one per batch size, passed to ``add``); its largest batch (None: not probed)."""
     gen = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, device=args.device)
     base, _, fast = name.partition("+")
@@ -403,7 +409,8 @@ def measure_backend(pipe, name, args, bar, add):
             pipe.disable_fast_path()
 
 
-def time_row(pipe, name, images, args, gen, bar) -> dict:
+def time_row(pipe: Any, name: str, images: int, args: argparse.Namespace, gen: dict[str, Any],
+             bar: Any) -> dict[str, Any]:
     bar.set_postfix_str(f"{name}, {images} images")
     try:
         row = dict(backend=name, images=images, status="ok", reason=None)
@@ -435,15 +442,15 @@ def _fast_path_report(pipe, what) -> dict:
     return getattr(fast_path, what)(pipe)
 
 
-def warmup_parts(pipe) -> dict:
+def warmup_parts(pipe: Any) -> dict[str, float]:
     return _fast_path_report(pipe, "warmup_seconds")
 
 
-def compile_helper(pipe) -> dict:
+def compile_helper(pipe: Any) -> dict[str, Any]:
     return _fast_path_report(pipe, "helper_results")
 
 
-def failed_row(name, images, e) -> dict:
+def failed_row(name: str, images: int | None, e: BaseException) -> dict[str, Any]:
     """oom, refused (the backend cannot serve one of the model's calls) or error (printed in full)."""
     status = "oom" if is_oom(e) else "refused" if _refusal(e) else "error"
     if status == "error":
@@ -459,7 +466,7 @@ def _refusal(e):
         return False
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; with --json the report is rewritten after every row (complete: false until
     the end), so a run cut short by a time limit still leaves its rows."""
     verdicts = backend_verdicts(args.backends)
@@ -505,13 +512,13 @@ COLUMNS = [
     ("backend", "backend", None), ("imgs", "images", None), ("img/s", "img_per_s", "{:.3f}"),
     ("s/img", "s_per_img", "{:.3f}"), ("UNet step ms", "unet_step_ms", "{:.1f}"),
     ("VAE decode ms", "vae_decode_ms", "{:.1f}"), ("text ms", "text_encode_ms", "{:.1f}"),
-    ("peak GiB", "peak_mem_gib", "{:.2f}"), ("warm-up s", "warmup_s", "{:.1f}"), ("% of floor", lambda r: r.get("floor_share") and 100 * r["floor_share"],
-                                             "{:.1f}"),
+    ("peak GiB", "peak_mem_gib", "{:.2f}"), ("warm-up s", "warmup_s", "{:.1f}"),
+    ("% of floor", lambda r: r.get("floor_share") and 100 * r["floor_share"], "{:.1f}"),
     ("status", lambda r: r["status"] + (f": {r['reason']}" if r.get("reason") else ""), None),
 ]
 
 
-def render(report) -> str:
+def render(report: dict[str, Any]) -> str:
     c, peak, work = report["config"], report["matmul_peak"], report["work"]
     scope = (f"backends forced on the {c['scope']}" if c["backends"] != ["installed"]
              else "attention as the installed diffusers has it")
@@ -538,7 +545,7 @@ def _flop(tflop):
     return f"{tflop:.3f} TFLOP" if tflop >= 0.1 else f"{tflop * 1e3:.3f} GFLOP"
 
 
-def charts(report, directory) -> list:
+def charts(report: dict[str, Any], directory: str | Path) -> list[str]:
     try:
         import matplotlib
 
@@ -575,8 +582,8 @@ def charts(report, directory) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def parse(argv):
-    ap = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="folder or Hub repo id of real SD 1.x weights (default: random weights)")
     ap.add_argument("--external-diffusers", action="store_true",
@@ -625,7 +632,7 @@ def parse(argv):
         ap.error(str(e))
 
 
-def inductor_options(items) -> dict:
+def inductor_options(items: Sequence[str]) -> dict[str, Any]:
     """--inductor KEY=VALUE items as a dict; keys must be inductor config names, values Python literals
     (True, 2, "x") or bare words."""
     import ast
@@ -644,7 +651,7 @@ def inductor_options(items) -> dict:
     return out
 
 
-def settle(args):
+def settle(args: argparse.Namespace) -> argparse.Namespace:
     """Defaults that depend on the machine and --tiny; refusal of bad combinations."""
     args.inductor = inductor_options(args.inductor)
     if args.inductor and args.external_diffusers:
@@ -688,12 +695,12 @@ def settle(args):
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["attention"]:
-        import bench_attention
+        from . import attention
 
-        return bench_attention.main(argv[1:])
+        return attention.main(argv[1:])
     args = parse(argv)
     torch.set_grad_enabled(False)
     if args.inductor:
@@ -718,6 +725,3 @@ def main(argv=None):
             Path(args.compile_times).write_text(compile_times(repr="str", aggregate=True))
     return 1 if any(r["status"] == "error" for r in report["rows"]) else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
