@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import threading
 import warnings
@@ -287,9 +288,17 @@ def auto_order(c: Call) -> list:
     cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
     kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
     The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
-    must get the same kernel, hence the same numbers."""
+    must get the same kernel, hence the same numbers.
+
+    Non-finite inputs: on the CPU, PyTorch's fused SDPA kernel returns finite numbers (a row of zeros, or
+    a finite row in bfloat16) for some rows whose scores hold an infinity, where ``math`` and a float64
+    reference give NaN. ``auto`` therefore checks a CPU call's inputs (a host-side check, free there) and
+    sends a call with any inf or NaN to ``math``, so that ``auto`` and ``math`` agree on every input on
+    the CPU (under torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
+    ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no such check runs (it would make
+    the host wait for the GPU at every call): the fused kernels' own handling of non-finite inputs holds."""
     if c.q.device.type != "cuda":
-        return ["sdpa", "math"]
+        return ["sdpa", "math"]  # on the CPU, `auto`'s sdpa goes to math where an input is not finite: _finite_or_math
     if c.q.dtype not in HALF:
         return ["sdpa-efficient", "sdpa", "math"]
     if c.head_dim <= 256:
@@ -302,7 +311,16 @@ def auto_order(c: Call) -> list:
 # ---------------------------------------------------------------------------------------------- choosing
 _default = None
 _local = threading.local()
-_cache = {}  # (backend name, call key) -> (backend, reasons)
+_cache = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
+CACHE_LIMIT = 4096  # entries; past it the oldest quarter is dropped (re-planned if seen again)
+
+
+def _remember(key, value):
+    if len(_cache) >= CACHE_LIMIT:
+        for old in list(_cache)[: CACHE_LIMIT // 4]:  # list(dict) copies the keys in one step (threads)
+            _cache.pop(old, None)
+    _cache[key] = value
+    return value
 
 
 def check_name(name):
@@ -348,7 +366,7 @@ def _verdict(name, c):
     key = (name, c.key())
     hit = _cache.get(key)
     if hit is None:
-        hit = _cache[key] = BACKENDS[name].reasons(c)
+        hit = _remember(key, BACKENDS[name].reasons(c))
     return hit
 
 
@@ -368,7 +386,7 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
         if not why:
             logged = ("logged", c.key())
             if logged not in _cache and not _compiling():  # a logger call would break torch.compile's graph
-                _cache[logged] = True
+                _remember(logged, True)
                 logger.debug(f"attention auto ({c.describe()}): {cand}"
                              + ("; skipped " + "; ".join(skipped) if skipped else ""))
             return cand
@@ -387,23 +405,31 @@ def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
            slice_size)
     plan = _cache.get(key)
     if plan is None:
-        plan = _plan(q, k, v, name, slice_size, upcast)
-        _cache[key] = plan
+        plan = _remember(key, _plan(q, k, v, name, slice_size, upcast))
     return plan(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
 def _plan(q, k, v, name, slice_size, upcast):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects 4-d (batch, heads, seq, head dim) tensors, got {q.dim()}, {k.dim()}, {v.dim()}")
+        raise ValueError("attention expects 4-d (batch, heads, seq, head dim) tensors, "
+                         f"got {q.dim()}, {k.dim()}, {v.dim()}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, numbers.Integral)
+                                   or slice_size < 1):
+        raise ValueError(f"attention slice size must be a positive whole number or None, got {slice_size!r} "
+                         "(from set_attention_slice / enable_attention_slicing)")
     b, h = q.shape[:2]
     limit = slice_size if slice_size and slice_size < b * h else None
     if b * h > MAX_BATCH_HEADS:
         limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
     if limit is None:
         c = Call(q, k, v, 1.0 / math.sqrt(q.shape[-1]), upcast)
-        return BACKENDS[choose(q, k, v, name, upcast, c.scale)].runner(c)
+        chosen = choose(q, k, v, name, upcast, c.scale)
+        runner = BACKENDS[chosen].runner(c)
+        if name == AUTO and chosen == "sdpa" and q.device.type == "cpu":
+            return _finite_or_math(runner, BACKENDS["math"].runner(c))
+        return runner
     if limit % h == 0:  # whole batch entries per slice: views, no copies
         step = limit // h
         return lambda q, k, v, scale: torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, name,
@@ -416,6 +442,17 @@ def _plan(q, k, v, name, slice_size, upcast):
         return out.reshape(b, h, *out.shape[2:])
 
     return rows
+
+
+def _finite_or_math(fused, reference):
+    """``fused`` where every input is finite, else ``reference`` (``math``): see :func:`auto_order`."""
+
+    def run(q, k, v, scale):
+        if _compiling() or not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+            return reference(q, k, v, scale)
+        return fused(q, k, v, scale)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- the hooks
