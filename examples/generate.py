@@ -1,94 +1,170 @@
 #!/usr/bin/env python3
-"""Generate images with Stable Diffusion: one prompt, or a file of them, on one device or many.
+"""Generate images with Stable Diffusion: one prompt or a file of them, on one device or many.
 
-    python examples/generate.py                                  # tiny local model, default prompt, CPU-quick
-    python examples/generate.py "a red fox in snow" --model path/to/sd-v1-4 --num-images-per-prompt 4
-    accelerate launch --num_processes 8 examples/generate.py --prompts prompts.jsonl --model path/to/sd
+  python examples/generate.py                         # built-in tiny model: one 64x64 image, seconds on a CPU
+  python examples/generate.py "a castle at dawn"      # another prompt: a new folder, the old images stay
+  python examples/generate.py "a castle at dawn" --model CompVis/stable-diffusion-v1-4 --num-images-per-prompt 4
+  accelerate launch --num_processes 8 examples/generate.py --prompts prompts.jsonl --model path/to/sd-v1-4
 
-Without --model the pipeline is diffusers.local_pipelines.stable_diffusion("tiny"), built locally with
-random weights (no download), so its images are noise-like. --prompts takes a text file (one prompt a
-line) or JSONL ({"prompt": ..., "seed": optional int, "negative_prompt": optional str} a line).
+The model: without --model, the built-in tiny pipeline (diffusers.local_pipelines.stable_diffusion("tiny"),
+random weights, nothing downloaded): it makes 64x64 noise-like images in 10 steps, a check that everything
+works, not pictures. --model takes a local folder (one that pipe.save_pretrained wrote: it holds
+model_index.json) or a Hub repo id like CompVis/stable-diffusion-v1-4 (downloaded once into the Hugging Face
+cache; offline, it must be there already). Real models make 512x512 images in 50 steps by default.
 
-Reproducibility: image i of prompt p starts from latents drawn on the CPU from its own generator,
-seeded from (--seed, p, i), or with seed S + i when the prompt's JSONL line gives "seed": S. Images
-are put into batches by global index, and whole batches are handed to the processes, so every image is
-computed in the same batch whatever the number of processes: the PNG bytes do not depend on N, nor on
-an interruption (a partly written batch is recomputed in full and only its missing images are saved).
-Another --batch-size gives the same images up to float rounding: batched kernels (GEMM, convolution,
-GroupNorm) may round differently for another batch shape, which can move a pixel value by 1.
-The manifest records each image's seed: to remake image 0 of a manifest row, give its seed in JSONL.
+Prompts: a PROMPT argument (default: "a photograph of an astronaut riding a horse"), or --prompts FILE: a
+text file with one prompt a line, or a JSONL file (named *.jsonl, or whose first line starts with "{") with
+one JSON object a line, e.g. {"prompt": "a red fox", "seed": 7, "negative_prompt": "blurry"}. "prompt" is
+required; "seed" (an integer from 0 to 2**63 - 1) and "negative_prompt" are optional; other keys are refused.
 
-Output: out/PPPPP-IIII.png (prompt index, image index), out/manifest.jsonl (one row an image), and
-out/run.json (every setting that fixes the pixels, batch size included; a rerun into the same folder
-must match them, and then skips finished images). PNGs are written to a temporary name and renamed,
-so a killed run never leaves a half-written PNG that a rerun would take as done.
+Where images go: each run gets its own folder under --out (default: out/), named after the first prompt (or
+the prompts file) plus a hash of every setting that changes the pixels (model, prompts, seeds, number of
+images, steps, guidance, size, batch size, dtype, attention backend, device type), e.g.
+out/a-castle-at-dawn-5e1f04a2/. A run with other settings therefore goes to a new folder and the old images
+stay; --name NAME names the folder yourself. In the folder:
+  PPPPP-IIII.png   prompt index P, image index I within that prompt, both from 0 (00002-0001.png: the
+                   second image of the third prompt)
+  manifest.jsonl   one JSON row an image: file, prompt, negative_prompt, seed, prompt_index, image_index,
+                   model, steps, guidance_scale, height and width of the PNG as written, dtype, device,
+                   backend, batch_size, seconds, nsfw
+  run.json         the settings of the run
+The last line printed names the folder.
+
+Resume: run the same command again after a stop (Ctrl-C, a kill, a crash): it continues in the same folder,
+keeps the images already written, makes again any PNG that does not decode (empty or cut short), and the
+result is the same, byte for byte, as an uninterrupted run. A --name folder that holds images made with
+other settings is refused, with what changed.
+
+Reproducibility: image I of prompt P starts from latents drawn on the CPU from its own seed: derived from
+(--seed, P, I), or S + I when the prompt's JSONL line gives "seed": S; the manifest records each image's
+seed (to remake one, give its seed in JSONL). Images are batched by their global index and whole batches
+are handed to the processes, so the PNG bytes depend neither on the number of processes nor on
+interruptions. Another --batch-size gives the same images up to float rounding (a pixel value may move by 1).
+
+Needs torch and transformers; accelerate only to run several processes (accelerate launch).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 PROMPT_KEYS = {"prompt", "seed", "negative_prompt"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ENV_BACKEND = "DIFFUSERS_ATTENTION_BACKEND"
+TINY = "local_pipelines:tiny"
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, without a stack trace."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C: reported as one line saying what is saved and that a rerun resumes; exit status 130."""
+
+
 # ----------------------------------------------------------------------------------------- arguments
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
     return value
 
 
-def size_int(text):
+def size_int(text: str) -> int:
     value = positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8, not {text}")
     return value
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+class Once(argparse.Action):
+    """Store an option's value; refuse the option a second time (argparse alone silently keeps the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", {})
+        if self.dest in given:
+            parser.error(f"{option_string} given twice ({given[self.dest]}, then {values}): give it once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--prompt", help="the prompt (same as the positional argument)")
-    p.add_argument("--prompts", metavar="FILE", help="text file (a prompt a line) or JSONL file of prompts")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for prompts that do not give one")
-    p.add_argument("--model", help="local folder or Hub repo id (default: the built-in tiny random pipeline)")
-    p.add_argument("--num-images-per-prompt", type=positive_int, default=1)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images per pipeline call")
-    p.add_argument("--steps", type=positive_int, help="denoising steps (default: 50, or 10 for the tiny model)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--height", type=size_int, help="default: 512, or the tiny model's default size")
-    p.add_argument("--width", type=size_int, help="default: 512, or the tiny model's default size")
-    p.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it")
-    p.add_argument("--attention-backend", default=os.environ.get("DIFFUSERS_ATTENTION_BACKEND", "auto"),
-                   help="attention backend (auto, math, sdpa, flash-attn, ...); default: "
-                        "$DIFFUSERS_ATTENTION_BACKEND or auto")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
-    p.add_argument("--out", default="out", help="output folder (default: out/)")
-    p.add_argument("--device", help="torch device (default: this process's device from accelerate)")
+    p.add_argument("--prompt", action=Once, help="the prompt (same as the positional argument)")
+    p.add_argument("--prompts", action=Once, metavar="FILE",
+                   help="text file (a prompt a line) or JSONL file (keys: prompt, seed, negative_prompt)")
+    p.add_argument("--negative-prompt", action=Once, default="",
+                   help="negative prompt for prompts that do not give one")
+    p.add_argument("--model", action=Once, help="local folder or Hub repo id (default: the built-in tiny random "
+                                                "pipeline, which makes 64x64 images)")
+    p.add_argument("--num-images-per-prompt", action=Once, type=positive_int, default=1)
+    p.add_argument("--batch-size", action=Once, type=positive_int, default=1, help="images per pipeline call")
+    p.add_argument("--steps", action=Once, type=positive_int,
+                   help="denoising steps (default: 50, or 10 for the tiny model)")
+    p.add_argument("--guidance-scale", action=Once, type=float, default=7.5)
+    p.add_argument("--height", action=Once, type=size_int,
+                   help="image height in pixels (default: 512, or 64 for the tiny model)")
+    p.add_argument("--width", action=Once, type=size_int,
+                   help="image width in pixels (default: 512, or 64 for the tiny model)")
+    p.add_argument("--seed", action=Once, type=int, default=0,
+                   help="base seed, one integer; each image's seed derives from it (default: 0)")
+    p.add_argument("--attention-backend", action=Once,
+                   help=f"attention backend (auto, math, sdpa, flash-attn, ...); default: ${ENV_BACKEND} or auto")
+    p.add_argument("--dtype", action=Once, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
+    p.add_argument("--out", action=Once, default="out", help="folder that holds the run folders (default: out/)")
+    p.add_argument("--name", action=Once,
+                   help="this run's folder under --out (default: from the first prompt and the settings' hash)")
+    p.add_argument("--device", action=Once, help="torch device, e.g. cpu, cuda, cuda:1 (default: the GPU if "
+                                                 "there is one, else the CPU; under accelerate, this process's)")
     p.add_argument("--_stop-after", dest="stop_after", type=int, help=argparse.SUPPRESS)  # tests: die mid-run
     args = p.parse_args(argv)
+    if args.prompt_arg is not None and _is_number(args.prompt_arg):
+        k = len(argv) - 1 - argv[::-1].index(args.prompt_arg)
+        before = " ".join(argv[max(k - 2, 0):k] if k >= 2 and argv[k - 2].startswith("-") else argv[max(k - 1, 0):k])
+        p.error(f"{args.prompt_arg!r} would be taken as the prompt" + (f" (it follows '{before}')" if before else "")
+                + f"; each option takes one value (--seed takes one integer, not a list). For a numeric prompt, "
+                  f"write --prompt {args.prompt_arg}")
     if args.prompt_arg is not None and args.prompt is not None:
         p.error("give the prompt either positionally or with --prompt, not both")
     args.prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if args.prompt is not None and args.prompts:
         p.error("give either a prompt or --prompts FILE, not both")
-    tiny = args.model is None
-    args.steps = args.steps or (10 if tiny else 50)
+    if args.name is not None and (not args.name.strip() or args.name in (".", "..") or "/" in args.name
+                                  or os.sep in args.name):
+        p.error(f"--name {args.name!r}: a plain folder name, without '/'")
+    if args.attention_backend is not None:
+        args.backend_source = f"--attention-backend {args.attention_backend}"
+    elif os.environ.get(ENV_BACKEND, "").strip():
+        args.attention_backend = os.environ[ENV_BACKEND].strip()
+        args.backend_source = f"${ENV_BACKEND}={args.attention_backend}"
+    else:
+        args.attention_backend, args.backend_source = "auto", "the attention backend auto"
+    args.steps = args.steps or (10 if args.model is None else 50)
     return args
 
 
@@ -127,11 +203,79 @@ def read_prompts_file(path: str) -> list[dict]:
     return [{"prompt": line} for _, line in lines]
 
 
-def load_prompts(args) -> list[dict]:
+def load_prompts(args: argparse.Namespace) -> list[dict]:
     rows = read_prompts_file(args.prompts) if args.prompts else [{"prompt": args.prompt or DEFAULT_PROMPT}]
     for row in rows:
         row.setdefault("negative_prompt", args.negative_prompt)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub repo id (``name`` or ``owner/name``): it starts with '.', '~' or a
+    separator, is not a valid repo id (more than one '/', a backslash, other characters), or its first
+    component is a folder here (``models/sd-v1-4`` with ``./models``)."""
+    if text.startswith((".", "~", "/", os.sep)) or "\\" in text or not HUB_ID.fullmatch(text) or ".." in text:
+        return True
+    return "/" in text and os.path.isdir(text.split("/")[0])
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (offline mode, or no connection within a few seconds), else None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except (ImportError, AttributeError):
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached: {e.strerror or e}"
+    return None
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """Before anything heavy: a --model path must exist and hold a pipeline; a Hub repo id must be cached
+    or the Hub reachable. Sets args.model_ref (what from_pretrained gets) and args.local_files_only."""
+    args.model_ref, args.local_files_only = args.model, False
+    if args.model is None:
+        return
+    path = Path(os.path.expanduser(args.model))
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--model {args.model}: {path} is a file; give the folder that holds model_index.json")
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"--model {args.model}: the folder {path} has no model_index.json, so it is not a saved "
+                             "diffusers pipeline (pipe.save_pretrained(FOLDER) writes one)")
+        args.model_ref = str(path.resolve())
+        return
+    if looks_like_path(args.model):
+        parent = next((q for q in path.absolute().parents if q.exists()), None)
+        raise UsageError(f"--model {args.model}: the path {path.absolute()} does not exist"
+                         + (f" (the nearest folder that does: {parent})" if parent else ""))
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return
+    if isinstance(try_to_load_from_cache(args.model, "model_index.json"), str):
+        args.local_files_only = _hub_unreachable() is not None  # cached: offline, load without asking the Hub
+        return
+    why = _hub_unreachable()
+    if why:
+        cache = getattr(constants, "HF_HUB_CACHE", None) or getattr(constants, "HUGGINGFACE_HUB_CACHE", "")
+        raise UsageError(f"--model {args.model}: no local folder of that name, so it is taken as a Hub repo id; it "
+                         f"is not in the Hugging Face cache ({cache}), and this machine is offline ({why}). To fix: "
+                         f"download it once with network ('hf download {args.model}', or this same command online), "
+                         "or give --model a local folder")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    return getattr(args, "model_ref", None) or args.model or TINY
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -144,7 +288,7 @@ def image_seed(base_seed: int, prompt_row: dict, p: int, i: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def plan(prompts: list[dict], args) -> list[list[dict]]:
+def plan(prompts: list[dict], args: argparse.Namespace) -> list[list[dict]]:
     """All images in global order (prompt, image), cut into batches of --batch-size."""
     jobs = [dict(prompt_index=p, image_index=i, prompt=row["prompt"], negative_prompt=row["negative_prompt"],
                  seed=image_seed(args.seed, row, p, i), file=f"{p:05d}-{i:04d}.png")
@@ -152,124 +296,172 @@ def plan(prompts: list[dict], args) -> list[list[dict]]:
     return [jobs[k:k + args.batch_size] for k in range(0, len(jobs), args.batch_size)]
 
 
-def model_name(args) -> str:
-    return args.model or "local_pipelines:tiny"
+PIXEL_SETTINGS = ("model", "prompts_sha256", "num_images_per_prompt", "seed", "steps", "guidance_scale", "height",
+                  "width", "batch_size", "dtype", "attention_backend", "device_type")
+FLAGS = dict(model="--model", num_images_per_prompt="--num-images-per-prompt", seed="--seed", steps="--steps",
+             guidance_scale="--guidance-scale", height="--height", width="--width", batch_size="--batch-size",
+             dtype="--dtype", attention_backend="the attention backend", device_type="the device type")
 
 
-def run_config(args, prompts, device) -> dict:
-    """The settings that decide the pixels: a rerun into the same folder must match them."""
-    digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
-    return dict(model=model_name(args), prompts_sha256=digest,
-                num_images_per_prompt=args.num_images_per_prompt, seed=args.seed,
-                steps=args.steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                batch_size=args.batch_size, dtype=args.dtype, attention_backend=args.attention_backend,
-                device_type=device.type)
+def run_config(args: argparse.Namespace, prompts: list[dict], device) -> dict:
+    """The settings that decide the pixels (their hash names the run's folder), and the prompts to say in
+    words what changed when a --name folder is refused."""
+    text = json.dumps(prompts, sort_keys=True)
+    config = dict(model=model_name(args), prompts_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                  num_images_per_prompt=args.num_images_per_prompt, seed=args.seed, steps=args.steps,
+                  guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                  batch_size=args.batch_size, dtype=args.dtype, attention_backend=args.attention_backend,
+                  device_type=device.type, num_prompts=len(prompts))
+    config["prompts"] = prompts if len(text) <= 65536 else prompts[:1]
+    return config
 
 
-def check_run_config(out: Path, config: dict, is_main: bool):
-    path = out / "run.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UsageError(f"{path} is not valid JSON; use another --out or delete {out}/") from None
-        changed = [f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in config if old.get(k) != config[k]]
-        if changed:
-            raise UsageError(f"{out}/ holds images made with other settings ({'; '.join(changed)}); "
-                             f"use another --out or delete {out}/")
-    elif is_main:
-        atomic_write(path, json.dumps(config, indent=1).encode())
+def run_folder_name(args: argparse.Namespace, prompts: list[dict], config: dict) -> str:
+    if args.name:
+        return args.name
+    words = Path(args.prompts).stem if args.prompts else prompts[0]["prompt"]
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", words.lower()):  # whole words, up to 40 characters
+        if len(slug) + len(word) + 1 > 41:
+            break
+        slug = f"{slug}-{word}"
+    slug = slug.strip("-") or re.sub(r"[^a-z0-9]+", "", words.lower())[:40] or "run"
+    digest = hashlib.sha256(json.dumps({k: config[k] for k in PIXEL_SETTINGS}, sort_keys=True).encode())
+    return f"{slug}-{digest.hexdigest()[:8]}"
 
 
-# ----------------------------------------------------------------------------------------- pipeline
-
-def load_pipeline(args, device, dtype):
-    import torch
-
-    from diffusers import StableDiffusionPipeline, local_pipelines
-
-    if args.model is None:
-        pipe = local_pipelines.stable_diffusion("tiny")
-        for name in ("unet", "vae", "text_encoder", "safety_checker"):
-            module = getattr(pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                module.to(dtype)
-    else:
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load --model {args.model}: {e}") from None
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if hasattr(pipe, "set_attention_backend"):
-        pipe.set_attention_backend(args.attention_backend)
-    return pipe
+def describe_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two run.json settings, in words."""
+    changes = []
+    if old.get("prompts_sha256") != new["prompts_sha256"]:
+        a, b = old.get("prompts"), new["prompts"]
+        if old.get("num_prompts") != new["num_prompts"]:
+            changes.append(f"the prompts changed ({old.get('num_prompts')} -> {new['num_prompts']} prompts)")
+        elif a and b and len(a) == len(b) == new["num_prompts"]:
+            p = next((k for k in range(len(a)) if a[k] != b[k]), 0)
+            which = "" if len(a) == 1 else f" of line {p + 1}"
+            for key, word in (("prompt", "the prompt"), ("negative_prompt", "the negative prompt"),
+                              ("seed", "the seed")):
+                if a[p].get(key) != b[p].get(key):
+                    changes.append(f"{word}{which} changed ({a[p].get(key)!r} -> {b[p].get(key)!r})")
+        else:
+            changes.append("the prompts changed")
+    for key, flag in FLAGS.items():
+        if old.get(key) != new[key]:
+            changes.append(f"{flag} changed ({old.get(key)} -> {new[key]})")
+    return changes
 
 
-def check_backend(name: str):
-    """Refuse an unknown or unavailable --attention-backend before loading any model."""
-    from diffusers import DiffusionPipeline
-
-    if not hasattr(DiffusionPipeline, "set_attention_backend"):
-        if name != "auto":
-            raise UsageError(f"--attention-backend {name}: this diffusers build has no attention backends "
-                             "(DiffusionPipeline.set_attention_backend is missing); use --attention-backend auto")
-        return
-    from diffusers.models.attention_dispatch import backend_status
-
-    status = {n: (ok, why) for n, ok, why in backend_status()}
-    if name != "auto" and name not in status:
-        raise UsageError(f"--attention-backend {name}: unknown; choose one of: auto, {', '.join(status)}")
-    if name in status and not status[name][0]:
-        raise UsageError(f"--attention-backend {name} is not available here: {status[name][1]}")
-
-
-def backend_error():
-    """The exception an attention backend raises when it cannot serve a call (none without the dispatcher)."""
+def check_run_config(folder: Path, config: dict) -> bool:
+    """Refuse a folder made with other settings; True when it already holds this run (resume)."""
+    path = folder / "run.json"
+    if not path.exists():
+        return False
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendError
-    except ImportError:
-        return ()
-    return AttentionBackendError
-
-
-def initial_latents(pipe, batch, args, device, dtype):
-    """Each image's latents drawn on the CPU from its own generator: batching cannot change them."""
-    import torch
-
-    shape = (pipe.unet.in_channels, args.height // 8, args.width // 8)
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job["seed"])) for job in batch]
-    return torch.stack(noise).to(device=device, dtype=dtype)
-
-
-def generate_batch(pipe, batch, args, device, dtype):
-    start = time.perf_counter()
-    try:
-        result = pipe([job["prompt"] for job in batch], negative_prompt=[job["negative_prompt"] for job in batch],
-                      height=args.height, width=args.width, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, latents=initial_latents(pipe, batch, args, device, dtype))
-    except backend_error() as e:
-        raise UsageError(f"--attention-backend {args.attention_backend}: {e}") from None
-    nsfw = result.nsfw_content_detected or [False] * len(batch)
-    return result.images, nsfw, time.perf_counter() - start
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{path} is damaged (not valid JSON); delete {folder}/ or choose another --name") from None
+    changes = describe_changes(old, config)
+    if changes:
+        raise UsageError(f"{folder}/ holds images made with other settings: {'; '.join(changes)}. Leave out --name "
+                         f"to get a new folder for these settings, choose another --name, or delete {folder}/")
+    return True
 
 
 # ------------------------------------------------------------------------------------------- output
 
-def atomic_write(path: Path, data: bytes):
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: a kill leaves the old file or the new."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def png_ok(path: Path) -> bool:
+    """The PNG decodes completely (an empty or cut-short file does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        return False
+    return True
+
+
+class Output:
+    """--out and the run's folder in it. Folders this run creates are removed again (with run.json and the
+    manifest part files) when it stops before writing any image, so that a failed run leaves nothing."""
+
+    def __init__(self, root: Path, folder: Path):
+        self.root, self.folder, self.created = root, folder, []
+
+    def _mkdir(self, path: Path) -> None:
+        missing = [q for q in [path, *path.parents] if not q.exists()][::-1]
+        for q in missing:
+            q.mkdir()
+            self.created.append(q)
+
+    def check_writable(self, flag: str) -> None:
+        """Refuse an --out that is a file or cannot be written, before the model is loaded."""
+        existing = next(q for q in [self.root, *self.root.parents] if q.exists() or q == q.parent)
+        if existing.exists() and not existing.is_dir():
+            what = "that is a file" if existing == self.root else f"{existing} is a file"
+            raise UsageError(f"{flag}: {what}, not a folder; give a folder (it is made if missing)")
+        try:
+            self._mkdir(self.root)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UsageError(f"{flag}: cannot write into {self.root}/ ({e.strerror or e}); choose another --out "
+                             "folder") from None
+
+    def create(self, config: dict) -> None:
+        self._mkdir(self.folder)
+        if not (self.folder / "run.json").exists():
+            atomic_write(self.folder / "run.json", json.dumps(config, indent=1).encode())
+        for tmp in self.folder.glob(".*.tmp"):  # left by a killed run: never taken as an image
+            tmp.unlink(missing_ok=True)
+
+    def discard_if_no_image(self) -> None:
+        if self.folder.exists() and any(self.folder.glob("*.png")):
+            return
+        if self.folder in self.created:
+            for pattern in ("run.json", "manifest.part-*.jsonl", ".*.tmp"):
+                for f in self.folder.glob(pattern):
+                    f.unlink(missing_ok=True)
+        for q in reversed(self.created):
+            with contextlib.suppress(OSError):
+                q.rmdir()  # only if empty
 
 
 class Writer:
-    """Saves PNGs (temp name, then rename) and appends manifest rows to this process's part file."""
+    """Saves PNGs (temporary name, fsync, rename) and appends manifest rows to this process's part file."""
 
-    def __init__(self, out: Path, rank: int, stop_after=None):
+    def __init__(self, out: Path, rank: int, stop_after: int | None = None):
         self.out, self.rank, self.stop_after, self.count = out, rank, stop_after, 0
         self.part = open(out / f"manifest.part-{rank}.jsonl", "a", encoding="utf-8")
 
-    def save(self, image, row: dict):
+    def save(self, image, row: dict) -> None:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         data = buf.getvalue()
@@ -277,20 +469,19 @@ class Writer:
         if self.stop_after is not None and self.count == self.stop_after:  # tests: die while writing
             tmp.write_bytes(data[: len(data) // 2])
             os._exit(3)
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says the image is done
         self.part.write(json.dumps(row) + "\n")  # row before rename: a PNG on disk always has its row
         self.part.flush()
         os.fsync(self.part.fileno())
         os.replace(tmp, self.out / row["file"])
+        fsync_dir(self.out)
         self.count += 1
 
-    def close(self):
+    def close(self) -> None:
         self.part.close()
-
-
-def remove_stale_temps(out: Path):
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def merge_manifest(out: Path) -> int:
@@ -314,15 +505,162 @@ def merge_manifest(out: Path) -> int:
     return len(rows)
 
 
+def scan(folder: Path, batches: list[list[dict]]) -> tuple[set, list]:
+    """Images already done (their PNG decodes), and PNGs that are there but do not decode."""
+    done, broken = set(), []
+    if folder.is_dir():
+        for job in (job for batch in batches for job in batch):
+            path = folder / job["file"]
+            if path.exists():
+                (done.add if png_ok(path) else broken.append)(job["file"])
+    return done, broken
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+def check_backend(args: argparse.Namespace) -> None:
+    """Refuse an unknown or unavailable attention backend before loading any model, naming where it came from
+    (--attention-backend or $DIFFUSERS_ATTENTION_BACKEND)."""
+    from diffusers import DiffusionPipeline
+
+    name, source = args.attention_backend, args.backend_source
+    if not hasattr(DiffusionPipeline, "set_attention_backend"):
+        if name != "auto":
+            raise UsageError(f"{source}: this diffusers build has no attention backends "
+                             "(DiffusionPipeline.set_attention_backend is missing); use auto")
+        return
+    from diffusers.models.attention_dispatch import backend_status
+
+    status = {n: (ok, why) for n, ok, why in backend_status()}
+    if name != "auto" and name not in status:
+        raise UsageError(f"{source}: unknown attention backend; choose one of: auto, {', '.join(status)}")
+    if name in status and not status[name][0]:
+        raise UsageError(f"{source}: not available here: {status[name][1]}")
+
+
+def backend_scope(name: str):
+    """Every attention call of the run uses ``name`` (over $DIFFUSERS_ATTENTION_BACKEND: --attention-backend
+    auto means auto)."""
+    try:
+        from diffusers.models.attention_dispatch import attention_backend
+    except ImportError:
+        return contextlib.nullcontext()
+    return attention_backend(name)
+
+
+def backend_error():
+    """The exception an attention backend raises when it cannot serve a call (none without the dispatcher)."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendError
+    except ImportError:
+        return ()
+    return AttentionBackendError
+
+
+@contextlib.contextmanager
+def quiet_fp16_cpu_warning():
+    """Upstream warns once per model that fp16 on the CPU "will fail"; it runs (slowly). We say so once."""
+    from diffusers.utils import logging
+
+    logger = logging.get_logger("diffusers.pipeline_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_pipeline(args: argparse.Namespace, device, dtype, show_steps: bool):
+    import torch
+
+    from diffusers import StableDiffusionPipeline, local_pipelines
+
+    if args.model is None:
+        pipe = local_pipelines.stable_diffusion("tiny")
+        for name in ("unet", "vae", "text_encoder", "safety_checker"):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to(dtype)
+    else:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(args.model_ref, torch_dtype=dtype,
+                                                           local_files_only=args.local_files_only)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"cannot load --model {args.model}: {first}") from None
+    quiet = quiet_fp16_cpu_warning() if dtype == torch.float16 and device.type != "cuda" else contextlib.nullcontext()
+    with quiet:
+        pipe = pipe.to(device)
+    # real models: a bar of denoising steps under the images bar (a 50-step image takes minutes on a CPU)
+    pipe.set_progress_bar_config(disable=not show_steps, desc="steps", unit="step", leave=False, position=1)
+    return pipe
+
+
+def vae_scale(pipe) -> int:
+    """Pixels per latent: 8 for Stable Diffusion's VAE, 2 for the tiny one."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def initial_latents(pipe, batch: list[dict], args: argparse.Namespace, device, dtype):
+    """Each image's latents drawn on the CPU from its own generator: batching cannot change them."""
+    import torch
+
+    scale = vae_scale(pipe)
+    shape = (pipe.unet.in_channels, args.height // scale, args.width // scale)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job["seed"])) for job in batch]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+def generate_batch(pipe, batch: list[dict], args: argparse.Namespace, device, dtype):
+    scale = vae_scale(pipe)
+    start = time.perf_counter()
+    try:
+        with backend_scope(args.attention_backend):
+            # the pipeline takes its size as 8x the latents' (SD's VAE); the tiny VAE upsamples 2x
+            result = pipe([job["prompt"] for job in batch],
+                          negative_prompt=[job["negative_prompt"] for job in batch],
+                          height=args.height // scale * 8, width=args.width // scale * 8,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                          latents=initial_latents(pipe, batch, args, device, dtype))
+    except backend_error() as e:
+        raise UsageError(f"{args.backend_source}: {e}") from None
+    nsfw = result.nsfw_content_detected or [False] * len(batch)
+    return result.images, nsfw, time.perf_counter() - start
+
+
 # --------------------------------------------------------------------------------------------- main
 
-def process_state(args):
-    """accelerate's view of this process. Without CUDA, processes that torchrun started (accelerate launch
-    --multi_gpu) are CPU processes joined over gloo."""
+class OneProcess:
+    """accelerate's PartialState, for one process, where accelerate is not installed."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items
+
+
+def process_state(args: argparse.Namespace):
+    """accelerate's view of this process (one process without accelerate). Without CUDA, processes that
+    torchrun started (accelerate launch --multi_gpu) are CPU processes joined over gloo."""
     import torch
-    from accelerate import PartialState
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if world > 1:
+            raise UsageError(f"{world} processes need accelerate: pip install accelerate") from None
+        return OneProcess()
     if world == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
         print("generate.py: accelerate launch started one process (without GPUs it starts several only with "
               "--multi_gpu); this process makes every image", file=sys.stderr)
@@ -330,76 +668,143 @@ def process_state(args):
     return PartialState(cpu=cpu)
 
 
-def pick_device_dtype(args, state):
+def pick_device_dtype(args: argparse.Namespace, state):
     import torch
 
-    device = torch.device(args.device) if args.device else state.device
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+                raise UsageError(f"--device {args.device}: no CUDA GPU here (torch {torch.__version__} is {build} "
+                                 "and sees none); leave out --device to run on the CPU")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} GPU(s), "
+                                 f"numbered from 0")
+        elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {args.device}: MPS (Apple GPU) is not available here")
+    else:
+        device = state.device
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    if args.dtype == "fp16" and device.type == "cpu" and state.is_main_process:
+        print("generate.py: note: --dtype fp16 on the CPU runs (PyTorch has CPU kernels for it) but is usually "
+              "slower than fp32, and its images differ from fp32's by rounding; fp32 is the CPU default",
+              file=sys.stderr)
     return device, getattr(torch, DTYPES[args.dtype])
 
 
-def default_size(args):
+def default_size(args: argparse.Namespace) -> None:
+    """Image size in pixels: the tiny model's own (64x64) or 512x512."""
     from diffusers import local_pipelines
 
     size = local_pipelines.default_image_size("tiny") if args.model is None else 512
     args.height, args.width = args.height or size, args.width or size
 
 
-def manifest_row(job, args, device, state, batch, seconds, nsfw) -> dict:
+def manifest_row(job: dict, image, args: argparse.Namespace, device, state, batch, seconds, nsfw) -> dict:
+    width, height = image.size  # the PNG as written
     return dict(job, backend=args.attention_backend, model=model_name(args), steps=args.steps,
-                guidance_scale=args.guidance_scale, height=args.height, width=args.width, dtype=args.dtype,
+                guidance_scale=args.guidance_scale, height=height, width=width, dtype=args.dtype,
                 device=str(device), batch_size=len(batch), seconds=seconds / len(batch), batch_seconds=seconds,
                 nsfw=bool(nsfw), rank=state.process_index, finished=time.time())
 
 
-def generate_share(pipe, batches, out: Path, args, device, dtype, state):
-    """This process's batches; images already on disk (from an interrupted run) are not saved again."""
+def generate_share(pipe, batches, done: set, out: Path, args: argparse.Namespace, device, dtype, state,
+                   writer: Writer) -> None:
+    """This process's batches; images already done (from an interrupted run) are not saved again."""
     from tqdm.auto import tqdm
 
-    writer = Writer(out, state.process_index, args.stop_after)
     desc = f"images (process 0 of {state.num_processes})" if state.num_processes > 1 else "images"
-    with tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=not state.is_main_process) as bar:
+    with tqdm(total=sum(map(len, batches)), unit="img", desc=desc, disable=not state.is_main_process,
+              position=0) as bar:
         for batch in batches:
             images, nsfw, seconds = generate_batch(pipe, batch, args, device, dtype)
             for job, image, flagged in zip(batch, images, nsfw):
-                if not (out / job["file"]).exists():
-                    writer.save(image, manifest_row(job, args, device, state, batch, seconds, flagged))
+                if job["file"] not in done:
+                    writer.save(image, manifest_row(job, image, args, device, state, batch, seconds, flagged))
             bar.update(len(batch))
-    writer.close()
 
 
-def run(args):
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def run(args: argparse.Namespace) -> None:
     prompts = load_prompts(args)  # bad input fails here, before the heavy imports
-    check_backend(args.attention_backend)
+    check_model(args)
+    check_backend(args)
     state = process_state(args)
     device, dtype = pick_device_dtype(args, state)
     default_size(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run_config(out, run_config(args, prompts, device), state.is_main_process)
+    config = run_config(args, prompts, device)
+    root = Path(args.out)
+    output = Output(root, root / run_folder_name(args, prompts, config))
+    folder = output.folder
+    args.run_folder = folder
+    resuming = check_run_config(folder, config)
     batches = plan(prompts, args)
-    done = sum((out / job["file"]).exists() for batch in batches for job in batch)
-    todo = [b for b in batches if not all((out / job["file"]).exists() for job in b)]
-    if state.is_main_process:
-        remove_stale_temps(out)
-    state.wait_for_everyone()  # every process has scanned `out` before anyone writes to it
-
-    pipe = load_pipeline(args, device, dtype)
-    with state.split_between_processes(todo) as mine:  # whole batches: the same in any number of processes
-        generate_share(pipe, mine, out, args, device, dtype, state)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        rows = merge_manifest(out)
-        total = sum(map(len, batches))
-        print(f"{total} images ({done} already there) as PNGs in {out}/; manifest {out}/manifest.jsonl ({rows} rows)")
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    total = sum(map(len, batches))
+    writer, done = None, set()
     try:
-        run(args)
+        output.check_writable("--out " + args.out)
+        done, broken = scan(folder, batches)
+        todo = [b for b in batches if not all(job["file"] in done for job in b)]
+        if state.is_main_process:
+            for name in broken[:5]:
+                print(f"generate.py: {folder}/{name} does not decode (empty or cut short): making it again",
+                      file=sys.stderr)
+            if len(broken) > 5:
+                print(f"generate.py: ... and {len(broken) - 5} more PNGs that do not decode", file=sys.stderr)
+            print(f"generate.py: {'resuming' if resuming else 'new run'} in {folder}/: {plural(total, 'image')}, "
+                  f"{len(done)} already there", file=sys.stderr)
+        pipe = load_pipeline(args, device, dtype, show_steps=args.model is not None and state.is_main_process)
+        if state.is_main_process:
+            output.create(config)
+        state.wait_for_everyone()  # the folder exists and every process has scanned it before anyone writes
+        writer = Writer(folder, state.process_index, args.stop_after)
+        with state.split_between_processes(todo) as mine:  # whole batches: the same in any number of processes
+            generate_share(pipe, mine, done, folder, args, device, dtype, state, writer)
+        writer.close()
+        state.wait_for_everyone()
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.close()
+        saved = len(done) + (writer.count if writer else 0)
+        if state.is_main_process and state.num_processes == 1 and saved:
+            with contextlib.suppress(OSError):
+                merge_manifest(folder)
+        output.discard_if_no_image()
+        where = f"{saved} of {plural(total, 'image')} are in {folder}/" if saved else "no image was made yet"
+        raise Interrupted(f"interrupted (Ctrl-C); {where}; run the same command again to resume") from None
+    except BaseException:
+        if state.is_main_process:
+            output.discard_if_no_image()
+        raise
+    if state.is_main_process:
+        rows = merge_manifest(folder)
+        print(f"{plural(total, 'image')} ({len(done)} already there) as PNGs in {folder}/; "
+              f"manifest {folder}/manifest.jsonl ({rows} rows)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line; user mistakes end with one line on stderr (exit status 1), Ctrl-C with 130."""
+    try:
+        run(parse_args(argv))
     except UsageError as e:
         sys.exit(f"generate.py: error: {e}")
+    except Interrupted as e:
+        print(f"generate.py: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("generate.py: interrupted (Ctrl-C) before any image was made; nothing to resume", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # the output folder filled up or went away mid-run
+        if e.filename is None:
+            raise
+        sys.exit(f"generate.py: error: cannot write {e.filename}: {e.strerror}; a rerun resumes once fixed")
 
 
 if __name__ == "__main__":
