@@ -16,8 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forklib import rebase, tree, upstream_tests  # noqa: E402
+from forklib import fsutil, rebase, tree, upstream_tests  # noqa: E402
+from forklib.patchfile import PatchError  # noqa: E402
 from forklib.release import ForkError  # noqa: E402
+
+WRITES = ("materialize", "refresh", "rebase")  # commands that hold the project's lock (rebase --check does not)
 
 
 def cmd_materialize(args):
@@ -42,7 +45,8 @@ def cmd_verify(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="fork.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="fork.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("materialize", help="lay pristine upstream + series into src/diffusers/",
@@ -58,8 +62,8 @@ def main(argv=None):
                                    "every edit goes into that patch, also beneath later patches that touch the same "
                                    "file, as long as they still apply on top. Zero fuzz, stable output: running it "
                                    "twice changes nothing.")
-    p.add_argument("--patch", metavar="NNNN-topic.patch", help="the patch to hold the edits (created and appended to the "
-                                                               "series if new)")
+    p.add_argument("--patch", metavar="NNNN-topic.patch",
+                   help="the patch to hold the edits (created and appended to the series if new)")
     p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser("verify", help="check the tree equals pristine + series, byte for byte",
@@ -73,9 +77,16 @@ def main(argv=None):
     upstream_tests.add_parser(sub, ROOT)
 
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if args.cmd in WRITES and not getattr(args, "check", False):
+            with fsutil.locked(Path(getattr(args, "root", ROOT)), "fork.py " + " ".join(argv)):
+                return args.func(args)
         return args.func(args)
-    except ForkError as e:
+    except (ForkError, PatchError) as e:
+        print(f"fork.py {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: say which, without a traceback
         print(f"fork.py {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

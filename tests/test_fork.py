@@ -55,8 +55,13 @@ def test_materialize_then_verify_ok_and_idempotent(fork):
     res = fork_py(fork, "verify")
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"upstream diffusers {PIN['version']}" in res.stdout
+    laid = [p for p in (fork / "src").rglob("*") if p.is_file()]
+    for p in laid:
+        os.utime(p, ns=(10**9, 10**9))  # long ago: any rewrite shows
+    stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in laid}
     again = fork_py(fork, "materialize")
     assert again.returncode == 0 and "(0 file(s) written)" in again.stdout
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in laid} == stats  # nothing rewritten (a read-only src/)
     status = subprocess.run(["git", "-C", str(fork), "status", "--porcelain"], capture_output=True, text=True).stdout
     assert [ln for ln in status.splitlines() if not ln.startswith("A ")] == []  # laid-down files are all ignored
 
@@ -150,6 +155,15 @@ def test_release_file_hash_mismatch_is_refused(fork, tmp_path, release_file):
                          env=env)
     assert res.returncode == 2
     assert PIN["file"] in res.stderr and f"expected sha256 {PIN['sha256']}" in res.stderr and "got " in res.stderr
+
+
+def test_verify_checks_the_generated_version_module(fork):
+    version = fork / "src/diffusers/_fork_version.py"  # imported by diffusers/__init__.py (0003)
+    version.write_text(version.read_text() + "import os\nos.environ['FORK_PWNED'] = '1'  # runs on import diffusers\n")
+    res = fork_py(fork, "verify")
+    assert res.returncode == 1 and "src/diffusers/_fork_version.py: not what materialize generates" in res.stdout
+    assert fork_py(fork, "materialize", "--force").returncode == 0
+    assert fork_py(fork, "verify").returncode == 0 and "FORK_PWNED" not in version.read_text()
 
 
 def test_no_file_of_ours_may_shadow_upstream(fork):

@@ -6,9 +6,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -107,7 +111,8 @@ def env(tmp_path, monkeypatch):
     tree.write(root, "src/diffusers/ours.py", "def f(x):\n    return x\n")
     git(root, "add", "-A")
     tree.materialize(root, log=lambda m: None)
-    make_patch(root, "0001-ours-in-a.patch", {"a.py": a_py({10: PATCHED_10}), "b.py": B_PY.replace("return 1", "return -1")})
+    make_patch(root, "0001-ours-in-a.patch",
+               {"a.py": a_py({10: PATCHED_10}), "b.py": B_PY.replace("return 1", "return -1")})
     make_patch(root, "0002-late-line.patch", {"a.py": a_py({10: PATCHED_10, 25: "x25 = -25\n"})})
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project on 1.0.0")
@@ -143,7 +148,8 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
     pin = release.load_pin(env["root"])
     assert (pin["version"], pin["tag"], pin["file"]) == ("1.1.0", "v1.1.0", "diffusers-1.1.0-py3-none-any.whl")
     assert pin["sha256"] == env["published"]["1.1.0"][0]["digests"]["sha256"]
-    assert list(pin) == ["package", "version", "file", "sha256", "tag", "repo", "fork_release"]  # 1.0.0's commit dropped
+    # 1.0.0's commit dropped
+    assert list(pin) == ["package", "version", "file", "sha256", "tag", "repo", "fork_release"]
     assert laid(env, "a.py") == a_py({10: PATCHED_10, 25: "x25 = -25\n"}, prepend=3)
     assert tree.verify(env["root"]) == []  # zero fuzz, no offset, tree == pristine 1.1.0 + series
     assert "@@ -10,7 +10,7 @@" in (env["root"] / "patches" / "0001-ours-in-a.patch").read_text()  # re-anchored
@@ -319,7 +325,8 @@ def test_check_table(env, capsys, source):
     extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
     assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
     rows = expected_rows(capsys.readouterr().out)
-    assert [rows[v][0] for v in RELEASES if v != "1.7.0"] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
+    assert [rows[v][0] for v in RELEASES if v != "1.7.0"] == ["clean", "offsets", "three-way", "conflict", "clean",
+                                                             "conflict", "clean"]
     assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
     assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
     assert rows["1.1.0"][1] == "offsets: 0001 x1, 0002 x1"
@@ -334,7 +341,8 @@ def test_check_table(env, capsys, source):
 
 def test_check_runs_tests_on_each_release_when_asked(env, capsys):
     # passes only where the patched tree of 1.1.0 (its header lines, our x25) is the one imported
-    cmd = f"{PY} -c 'import inspect, diffusers.a as a; assert a.x25 == -25 and \"# upstream header\" in inspect.getsource(a)'"
+    cmd = (f"{PY} -c 'import inspect, diffusers.a as a; "
+           "assert a.x25 == -25 and \"# upstream header\" in inspect.getsource(a)'")
     assert rebase(env, "--check", "1.1.0", "1.2.0", "--tests", "--test-cmd", cmd) == 0
     rows = expected_rows(capsys.readouterr().out)
     assert rows["1.1.0"][4] == "pass" and rows["1.2.0"][4].startswith("FAIL")
@@ -375,7 +383,8 @@ def test_a_file_upstream_renamed_is_followed():
     from forklib import rebase
 
     old = {"src/diffusers/p/pipeline_x_onnx.py": B_PY}
-    new = {"src/diffusers/p/pipeline_onnx_x.py": B_PY + "\n# new upstream line\n", "src/diffusers/p/other.py": "y = 1\n"}
+    new = {"src/diffusers/p/pipeline_onnx_x.py": B_PY + "\n# new upstream line\n",
+           "src/diffusers/p/other.py": "y = 1\n"}
     assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, new, old) == "src/diffusers/p/pipeline_onnx_x.py"
     assert rebase.moved_to("src/diffusers/p/pipeline_x_onnx.py", B_PY, {"src/diffusers/q.py": "z = 2\n"}, old) is None
 
@@ -467,7 +476,8 @@ def test_a_variant_that_does_not_fit_stops_with_a_rej(env, capsys):
     assert rebase(env, "1.2.0") == 1
     err = capsys.readouterr().err
     assert "src/diffusers/a.py: hunk 1" in err and "the variant's lines are not there" in err
-    assert "-x10 = 10  # upstream edit" in (env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py.rej").read_text()
+    rej = env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py.rej"
+    assert "-x10 = 10  # upstream edit" in rej.read_text()
     assert snapshot(env["root"]) == before
 
 
@@ -505,7 +515,8 @@ def test_two_variants_serving_a_release_are_refused_unless_one_is_named_after_it
 
 def test_refresh_warns_that_variants_need_the_same_change(env):
     add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
-    tree.write(env["root"], "src/diffusers/b.py", B_PY.replace("return 1", "return -1").replace("return 2", "return -2"))
+    tree.write(env["root"], "src/diffusers/b.py",
+               B_PY.replace("return 1", "return -1").replace("return 2", "return -2"))
     said = []
     tree.refresh(env["root"], log=said.append)
     assert any(m.startswith("warning: 0001-ours-in-a.patch has variants (variants/0001-ours-in-a/1.3.0.patch)")
@@ -569,3 +580,290 @@ def test_verify_checks_upstream_since(env):
                for p in problems)
     upstream_since(env, "0002-late-line.patch", "soon", doc=False)
     assert any("Upstream-Since: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
+
+
+# ---------------------------------------------------------------- what the fork tool checks (issue 19)
+KILLER = '''"""Run a script, killed (SIGKILL) halfway through the first write whose data holds KILL_MARK."""
+import builtins, io, os, runpy, signal, sys
+
+MARK = os.environ["KILL_MARK"].encode()
+real_open = io.open
+
+
+class Killing:
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        if MARK in raw:
+            self._f.write(data[: len(data) // 2])
+            self._f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def hooked(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return Killing(f) if any(c in mode for c in "wax+") else f
+
+
+io.open = builtins.open = hooked
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def cli(env, *args, kill_at=None, popen=False):
+    """``python <project>/scripts/fork.py ARGS`` on the env project (its own copy of the tool, so that ROOT is
+    the project); ``kill_at``: SIGKILLed halfway through the first write of data holding that text."""
+    root = env["root"]
+    if not (root / "scripts").exists():
+        shutil.copytree(SCRIPTS, root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+        (root / "scripts" / "killer.py").write_text(KILLER)
+    cmd = [PY, str(root / "scripts" / "fork.py"), *args]
+    run_env = dict(os.environ, DIFFUSERS_FLASH_LOCK_WAIT="0.2")
+    if kill_at:
+        cmd = [PY, str(root / "scripts" / "killer.py"), *cmd[1:]]
+        run_env["KILL_MARK"] = kill_at
+    if popen:
+        return subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=run_env, capture_output=True, text=True)
+
+
+def one_line_error(res, *expect):
+    """A refusal: exit 2, one line on stderr holding each of ``expect``, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    for text in expect:
+        assert text in res.stderr, res.stderr
+    return res.stderr
+
+
+def tamper_release(env, version="1.0.0"):
+    """Put code of an attacker's into the cached release file (its sha256 no longer matches the pin)."""
+    path = env["cache"] / f"diffusers-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for rel, text in files_of(version).items():
+            z.writestr(f"diffusers/{rel}", text + ("import os; os.system('echo pwned')\n" if rel == "a.py" else ""))
+    return path
+
+
+@pytest.mark.parametrize("bad", ["", None, "not-a-hash", "A" * 64, "0" * 63])
+def test_a_pin_without_a_wellformed_sha256_is_refused_before_anything_is_written(env, bad):
+    root = env["root"]
+    tamper_release(env)
+    pin = json.loads((root / "upstream.json").read_text())
+    (root / "upstream.json").write_text(json.dumps({**pin, "sha256": bad}))
+    cli(env, "verify")  # copies the tool in before the snapshot
+    before = snapshot(root)
+    for args in (("materialize",), ("materialize", "--force")):
+        one_line_error(cli(env, *args), "upstream.json", "sha256")
+        assert snapshot(root) == before  # the tampered file is not laid down, nothing else is written
+    one_line_error(cli(env, "verify"), "sha256")
+    with pytest.raises(release.ForkError, match="sha256"):
+        tree.materialize(root, log=lambda m: None)  # what setup.py runs
+    with pytest.raises(release.ForkError, match="sha256"):
+        release.fetch(root, "1.0.0", "diffusers-1.0.0-py3-none-any.whl", bad)
+
+
+EVIL = "Description: evil\n\n--- /dev/null\n+++ b/{path}\n@@ -0,0 +1,2 @@\n+#!/bin/sh\n+echo pwned\n"
+
+
+@pytest.mark.parametrize("path", ["src/diffusers/../../.git/hooks/post-checkout", "{tmp}/evil-hook",
+                                  "src/diffusers/..\\..\\x.py", "setup.py", "src/diffusers/./a.py",
+                                  "src/diffusers/evil\x01.py"])
+def test_a_patch_may_not_touch_a_path_outside_the_package(env, path, tmp_path):
+    root = env["root"]
+    (root / "patches" / "0003-evil.patch").write_text(EVIL.format(path=path.format(tmp=tmp_path)))
+    with (root / "patches" / "series").open("a") as f:
+        f.write("0003-evil.patch\n")
+    hook = root / ".git" / "hooks" / "post-checkout"
+    one_line_error(cli(env, "materialize"), "0003-evil.patch", "refused")
+    assert not hook.exists() and not (root / "setup.py").exists() and not (tmp_path / "evil-hook").exists()
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "0003-evil.patch" in res.stdout and "refused" in res.stdout
+    one_line_error(cli(env, "refresh"), "0003-evil.patch")
+    assert not hook.exists()
+
+
+def test_a_symlink_may_not_lead_a_write_out_of_the_package(env, tmp_path):
+    root, outside = env["root"], tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target.txt").write_text("not yours\n")
+    (root / "src/diffusers/b.py").unlink()
+    (root / "src/diffusers/b.py").symlink_to(outside / "target.txt")  # a laid-down file, now a link out
+    one_line_error(cli(env, "materialize", "--force"), "b.py", "outside")
+    assert (outside / "target.txt").read_text() == "not yours\n"
+    (root / "src/diffusers/b.py").unlink()
+    (root / "src/diffusers/evil").symlink_to(outside, target_is_directory=True)  # a folder, linked out
+    (root / "patches" / "0003-evil.patch").write_text(EVIL.format(path="src/diffusers/evil/x.py"))
+    with (root / "patches" / "series").open("a") as f:
+        f.write("0003-evil.patch\n")
+    one_line_error(cli(env, "materialize", "--force"), "evil/x.py", "outside")
+    assert sorted(p.name for p in outside.iterdir()) == ["target.txt"]
+
+
+@pytest.mark.parametrize("name", ["../../x.patch", "../x.patch", "{tmp}/x.patch", "sub/0003-x.patch", "0003-x.txt",
+                                  ".0003-x.patch", "0003-X Y.patch"])
+def test_patch_names_are_plain_names_inside_patches(env, name, tmp_path):
+    root, name = env["root"], name.format(tmp=tmp_path)
+    (root / "src/diffusers/__init__.py").write_text(INIT + "# an edit\n")
+    series = (root / "patches" / "series").read_text()
+    one_line_error(cli(env, "refresh", "--patch", name), "--patch", "NNNN-topic.patch")
+    assert (root / "patches" / "series").read_text() == series
+    assert sorted(p.name for p in tmp_path.rglob("x.patch")) == []
+    (root / "patches" / "series").write_text(series + name + "\n")  # a series entry is held to the same
+    one_line_error(cli(env, "materialize"), "patches/series")
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "patches/series entry" in res.stdout
+
+
+def test_a_patch_that_is_not_utf8_is_named(env):
+    root = env["root"]
+    patch = root / "patches" / "0002-late-line.patch"
+    patch.write_bytes(patch.read_bytes().replace(b"x25 = -25", b"x25 = -25 \xff\xfe"))
+    for args in (("materialize",), ("refresh",)):
+        one_line_error(cli(env, *args), "patches/0002-late-line.patch", "not UTF-8")
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "0002-late-line.patch: patches/0002-late-line.patch: not UTF-8 text" in res.stdout
+    patch.write_bytes(b"\xff" + patch.read_bytes())
+    git(root, "commit", "-qam", "a patch that is not UTF-8")
+    one_line_error(cli(env, "rebase", "1.1.0", "--no-tests"), "0002-late-line.patch", "not UTF-8")
+
+
+@pytest.mark.parametrize("rel", ["_fork_version.py", ".gitignore", ".upstream-manifest.json"])
+def test_verify_checks_the_generated_files(env, rel):
+    root = env["root"]
+    path = root / "src/diffusers" / rel
+    path.write_text(path.read_text() + ("import os; os.system('echo pwned')\n" if rel.endswith(".py") else " "))
+    res = cli(env, "verify")
+    assert res.returncode == 1 and f"src/diffusers/{rel}: not what materialize generates" in res.stdout
+    assert cli(env, "materialize", "--force").returncode == 0
+    assert cli(env, "verify").returncode == 0 and "pwned" not in path.read_text()
+
+
+def test_materialize_and_refresh_write_nothing_when_nothing_changed(env):
+    root = env["root"]
+    files = [p for p in (root / "src").rglob("*") if p.is_file()] + [root / "PATCHES.md", root / "patches/series"]
+    for p in files:
+        os.utime(p, ns=(10**9, 10**9))  # long ago: any rewrite shows
+    stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    assert tree.materialize(root, log=lambda m: None)["changed"] == 0
+    tree.refresh(root, log=lambda m: None)
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == stats
+    if os.geteuid():  # a read-only tree with nothing to change (root writes anyway: the stats above hold it)
+        for p in [*files, *(q for q in (root / "src").rglob("*") if q.is_dir())]:
+            p.chmod(p.stat().st_mode & ~0o222)
+        try:
+            assert tree.materialize(root, log=lambda m: None)["changed"] == 0
+        finally:
+            for p in (root / "src").rglob("*"):
+                p.chmod(p.stat().st_mode | 0o200)
+
+
+def wait_for(check, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_one_fork_command_at_a_time(env, capsys, monkeypatch):
+    root = env["root"]
+    cli(env, "verify")  # copies the tool in before the snapshot
+    before = snapshot(root)
+    lock = root / ".fork.lock"
+    first = cli(env, "rebase", "1.1.0", "--test-cmd", f"{PY} -c 'import time; time.sleep(60)'", popen=True)
+    try:
+        wait_for(lambda: (root / ".rebase" / "state.json").is_file() and (root / ".rebase" / "backup").is_dir(),
+                 "the first rebase to reach its tests")
+        monkeypatch.setenv("DIFFUSERS_FLASH_LOCK_WAIT", "0.2")
+        for args in (["1.2.0"], ["--abort"], ["--continue"]):
+            assert rebase(env, *args) == 2
+            err = capsys.readouterr().err
+            assert f"pid {first.pid}: fork.py rebase 1.1.0" in err and len(err.strip().splitlines()) == 1, err
+        with pytest.raises(release.ForkError, match=f"pid {first.pid}"):
+            tree.materialize(root, log=lambda m: None)  # what setup.py runs
+        with pytest.raises(release.ForkError, match=f"pid {first.pid}"):
+            tree.refresh(root, log=lambda m: None)
+        assert tree.verify(root) is not None  # reading needs no lock
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the first dies holding the lock, its rebase half done
+        first.communicate()
+    assert rebase(env, "--abort") == 0  # a dead holder's lock does not block
+    assert snapshot(root) == before and not lock.exists()
+
+
+@pytest.mark.parametrize("target, mark", [("1.3.0", '"fingerprint"'), ("1.1.0", '"finished": true')])
+def test_a_kill_while_the_rebase_state_is_written_leaves_a_state_abort_recovers(env, target, mark):
+    root = env["root"]
+    cli(env, "verify")
+    before = snapshot(root)
+    res = cli(env, "rebase", target, "--no-tests", kill_at=mark)
+    assert res.returncode == -signal.SIGKILL, res.stderr  # killed halfway through writing .rebase/state.json
+    state = root / ".rebase" / "state.json"
+    assert not state.exists() or json.loads(state.read_text())  # the old state or none, never half of one
+    res = cli(env, "rebase", "--continue")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    res = cli(env, "verify")
+    assert res.returncode in (0, 1) and "Traceback" not in res.stderr, res.stderr
+    assert cli(env, "rebase", "--abort").returncode == 0
+    assert snapshot(root) == before and not (root / ".rebase").exists()
+    assert cli(env, "verify").returncode == 0
+
+
+def test_a_kill_while_the_manifest_is_written_leaves_it_whole(env):
+    root = env["root"]
+    (root / "patches" / "series").write_text("0001-ours-in-a.patch\n")  # 0002 dropped: the manifest changes
+    (root / "patches" / "0002-late-line.patch").unlink()
+    tree.write_patches_doc(root)
+    res = cli(env, "materialize", kill_at='"upstream"')
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    json.loads((root / "src/diffusers/.upstream-manifest.json").read_text())  # whole: the old one
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert cli(env, "materialize").returncode == 0 and cli(env, "verify").returncode == 0
+
+
+def test_a_damaged_manifest_says_how_to_recover(env):
+    root = env["root"]
+    man = root / "src/diffusers/.upstream-manifest.json"
+    man.write_text(man.read_text()[:40])  # as a kill mid-write left it before writes were atomic
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert ".upstream-manifest.json is damaged" in res.stdout and "materialize --force" in res.stdout
+    for args in (("materialize",), ("refresh",)):
+        one_line_error(cli(env, *args), ".upstream-manifest.json is damaged", "materialize --force")
+    man.write_text(json.dumps({"upstream": "1.0.0", "files": {"src/diffusers/../../x": "0" * 64}}))
+    one_line_error(cli(env, "materialize"), "damaged")
+    assert cli(env, "materialize", "--force").returncode == 0  # the way out it names
+    assert cli(env, "verify").returncode == 0
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_damaged_rebase_state_says_how_to_recover(env, finished):
+    root = env["root"]
+    cli(env, "verify")
+    before = snapshot(root)
+    if finished:  # the rebase went through, its tests failed: the new tree is in place, the state says so
+        assert cli(env, "rebase", "1.1.0", "--test-cmd", f"{PY} -c 'raise SystemExit(3)'").returncode == 1
+    else:
+        assert cli(env, "rebase", "1.3.0").returncode == 1
+    state = root / ".rebase" / "state.json"
+    state.write_text(state.read_text()[:50])
+    one_line_error(cli(env, "rebase", "--continue"), ".rebase/state.json is damaged", "rebase --abort")
+    assert cli(env, "rebase", "--abort").returncode == 0  # the way out it names
+    assert snapshot(root) == before and not (root / ".rebase").exists()
+    assert cli(env, "verify").returncode == 0

@@ -11,6 +11,8 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+from .fsutil import PREFIX, path_problem
+
 NO_EOL = "\\ No newline at end of file"
 _HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
@@ -82,6 +84,10 @@ def parse(text: str, name: str = "<patch>") -> Patch:
         if i + 1 >= len(lines) or not lines[i + 1].startswith("+++ "):
             raise PatchError(f"{name}: line {i + 2}: '--- ' not followed by '+++ '")
         fp = FilePatch(_strip_prefix(line[4:].rstrip("\n")), _strip_prefix(lines[i + 1][4:].rstrip("\n")))
+        for p in (fp.old_path, fp.new_path):
+            problem = None if p is None else path_problem(p, PREFIX)
+            if problem:  # a patch writes only inside the package: no '..', no absolute path, no other folder
+                raise PatchError(f"{name}: line {i + 1}: file {p!r} {problem}: refused")
         i += 2
         while i < len(lines) and lines[i].startswith("@@"):
             m = _HUNK.match(lines[i])
@@ -111,7 +117,8 @@ def parse(text: str, name: str = "<patch>") -> Patch:
                 seen_old += tag in " -"
                 seen_new += tag in " +"
             if seen_old != old_len or seen_new != new_len:
-                raise PatchError(f"{name}: {fp.path}: hunk {len(fp.hunks) + 1}: truncated (header says -{old_len} +{new_len})")
+                raise PatchError(f"{name}: {fp.path}: hunk {len(fp.hunks) + 1}: truncated "
+                                 f"(header says -{old_len} +{new_len})")
             fp.hunks.append(hunk)
         if not fp.hunks and not (fp.old_path is None or fp.new_path is None):
             raise PatchError(f"{name}: {fp.path}: file header with no hunks")
@@ -256,7 +263,8 @@ def diff_file(path: str, old: str | None, new: str | None, context: int = 3) -> 
         return ""
     a = (old or "").splitlines(keepends=True)
     b = (new or "").splitlines(keepends=True)
-    out = [f"--- {'a/' + path if old is not None else '/dev/null'}\n", f"+++ {'b/' + path if new is not None else '/dev/null'}\n"]
+    out = [f"--- {'a/' + path if old is not None else '/dev/null'}\n",
+           f"+++ {'b/' + path if new is not None else '/dev/null'}\n"]
     for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context):
         i1, i2, j1, j2 = group[0][1], group[-1][2], group[0][3], group[-1][4]
         out.append(f"@@ -{_range(i1, i2)} +{_range(j1, j2)} @@\n")

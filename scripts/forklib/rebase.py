@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import patchfile, release, tree, variants
+from . import fsutil, patchfile, release, tree, variants
 from .release import PREFIX, ForkError
 from .variants import vkey
 
@@ -114,7 +114,8 @@ def same_as_release(root: Path, t: dict, files: dict) -> None:
     differ = sorted(p for p in set(wheel) | set(files) if wheel.get(p) != files.get(p))
     if differ:
         raise ForkError(f"tag {t['tag']} and {t['file']} differ in {len(differ)} file(s): {', '.join(differ[:5])}; "
-                        "builds lay the tree down from the release file, so the rebase must use it (drop --upstream-repo)")
+                        "builds lay the tree down from the release file, so the rebase must use it "
+                        "(drop --upstream-repo)")
 
 
 def available(repo: str | None) -> list:
@@ -187,7 +188,8 @@ def rebase_file(fp, base, ours, theirs, labels) -> tuple:
                 hows = ["fuzz" if f else how for f, how in zip(fuzz, exact)]
                 return fuzzed, hunks(hows, offsets), None
         if merged is None:  # a variant: no old release to merge from, so its hunks go to a .rej
-            return theirs, hunks(["conflict" if o is None else how for o, how in zip(offsets, exact)], offsets), "unmatched"
+            hows = ["conflict" if o is None else how for o, how in zip(offsets, exact)]
+            return theirs, hunks(hows, offsets), "unmatched"
         failed = "conflict" if conflicts else "three-way"
         hows = [failed if o is None else how for o, how in zip(offsets, exact)]
         return merged, hunks(hows, offsets), "markers" if conflicts else None
@@ -308,7 +310,8 @@ def describe_hunks(res: dict, how: str) -> str:
     by_file, why = {}, {c["path"]: c["kind"] for c in res.get("conflicts", []) if c["kind"] != "markers"}
     for h in res["hunks"]:
         if h["how"] == how:
-            by_file.setdefault(h["path"], []).append(f"{h['hunk']}" + (f" ({h['offset']:+d})" if how == "offset" else ""))
+            shift = f" ({h['offset']:+d})" if how == "offset" else ""
+            by_file.setdefault(h["path"], []).append(f"{h['hunk']}{shift}")
     return "; ".join(f"{p[len(PREFIX):]} hunk {', '.join(ns)}" + (f" ({why[p]})" if p in why else "")
                      for p, ns in by_file.items())
 
@@ -331,27 +334,50 @@ def patch_files(root: Path) -> list:
     return sorted(p.relative_to(root).as_posix() for p in (Path(root) / "patches").rglob("*") if p.is_file())
 
 
+class StateDamaged(ForkError):
+    """.rebase/state.json cannot be read (a kill mid-write before writes were atomic, a hand edit)."""
+
+
+STATE_KEYS = ("target", "old_pin", "names", "fingerprint", "results", "finished", "options")
+
+
 def load_state(root: Path) -> dict:
     path = work(root) / "state.json"
     if not path.is_file():
         raise ForkError(f"no rebase in progress (no {WORK}/state.json)")
-    return json.loads(path.read_text())
+    try:
+        st = json.loads(fsutil.read_text(path, f"{WORK}/state.json"))
+        if not isinstance(st, dict) or any(k not in st for k in STATE_KEYS):
+            raise ValueError("fields missing")
+    except (ValueError, ForkError) as e:
+        raise StateDamaged(f"{WORK}/state.json is damaged ({str(e).splitlines()[0][:100]}): 'fork.py rebase --abort' "
+                           "drops the rebase and restores the series as it was before it") from None
+    return st
 
 
 def save_state(root: Path, st: dict) -> None:
-    work(root).mkdir(exist_ok=True)
-    (work(root) / "state.json").write_text(json.dumps(st, indent=1) + "\n")
+    fsutil.atomic_write(work(root) / "state.json", (json.dumps(st, indent=1) + "\n").encode(), durable=True)
 
 
 def write_tree(dest: Path, files: dict) -> None:
-    if dest.exists():
-        shutil.rmtree(dest)
-    for rel, text in files.items():
-        tree.write(dest, rel, text)
+    """``files`` as the folder ``dest``, whole or not at all: written beside it, then renamed into place."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        os.chmod(tmp, fsutil.DIR_MODE)  # mkdtemp makes it 0700
+        for rel, text in files.items():
+            tree.write(tmp, rel, text)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_tree(src: Path) -> dict:
-    return {p.relative_to(src).as_posix(): p.read_bytes().decode("utf-8")
+    return {p.relative_to(src).as_posix(): fsutil.read_text(p, p.relative_to(src.parent).as_posix())
             for p in sorted(src.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
 
 
@@ -359,14 +385,16 @@ def check_clean(root: Path) -> None:
     res = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                          capture_output=True, text=True)
     if res.returncode:
-        raise ForkError(f"{root} is not a git checkout, so whether its tree is clean cannot be told ({res.stderr.strip()})")
+        raise ForkError(f"{root} is not a git checkout, so whether its tree is clean cannot be told "
+                        f"({res.stderr.strip()})")
     if res.stdout.strip():
         raise ForkError("the working tree has uncommitted changes to tracked files; commit or stash them first:\n"
                         + "\n".join("  " + line for line in res.stdout.rstrip().splitlines()))
     edited = tree.hand_edits(root)
     if edited:
         raise ForkError("laid-down upstream files have hand edits: " + ", ".join(edited)
-                        + "\n  keep them with 'fork.py refresh' and commit, or drop them with 'fork.py materialize --force'")
+                        + "\n  keep them with 'fork.py refresh' and commit, or drop them with "
+                          "'fork.py materialize --force'")
 
 
 # ---------------------------------------------------------------- rebase, --continue, --abort
@@ -385,7 +413,8 @@ def cmd_rebase(args) -> int:
         same_as_release(root, target, new_base)
     shadows = sorted(tree.tracked(root) & set(new_base))
     if shadows:
-        raise ForkError(f"{target['version']} has file(s) where we keep our own: {', '.join(shadows)}; rename ours first")
+        raise ForkError(f"{target['version']} has file(s) where we keep our own: {', '.join(shadows)}; "
+                        "rename ours first")
     if work(root).exists():
         shutil.rmtree(work(root))  # leftovers of no rebase in progress
     st = {"target": target, "old_pin": pin, "names": [n for n, _ in patches], "fingerprint": fingerprint(root),
@@ -432,7 +461,9 @@ def moves(res: dict) -> str:
 def stopped(root, st, texts, k, before, after) -> int:
     res, name = st["results"][k], st["names"][k]
     st["stopped_at"] = k
-    save_state(root, st)
+    # the state goes last: a kill before it leaves no state (nothing outside .rebase/ has changed yet, and
+    # --abort or a new rebase clears the folder), never a state naming a half-written tree
+    (work(root) / "state.json").unlink(missing_ok=True)
     write_tree(work(root) / "patches", texts)
     write_tree(work(root) / "tree", after)
     where = f"{WORK}/tree/"
@@ -450,9 +481,11 @@ def stopped(root, st, texts, k, before, after) -> int:
             lines.append(f"  {c['path']}: {at}: {why}; the change is in {where}{c['path']}.rej")
         else:
             lines.append(f"  {c['path']}: {at}: conflicts in a three-way merge; markers in {where}{c['path']}")
-    lines += [f"resolve in {where} (the whole new tree; remove the markers and any .rej), then 'fork.py rebase --continue';",
+    lines += [f"resolve in {where} (the whole new tree; remove the markers and any .rej), "
+              "then 'fork.py rebase --continue';",
               "or 'fork.py rebase --abort'. The working tree, upstream.json and patches/ are unchanged."]
-    (work(root) / "CONFLICT.txt").write_text("\n".join(lines) + "\n")
+    tree.write(work(root), "CONFLICT.txt", "\n".join(lines) + "\n")
+    save_state(root, st)
     print("\n".join(lines), file=sys.stderr)
     return 1
 
@@ -465,11 +498,13 @@ def cmd_continue(args) -> int:
                         f"{WORK}/, or go back with 'fork.py rebase --abort'")
     check_clean(root)
     if fingerprint(root) != st["fingerprint"]:
-        raise ForkError("upstream.json, PATCHES.md or patches/ changed since the rebase started: 'fork.py rebase --abort'")
+        raise ForkError("upstream.json, PATCHES.md or patches/ changed since the rebase started: "
+                        "'fork.py rebase --abort'")
     k, name = st["stopped_at"], st["names"][st["stopped_at"]]
     patches, old_states, _ = old_series(root)
     new_base = target_files(root, st["target"])
-    texts = {n: (work(root) / "patches" / n).read_text() for n in st["names"][:k] if (work(root) / "patches" / n).is_file()}
+    texts = {n: tree.read(work(root), f"patches/{n}") for n in st["names"][:k]
+             if (work(root) / "patches" / n).is_file()}
     before, _ = tree.apply_series(new_base, [(n, patchfile.parse(texts[n], n)) for n in st["names"][:k] if n in texts],
                                   strict=True)
     after = read_tree(work(root) / "tree")
@@ -500,16 +535,33 @@ def has_markers(text: str) -> bool:
 
 
 def cmd_abort(args) -> int:
+    """Drop the rebase. Where it finished (its backup of the series is in .rebase/backup/), restore the series
+    and lay the tree down again. A damaged or missing state is no obstacle: the backup is made whole (renamed
+    into place) before anything outside .rebase/ changes, so where there is one it is restored, and where
+    there is none nothing outside .rebase/ changed."""
     root = Path(args.root)
-    st = load_state(root)
-    if st["finished"]:
-        backup = work(root) / "backup"
-        shutil.rmtree(root / "patches")
-        for rel, text in read_tree(backup).items():
+    backup = work(root) / "backup"
+    try:
+        st = load_state(root)
+    except StateDamaged as e:
+        print(f"warning: {str(e).split(':', 1)[0]}: dropping the rebase from what {WORK}/ holds", file=sys.stderr)
+        st = None
+    except ForkError:
+        if not work(root).exists():
+            raise
+        st = None  # a rebase stopped before it saved its state: only .rebase/ holds anything of it
+    if (st["finished"] if st else backup.is_dir()):
+        saved = read_tree(backup)
+        for rel in patch_files(root):
+            if rel not in saved:
+                (root / rel).unlink()
+        for rel, text in saved.items():
             tree.write(root, rel, text)
+        prune_variants(root)
         tree.materialize(root, force=True)
     shutil.rmtree(work(root))
-    print(f"rebase aborted: the series is on {st['old_pin']['version']} as before")
+    old = st["old_pin"]["version"] if st else release.load_pin(root)["version"]
+    print(f"rebase aborted: the series is on {old} as before")
     return 0
 
 
@@ -518,7 +570,7 @@ def finish(root: Path, st: dict, texts: dict) -> int:
     target, old = st["target"], st["old_pin"]
     keep = [release.PIN_FILE, "PATCHES.md", *patch_files(root)]
     write_tree(work(root) / "backup", {rel: tree.read(root, rel) for rel in keep if tree.read(root, rel) is not None})
-    st["finished"] = True
+    st["finished"] = True  # from here on the tree outside .rebase/ changes: --abort restores the backup
     save_state(root, st)
     try:
         write_patches(root, st, texts)
@@ -545,7 +597,8 @@ def finish(root: Path, st: dict, texts: dict) -> int:
 
 
 def new_pin(old: dict, target: dict) -> dict:
-    """The pin for ``target``, fields in the usual order; the commit is known from git only (a stale one would mislead)."""
+    """The pin for ``target``, fields in the usual order; the commit is known from git only (a stale one would
+    mislead)."""
     new = {**old, **{k: target.get(k) for k in ("version", "file", "sha256", "tag", "commit")}}
     order = ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
     return {k: new[k] for k in sorted(new, key=lambda k: order.index(k) if k in order else len(order))
@@ -586,6 +639,11 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
     for rel in promoted:
         if not any(variants.rel_path(n, old) == rel and n not in again and out[n] != mains[n] for n in names):
             (root / "patches" / rel).unlink()
+    prune_variants(root)
+
+
+def prune_variants(root: Path) -> None:
+    """Remove the empty folders of patches/variants/ (and the folder itself when empty)."""
     for folder in (root / "patches" / variants.DIR).glob("*/"):
         if not any(folder.iterdir()):
             folder.rmdir()
@@ -725,7 +783,8 @@ def later(res: dict) -> str:
 def check_detail(results: list) -> str:
     last = results[-1]
     if last["status"] in ("conflict", "empty"):
-        files = [c["path"][len(PREFIX):] + ("" if c["kind"] == "markers" else f" ({c['kind']})") for c in last["conflicts"]]
+        files = [c["path"][len(PREFIX):] + ("" if c["kind"] == "markers" else f" ({c['kind']})")
+                 for c in last["conflicts"]]
         return f"{last['name']}: {', '.join(files) or 'changes nothing (upstream has it?)'}"
     parts = [f"{r['name'][:4]} {how}: {describe_hunks(r, how)}" for how in ("three-way", "fuzz") for r in results
              if any(h["how"] == how for h in r["hunks"])]
@@ -803,11 +862,14 @@ def dispatch(args) -> int:
     if args.cont or args.abort:
         if args.target:
             raise ForkError(f"--{'continue' if args.cont else 'abort'} takes no TARGET")
-        return cmd_continue(args) if args.cont else cmd_abort(args)
+        with fsutil.locked(args.root, f"rebase --{'continue' if args.cont else 'abort'}"):
+            return cmd_continue(args) if args.cont else cmd_abort(args)
     if args.check:
         if not args.target:
-            raise ForkError("--check needs releases: e.g. 'rebase --check 0.4.0..0.14.0' or 'rebase --check 0.5.1 0.6.0'")
+            raise ForkError("--check needs releases: e.g. 'rebase --check 0.4.0..0.14.0' or "
+                            "'rebase --check 0.5.1 0.6.0'")
         return cmd_check(args)
     if len(args.target) != 1:
         raise ForkError("name one TARGET release (e.g. 'rebase 0.5.1'); several are for --check")
-    return cmd_rebase(args)
+    with fsutil.locked(args.root, f"rebase {args.target[0]}"):
+        return cmd_rebase(args)

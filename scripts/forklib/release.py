@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,31 +20,44 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from .fsutil import PREFIX, ForkError, atomic_write, check_path, is_sha256, read_text
+
+__all__ = ["PREFIX", "ForkError"]  # re-exported: the rest of the tool imports them from here
 PIN_FILE = "upstream.json"
 PACKAGE = "diffusers"
-PREFIX = "src/diffusers/"  # where the package's files live, in the tree and in every patch
-
-
-class ForkError(Exception):
-    """Anything the fork tool refuses or cannot do; the message says what and why."""
+_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+!-]*$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|tgz)$")
 
 
 def load_pin(root: Path) -> dict:
+    """The pin, checked: a release version, a plain release file name and a well-formed sha256 (an empty
+    or missing hash would turn the integrity check off, so it is refused before anything is written)."""
     path = Path(root) / PIN_FILE
     try:
-        pin = json.loads(path.read_text())
+        pin = json.loads(read_text(path, PIN_FILE))
     except FileNotFoundError:
         raise ForkError(f"no pin: {path} is missing") from None
     except json.JSONDecodeError as e:
         raise ForkError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(pin, dict):
+        raise ForkError(f"{path}: not a JSON object")
     missing = [k for k in ("version", "file", "sha256", "tag", "fork_release") if k not in pin]
     if missing:
         raise ForkError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not is_sha256(pin["sha256"]):
+        raise ForkError(f"{path}: \"sha256\" is {pin['sha256']!r}, not the release file's sha256 (64 lowercase hex "
+                        "digits); refusing to lay down a release file that cannot be checked")
+    if not isinstance(pin["version"], str) or not _VERSION.match(pin["version"]):
+        raise ForkError(f"{path}: \"version\" {pin['version']!r} is not a release version (e.g. 0.4.2)")
+    if not isinstance(pin["file"], str) or not _FILE.match(pin["file"]):
+        raise ForkError(f"{path}: \"file\" {pin['file']!r} is not a plain wheel or sdist file name")
+    if not isinstance(pin["tag"], str) or not isinstance(pin["fork_release"], (int, str)):
+        raise ForkError(f"{path}: \"tag\" must be a string and \"fork_release\" a number")
     return pin
 
 
 def save_pin(root: Path, pin: dict) -> None:
-    (Path(root) / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
+    atomic_write(Path(root) / PIN_FILE, (json.dumps(pin, indent=2) + "\n").encode(), durable=True)
 
 
 def fork_version(pin: dict) -> str:
@@ -77,7 +91,13 @@ def check_hash(path: Path, expected: str, against: str = "the pin") -> None:
 
 
 def fetch(root: Path, version: str, filename: str, expected: str | None, against: str = "the pin") -> Path:
-    """The release file in the cache, fetched with pip when absent; checked against ``expected``."""
+    """The release file in the cache, fetched with pip when absent; checked against ``expected``, which must
+    be a well-formed sha256 (without one there is nothing to check the file against: refused)."""
+    if not is_sha256(expected):
+        raise ForkError(f"{against} gives no well-formed sha256 for {filename} ({expected!r}): refusing to use a "
+                        "release file that cannot be checked")
+    if not isinstance(filename, str) or not _FILE.match(filename):
+        raise ForkError(f"{filename!r} is not a plain wheel or sdist file name")
     cache = cache_dir(root)
     path = cache / filename
     if not path.exists():
@@ -85,8 +105,7 @@ def fetch(root: Path, version: str, filename: str, expected: str | None, against
         _download(version, filename, cache)
         if not path.exists():
             raise ForkError(f"downloaded {PACKAGE}=={version} but {filename} is not among the files")
-    if expected:
-        check_hash(path, expected, against)
+    check_hash(path, expected, against)
     return path
 
 
@@ -94,7 +113,8 @@ def _download(version: str, filename: str, dest: Path) -> None:
     kind = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PIP_TARGET")}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp, f"{PACKAGE}=={version}"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp,
+               f"{PACKAGE}=={version}"]
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True)
             ok = res.returncode == 0 and (Path(tmp) / filename).exists()
@@ -104,7 +124,8 @@ def _download(version: str, filename: str, dest: Path) -> None:
         if not ok:  # an environment without pip (uv): the index's JSON API
             ok = _download_json_api(version, filename, Path(tmp))
         if not ok:
-            raise ForkError(f"could not download {PACKAGE}=={version} ({filename}) with pip: {' '.join(err) or 'no such file'}")
+            raise ForkError(f"could not download {PACKAGE}=={version} ({filename}) with pip: "
+                            f"{' '.join(err) or 'no such file'}")
         shutil.move(str(Path(tmp) / filename), dest / filename)
 
 
@@ -159,19 +180,28 @@ def read_release(path: Path) -> dict:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 if info.filename.startswith(PACKAGE + "/") and not info.is_dir():
-                    files["src/" + info.filename] = z.read(info).decode("utf-8")
+                    files["src/" + info.filename] = _decode(z.read(info), path.name, info.filename)
     elif path.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(path) as t:
             for m in t.getmembers():
                 parts = m.name.split("/", 1)
                 if m.isfile() and len(parts) == 2 and parts[1].startswith(PREFIX):
-                    files[parts[1]] = t.extractfile(m).read().decode("utf-8")
+                    files[parts[1]] = _decode(t.extractfile(m).read(), path.name, m.name)
     else:
         raise ForkError(f"{path}: not a wheel or sdist")
     files = {k: v for k, v in files.items() if "__pycache__" not in k and not k.endswith((".pyc", ".ipynb"))}
+    for k in files:
+        check_path(k, PREFIX, f"{path.name}: file")
     if not files:
         raise ForkError(f"{path}: holds no {PREFIX} files")
     return files
+
+
+def _decode(data: bytes, release: str, member: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ForkError(f"{release}: {member} is not UTF-8 text") from None
 
 
 def read_git_tag(repo: str, tag: str) -> dict:
@@ -190,7 +220,7 @@ def read_git_tag(repo: str, tag: str) -> dict:
     with tarfile.open(fileobj=io.BytesIO(data)) as t:
         for m in t.getmembers():
             if m.isfile():
-                files[m.name] = t.extractfile(m).read().decode("utf-8")
+                files[check_path(m.name, PREFIX, f"tag {tag}: file")] = _decode(t.extractfile(m).read(), tag, m.name)
     return files
 
 

@@ -7,7 +7,8 @@ series, the variant whose Applies-To covers V if there is one (it must apply the
 fuzz aside), else the main patch with the three-way merge and fuzz. When the rebase finishes, every patch
 whose text changed keeps its old text as the variant for the release it came from
 (``variants/<name>/<old release>.patch``, byte for byte) unless the rebase back would make that text again
-by itself, and a variant that was used becomes the main patch (its file is removed from variants/). So a rebase there and back restores the series byte for byte,
+by itself, and a variant that was used becomes the main patch (its file is removed from variants/). So a
+rebase there and back restores the series byte for byte,
 and a release resolved once by hand (``rebase --continue``) needs no hand the next time.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import patchfile
+from . import fsutil, patchfile
 from .release import ForkError
 
 DIR = "variants"
@@ -62,7 +63,7 @@ def load(root: Path, names: list) -> dict:
         folder = base / stem(name)
         found = []
         for p in sorted(folder.glob("*.patch")) if folder.is_dir() else []:
-            text = p.read_bytes().decode("utf-8")
+            text = fsutil.read_text(p, f"patches/{DIR}/{stem(name)}/{p.name}")
             patch = patchfile.parse(text, f"{DIR}/{stem(name)}/{p.name}")
             found.append({"label": p.stem, "rel": f"{DIR}/{stem(name)}/{p.name}", "text": text, "patch": patch,
                           "applies": patch.field("Applies-To")})
@@ -105,7 +106,7 @@ def problems(root: Path, names: list) -> list:
         loaded = load(root, [n for n in names if stem(n) in {e.name for e in base.iterdir()}])
     except (ForkError, patchfile.PatchError) as e:
         return out + [str(e)]
-    for name, vs in loaded.items():
+    for vs in loaded.values():
         for v in vs:
             try:
                 if not parse_applies(v["applies"]):
