@@ -126,7 +126,9 @@ def _download(version: str, filename: str, dest: Path) -> None:
         if not ok:
             raise ForkError(f"could not download {PACKAGE}=={version} ({filename}) with pip: "
                             f"{' '.join(err) or 'no such file'}")
-        shutil.move(str(Path(tmp) / filename), dest / filename)
+        partial = dest / f".{filename}.partial"  # a copy across file systems is not atomic: rename when whole
+        shutil.move(str(Path(tmp) / filename), partial)
+        os.replace(partial, dest / filename)
 
 
 def _index_base() -> str:
