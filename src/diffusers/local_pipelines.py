@@ -29,7 +29,9 @@ CONFIGS = {
                   max_position_embeddings=77),
         vision=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                     image_size=32, patch_size=8),
-        projection_dim=32, image_size=256,  # latents 32x32; the 2-block VAE decodes them to 64x64 pixels
+        # image_size: the pipeline's height/width argument (latents are a 1/8 of it, as in SD: 32x32); the
+        # 2-block VAE upsamples latents 2x, not 8x, so the images written are 64x64 (default_image_size)
+        projection_dim=32, image_size=256,
     ),
     "sd1": dict(
         unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
@@ -63,10 +65,16 @@ def _bytes_to_unicode():
 
 def make_tokenizer(directory: str | None = None):
     """A CLIPTokenizer over a byte-level vocabulary (each byte, each byte ending a word, specials).
-    Unknown to the Hub, so it works offline; any text encodes (to one token per byte)."""
+    Unknown to the Hub, so it works offline; any text encodes (to one token per byte).
+
+    Its vocab.json and merges.txt are written into ``directory`` and kept there; without one, into a
+    temporary folder that is removed again once the tokenizer has read them (it keeps them in memory,
+    and ``save_pretrained`` writes them from there), so building pipelines leaves nothing behind."""
+    if directory is None:
+        with tempfile.TemporaryDirectory(prefix="diffusers-flash-tokenizer-") as tmp:
+            return make_tokenizer(tmp)
     from transformers import CLIPTokenizer
 
-    directory = directory or tempfile.mkdtemp(prefix="diffusers-flash-tokenizer-")
     os.makedirs(directory, exist_ok=True)
     chars = _bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(chars)}
@@ -127,8 +135,15 @@ def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> di
                 feature_extractor=feature_extractor)
 
 
+def vae_scale_factor(size: str = "tiny") -> int:
+    """Pixels per latent along each side: 8 for SD 1.x, 2 for the tiny VAE (two blocks)."""
+    return 2 ** (len(CONFIGS[size]["vae"]["block_out_channels"]) - 1)
+
+
 def default_image_size(size: str = "tiny") -> int:
-    return CONFIGS[size]["image_size"]
+    """Side in pixels of the images the pipeline makes at its default size: 64 for ``tiny``, 512 for ``sd1``.
+    (The pipeline is called with height=width=CONFIGS[size]["image_size"]; latents are an 1/8 of that.)"""
+    return CONFIGS[size]["image_size"] // 8 * vae_scale_factor(size)
 
 
 def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm", pipeline_class=None):
