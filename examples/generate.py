@@ -57,7 +57,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:  # torch is imported late: bad input is refused before the heavy imports
+    import torch
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 PROMPT_KEYS = {"prompt", "seed", "negative_prompt"}
@@ -303,7 +307,7 @@ FLAGS = dict(model="--model", num_images_per_prompt="--num-images-per-prompt", s
              dtype="--dtype", attention_backend="the attention backend", device_type="the device type")
 
 
-def run_config(args: argparse.Namespace, prompts: list[dict], device) -> dict:
+def run_config(args: argparse.Namespace, prompts: list[dict], device: torch.device) -> dict:
     """The settings that decide the pixels (their hash names the run's folder), and the prompts to say in
     words what changed when a --name folder is refused."""
     text = json.dumps(prompts, sort_keys=True)
@@ -411,7 +415,7 @@ class Output:
     """--out and the run's folder in it. Folders this run creates are removed again (with run.json and the
     manifest part files) when it stops before writing any image, so that a failed run leaves nothing."""
 
-    def __init__(self, root: Path, folder: Path):
+    def __init__(self, root: Path, folder: Path) -> None:
         self.root, self.folder, self.created = root, folder, []
 
     def _mkdir(self, path: Path) -> None:
@@ -457,7 +461,7 @@ class Output:
 class Writer:
     """Saves PNGs (temporary name, fsync, rename) and appends manifest rows to this process's part file."""
 
-    def __init__(self, out: Path, rank: int, stop_after: int | None = None):
+    def __init__(self, out: Path, rank: int, stop_after: int | None = None) -> None:
         self.out, self.rank, self.stop_after, self.count = out, rank, stop_after, 0
         self.part = open(out / f"manifest.part-{rank}.jsonl", "a", encoding="utf-8")
 
@@ -538,7 +542,7 @@ def check_backend(args: argparse.Namespace) -> None:
         raise UsageError(f"{source}: not available here: {status[name][1]}")
 
 
-def backend_scope(name: str):
+def backend_scope(name: str) -> contextlib.AbstractContextManager:
     """Every attention call of the run uses ``name`` (over $DIFFUSERS_ATTENTION_BACKEND: --attention-backend
     auto means auto)."""
     try:
@@ -548,7 +552,7 @@ def backend_scope(name: str):
     return attention_backend(name)
 
 
-def backend_error():
+def backend_error() -> type[Exception] | tuple:
     """The exception an attention backend raises when it cannot serve a call (none without the dispatcher)."""
     try:
         from diffusers.models.attention_dispatch import AttentionBackendError
@@ -558,7 +562,7 @@ def backend_error():
 
 
 @contextlib.contextmanager
-def quiet_fp16_cpu_warning():
+def quiet_fp16_cpu_warning() -> Iterator[None]:
     """Upstream warns once per model that fp16 on the CPU "will fail"; it runs (slowly). We say so once."""
     from diffusers.utils import logging
 
@@ -571,7 +575,7 @@ def quiet_fp16_cpu_warning():
         logger.setLevel(level)
 
 
-def load_pipeline(args: argparse.Namespace, device, dtype, show_steps: bool):
+def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, show_steps: bool) -> Any:
     import torch
 
     from diffusers import StableDiffusionPipeline, local_pipelines
@@ -597,12 +601,13 @@ def load_pipeline(args: argparse.Namespace, device, dtype, show_steps: bool):
     return pipe
 
 
-def vae_scale(pipe) -> int:
+def vae_scale(pipe: Any) -> int:
     """Pixels per latent: 8 for Stable Diffusion's VAE, 2 for the tiny one."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def initial_latents(pipe, batch: list[dict], args: argparse.Namespace, device, dtype):
+def initial_latents(pipe: Any, batch: list[dict], args: argparse.Namespace, device: torch.device,
+                    dtype: torch.dtype) -> torch.Tensor:
     """Each image's latents drawn on the CPU from its own generator: batching cannot change them."""
     import torch
 
@@ -612,7 +617,8 @@ def initial_latents(pipe, batch: list[dict], args: argparse.Namespace, device, d
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
-def generate_batch(pipe, batch: list[dict], args: argparse.Namespace, device, dtype):
+def generate_batch(pipe: Any, batch: list[dict], args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype) -> tuple[list, list, float]:
     scale = vae_scale(pipe)
     start = time.perf_counter()
     try:
@@ -636,7 +642,7 @@ class OneProcess:
 
     process_index, num_processes, is_main_process = 0, 1, True
 
-    def __init__(self):
+    def __init__(self) -> None:
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -645,11 +651,11 @@ class OneProcess:
         pass
 
     @contextlib.contextmanager
-    def split_between_processes(self, items):
+    def split_between_processes(self, items: list) -> Iterator[list]:
         yield items
 
 
-def process_state(args: argparse.Namespace):
+def process_state(args: argparse.Namespace) -> Any:
     """accelerate's view of this process (one process without accelerate). Without CUDA, processes that
     torchrun started (accelerate launch --multi_gpu) are CPU processes joined over gloo."""
     import torch
@@ -668,7 +674,7 @@ def process_state(args: argparse.Namespace):
     return PartialState(cpu=cpu)
 
 
-def pick_device_dtype(args: argparse.Namespace, state):
+def pick_device_dtype(args: argparse.Namespace, state: Any) -> tuple[torch.device, torch.dtype]:
     import torch
 
     if args.device:
@@ -704,7 +710,8 @@ def default_size(args: argparse.Namespace) -> None:
     args.height, args.width = args.height or size, args.width or size
 
 
-def manifest_row(job: dict, image, args: argparse.Namespace, device, state, batch, seconds, nsfw) -> dict:
+def manifest_row(job: dict, image: Any, args: argparse.Namespace, device: torch.device, state: Any, batch: list,
+                 seconds: float, nsfw: bool) -> dict:
     width, height = image.size  # the PNG as written
     return dict(job, backend=args.attention_backend, model=model_name(args), steps=args.steps,
                 guidance_scale=args.guidance_scale, height=height, width=width, dtype=args.dtype,
@@ -712,7 +719,8 @@ def manifest_row(job: dict, image, args: argparse.Namespace, device, state, batc
                 nsfw=bool(nsfw), rank=state.process_index, finished=time.time())
 
 
-def generate_share(pipe, batches, done: set, out: Path, args: argparse.Namespace, device, dtype, state,
+def generate_share(pipe: Any, batches: list, done: set, out: Path, args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype, state: Any,
                    writer: Writer) -> None:
     """This process's batches; images already done (from an interrupted run) are not saved again."""
     from tqdm.auto import tqdm

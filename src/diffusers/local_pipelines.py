@@ -14,8 +14,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+    from .pipelines import StableDiffusionPipeline
 
 CONFIGS = {
     "tiny": dict(
@@ -63,7 +69,7 @@ def _bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def make_tokenizer(directory: str | None = None):
+def make_tokenizer(directory: str | None = None) -> "CLIPTokenizer":
     """A CLIPTokenizer over a byte-level vocabulary (each byte, each byte ending a word, specials).
     Unknown to the Hub, so it works offline; any text encodes (to one token per byte).
 
@@ -146,7 +152,8 @@ def default_image_size(size: str = "tiny") -> int:
     return CONFIGS[size]["image_size"] // 8 * vae_scale_factor(size)
 
 
-def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm", pipeline_class=None):
+def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm",
+                     pipeline_class: type | None = None) -> "StableDiffusionPipeline":
     """A StableDiffusionPipeline (or ``pipeline_class``: img2img, inpaint) built locally."""
     from .pipelines import StableDiffusionPipeline
 
