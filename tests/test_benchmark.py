@@ -33,6 +33,7 @@ def _run(*args, timeout=120):
                           env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_run_reports_every_row(tmp_path):
     out_json, charts = tmp_path / "bench.json", tmp_path / "charts"
     args = ["--tiny", "--batch-sizes", "1,2", "--repeats", "2", "--backends", "installed,math,auto,flash-attn",
@@ -83,6 +84,7 @@ def test_tiny_pipeline_run_reports_every_row(tmp_path):
     assert "| backend | imgs | img/s | s/img | UNet step ms |" in proc.stdout and m["command"] in proc.stdout
 
 
+@pytest.mark.slow
 def test_attention_microbenchmark_tiny(tmp_path):
     out_json = tmp_path / "attention.json"
     proc = _run("attention", "--tiny", "--repeats", "2", "--backends", "math,auto,sdpa-cudnn", "--json", str(out_json))

@@ -193,6 +193,7 @@ def fork_root(tmp_path, monkeypatch):
     return root
 
 
+@pytest.mark.slow
 def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_root, capfd):
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", [])
     out = capfd.readouterr().out
@@ -211,6 +212,7 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     assert outcomes["tests/test_fake.py::test_fails"][0] == "failed"
 
 
+@pytest.mark.slow
 def test_harness_exit_zero_when_nothing_fails_and_pytest_args_pass_through(fake_upstream, fork_root, capfd):
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", ["-k", "passes or hub or slow"])
     out = capfd.readouterr().out
