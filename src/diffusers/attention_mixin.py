@@ -1,5 +1,9 @@
 # diffusers-flash: set_attention_backend() for ModelMixin and DiffusionPipeline (patch 0004 adds this
 # mixin to both). Kept out of models/ so that modeling_utils can import it without an import cycle.
+from __future__ import annotations
+
+import os
+
 import torch
 
 
@@ -31,21 +35,25 @@ class AttentionBackendMixin:
 class PipelineMixin(AttentionBackendMixin):
     """What DiffusionPipeline gains: ``set_attention_backend`` and the fast path."""
 
-    def enable_fast_path(self, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
-                         text_encoder: bool = True, compile_vae=None, parallel_compile: bool = True):
+    def enable_fast_path(self, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
+                         vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
+                         parallel_compile: bool = True, cache: str | os.PathLike | None = None) -> dict:
         """Make generation as fast as this GPU allows, with the same images: the UNet step, the VAE decode and
         the text encoder are each captured as a CUDA graph per input shape and replayed; ``compile=True`` runs
         the UNet and the VAE decoder through torch.compile first (channels-last weights; about a minute of
         warm-up in a fresh process, cached after); ``compile="regional"`` compiles each repeated block instead
         (slightly slower steps); ``compile_vae`` sets the VAE decoder's apart (default: as ``compile``), e.g.
         ``False``: graphed only; ``parallel_compile`` (default on) compiles the VAE decoder in a helper process
-        while this one compiles the UNet, for a shorter warm-up. Returns a report of what was applied; what
-        cannot apply is logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
+        while this one compiles the UNet, for a shorter warm-up; ``cache="file"`` keeps torch.compile's work in
+        a portable file: loaded before compiling (then no helper), written after a compile it lacked, so that
+        a new machine warms up like a second process (a damaged or foreign file is reported and rewritten;
+        it holds pickled code: use only files you wrote). Returns a report of what was applied; what cannot
+        apply is logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
         from . import fast_path
 
         return fast_path.enable(self, cuda_graphs=cuda_graphs, compile=compile, channels_last=channels_last,
                                 vae=vae, text_encoder=text_encoder, compile_vae=compile_vae,
-                                parallel_compile=parallel_compile)
+                                parallel_compile=parallel_compile, cache=cache)
 
     @property
     def _timesteps_device(self):

@@ -15,13 +15,20 @@ decoder while this one compiles the UNet (compile_ahead.py), so a fresh warm-up 
 alone. Before each capture the model runs once uncompiled, so the attention
 dispatcher has planned every shape and torch.compile traces one graph without breaks. cuDNN's benchmark
 mode, fused QKV projections and inductor freezing were measured and left out (BENCHMARKS.md, third and
-fourth rounds). Whatever cannot apply
+fourth rounds). ``cache="file"`` keeps torch.compile's work in a portable file (``CompileCache``): loaded
+before compiling, written after a compile that did not come from it. Whatever cannot apply
 (no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
 that part runs as before.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,6 +43,64 @@ logger = logging.get_logger(__name__)
 # for kernels that take 5% of a step; one image no slower). BENCHMARKS.md, fourth and fifth rounds.
 # Coordinate-descent tuning was measured too and left out: it took the UNet's compile past five minutes.
 INDUCTOR_OPTIONS = {"conv_1x1_as_mm": True, "pattern_matcher": False, "triton.autotune_pointwise": False}
+
+
+# ------------------------------------------------------------------ private torch API: every use, here only
+# (compile_ahead uses none). Each says what happens where a later torch moved it.
+def cache_counts() -> tuple[int, int]:
+    """inductor's compiled-graph cache hits and misses so far in this process (torch._dynamo.utils.counters).
+    Moved: (0, 0), and a helper still compiling is stopped rather than awaited (this process compiles)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    except Exception:
+        return 0, 0
+
+
+def inductor_config() -> dict:
+    """inductor's options as this process has them (torch._inductor.config.save_config_portable()), which
+    its cache keys depend on. Moved: raises, and no helper is started (it could not match)."""
+    import torch._inductor.config as config
+
+    return config.save_config_portable()
+
+
+def caches_on() -> bool:
+    """Whether inductor keeps compiled graphs on disk (torch._inductor.config). Moved: False (no helper)."""
+    try:
+        import torch._inductor.config as config
+
+        return bool(config.fx_graph_cache) and not config.force_disable_caches
+    except Exception:
+        return False
+
+
+def set_inductor_config(wanted: dict) -> None:
+    """In a helper: the options whose value differs from this process's own (compared as JSON holds them)."""
+    import torch._inductor.config as config
+
+    for key, value in wanted.items():
+        if json.loads(json.dumps(getattr(config, key, None), default=str)) != value:
+            setattr(config, key, value)
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """torch._dynamo.config.recompile_limit (cache_size_limit before torch 2.7) to at least ``limit``.
+    Moved: dynamo's default stays (blocks past it run uncompiled)."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), limit))
+            return
+
+
+def set_compiled_call(module: torch.nn.Module, wrap) -> None:
+    """A block's call replaced by ``wrap(its own call)`` as ``Module.compile()`` does it (nn.Module's
+    ``_call_impl`` and ``_compiled_call_impl``; ``wrap=None`` undoes). Moved: raises, and regional compile is
+    not applied (the reason is reported)."""
+    if not hasattr(module, "_compiled_call_impl"):
+        raise RuntimeError("this torch's nn.Module has no _compiled_call_impl")
+    module._compiled_call_impl = None if wrap is None else wrap(module._call_impl)
 
 
 def _reason(e: Exception) -> str:
@@ -206,7 +271,8 @@ class CompiledOrEager:
                 return self.compiled(*args, **kwargs)
             except Exception as e:
                 self.failed = _reason(e)
-                logger.warning(f"fast path: torch.compile of the {self.what} failed, it runs uncompiled ({self.failed})")
+                logger.warning(f"fast path: torch.compile of the {self.what} failed, it runs uncompiled "
+                               f"({self.failed})")
         return self.fn(*args, **kwargs)
 
 
@@ -223,19 +289,17 @@ class RegionalCompile:
     ``_compiled_call_impl`` hook, as ``Module.compile()`` sets it). A compile that fails in any block is
     logged once with its reason, and every block of the model runs uncompiled from then on."""
 
-    def __init__(self, model, what):
+    def __init__(self, model, what, options: dict | None = None):
         self.what, self.failed, self.blocks, self.bypass = what, None, [], False
-        for knob in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.7
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), RECOMPILE_LIMIT))
-                break
+        self.options = INDUCTOR_OPTIONS if options is None else options
+        raise_recompile_limit(RECOMPILE_LIMIT)
         for m in model.modules():
             if type(m).__name__ in REGIONS:
-                m._compiled_call_impl = self._wrap(m._call_impl)
+                set_compiled_call(m, self._wrap)
                 self.blocks.append(m)
 
     def _wrap(self, eager):
-        compiled = _torch_compile(eager)
+        compiled = _torch_compile(eager, self.options)
 
         def call(*args, **kwargs):
             if self.failed is None and not self.bypass:
@@ -262,12 +326,12 @@ class RegionalCompile:
 
     def undo(self):
         for m in self.blocks:
-            m._compiled_call_impl = None
+            set_compiled_call(m, None)
 
 
-def _compile_regions(model, what, report):
+def _compile_regions(model, what, report, options=None):
     try:
-        regions = RegionalCompile(model, what)
+        regions = RegionalCompile(model, what, options)
     except Exception as e:  # an old torch: say so and go on without
         report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
         return
@@ -284,9 +348,9 @@ def _torch_compile(fn, options=None):
     return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS if options is None else options))
 
 
-def _compile(fn, what, report):
+def _compile(fn, what, report, options=None):
     try:
-        compiled = _torch_compile(fn)
+        compiled = _torch_compile(fn, options)
     except Exception as e:  # an old torch: say so and go on without
         report["reasons"].append(f"torch.compile not applied to the {what}: {type(e).__name__}: {e}")
         return fn
@@ -297,11 +361,18 @@ def _compile(fn, what, report):
 WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder": GraphedTextForward}
 
 
-def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None):
+def _report() -> dict:
+    return {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
+
+
+def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None,
+             options: dict | None = None, cache: CompileCache | None = None):
     """The fast path for one model (``what``: a key of ``WRAPPERS``) in place of its method ``attr``:
-    compiled as ``mode`` says (False, True or "regional"), then graphed. ``hook`` (the helper-process
-    compile's): ``hook["before"](prepare)`` wraps the uncompiled run made before each capture, the optional
-    ``hook["after"]`` runs once the capture's warm-up has compiled. Returns the wrapper."""
+    compiled as ``mode`` says (False, True or "regional") with inductor ``options`` (default
+    INDUCTOR_OPTIONS), then graphed. ``hook`` (the helper-process compile's): ``hook["before"](prepare)``
+    wraps the uncompiled run made before each capture, the optional ``hook["after"]`` runs once the
+    capture's warm-up has compiled. ``cache``: updated after each compiled call of new input shapes.
+    Returns the wrapper."""
     fn = own = getattr(model, attr)
     prepare = None  # the model uncompiled, run once before each capture (see GraphedCall)
     if mode:
@@ -309,11 +380,13 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
             model.to(memory_format=torch.channels_last)
             report["channels_last"].append(what)
         if mode == "regional":
-            regions = _compile_regions(model, what, report)
+            regions = _compile_regions(model, what, report, options)
             prepare = regions and regions.uncompiled(own)
         else:
-            fn = _compile(fn, what, report)
+            fn = _compile(fn, what, report, options)
             prepare = own if fn is not own else None
+        if cache is not None and prepare is not None:
+            fn = AfterNewInputs(fn, cache.update)
     after = None
     if prepare is not None and hook:
         prepare, after = hook["before"](prepare), hook.get("after")
@@ -325,8 +398,10 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
     return fn
 
 
-def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=None, vae: bool = True,
-           text_encoder: bool = True, compile_vae=None, parallel_compile: bool = True):
+def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
+           vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
+           parallel_compile: bool = True, cache: str | os.PathLike | None = None,
+           options: dict | None = None) -> dict:
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
 
     ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
@@ -335,12 +410,16 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
     only pays under torch.compile; ``vae``/``text_encoder``: also graph (and compile) those models;
     ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only;
     ``parallel_compile``: when both are compiled, a helper process compiles the VAE decoder while this one
-    compiles the UNet (``compile_ahead``)."""
+    compiles the UNet (``compile_ahead``; not where ``cache`` was loaded); ``cache``: a file for
+    ``CompileCache``; ``options``: inductor options (default ``INDUCTOR_OPTIONS``)."""
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
         if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
             raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
     modes = {"UNet": compile, "VAE decode": compile if compile_vae is None else compile_vae, "text encoder": False}
-    report = {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
+    if cache is not None and not (modes["UNet"] or modes["VAE decode"]):
+        raise ValueError("cache= keeps torch.compile's work: it needs compile=True or 'regional'")
+    options = dict(INDUCTOR_OPTIONS if options is None else options)
+    report = _report()
     unet = getattr(pipe, "unet", None)
     if unet is None:
         report["reasons"].append("the pipeline has no UNet")
@@ -351,46 +430,62 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool = False, channels_last=
     elif not _on_cuda(unet):
         report["reasons"].append("the UNet is not on a CUDA device: call pipe.to('cuda') first")
     else:
+        store = None
+        if cache is not None and not hasattr(torch.compiler, "load_cache_artifacts"):
+            report["reasons"].append(f"cache= not used: torch {torch.__version__} has no portable compile cache "
+                                     f"(torch.compiler.save_cache_artifacts, torch 2.7 on)")
+        elif cache is not None:
+            store = pipe._fast_path_cache = CompileCache(cache)
+            store.load()
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
         parts = [("UNet", unet, "forward")]
         if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
             parts.append(("VAE decode", pipe.vae, "decode"))
         if text_encoder and getattr(pipe, "text_encoder", None) is not None:
             parts.append(("text encoder", pipe.text_encoder, "forward"))
-        ahead = _ahead(pipe, parts, modes, report, channels_last) if parallel_compile and cuda_graphs else None
+        ahead = None
+        if parallel_compile and cuda_graphs and not (store and store.loaded):
+            ahead = _ahead(pipe, parts, modes, report, channels_last, options)
         for what, model, attr in parts:
             if not _on_cuda(model):
                 report["reasons"].append(f"the {what} is not on a CUDA device: left as it is")
                 continue
             apply_to(model, what, attr, modes[what], report, channels_last, cuda_graphs, pool,
-                     ahead and ahead.get(what))
+                     ahead and ahead.get(what), options, store)
     for why in report["reasons"]:
         logger.warning(f"fast path: {why}")
     return report
 
 
-def _ahead(pipe, parts, modes, report, channels_last):
+def _ahead(pipe, parts, modes, report, channels_last, options):
     """Hooks for the helper-process compile of the VAE decoder: started by the UNet's first capture of a
     shape, awaited by the decoder's own capture and checked once it has compiled. The decoder's shape is the
     UNet's latents with half its batch when that is even (classifier-free guidance, the pipelines' default,
     runs the UNet on the unconditional and the conditional half together); a wrong guess (no guidance) only
     means the decoder compiles here as without a helper. None where it cannot apply: both must be compiled,
-    on CUDA, and the VAE must say its latent channels."""
+    on CUDA, inductor's on-disk cache on, and the VAE must say its latent channels."""
+    from . import compile_ahead
+
     names = {what: model for what, model, _ in parts}
     if not (modes["UNet"] and modes["VAE decode"] and "VAE decode" in names
             and all(_on_cuda(names[w]) for w in ("UNet", "VAE decode"))):
         return None
+    if not caches_on():
+        logger.info("fast path: no helper process for the VAE decode's compile: inductor's on-disk cache is off")
+        return None
     vae = names["VAE decode"]
     try:
-        from . import compile_ahead
-
         latent_channels = int(dict(vae.config)["latent_channels"])
-        ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", modes["VAE decode"], dict(INDUCTOR_OPTIONS),
-                                    channels_last is not False)
     except Exception as e:  # e.g. a VAE without diffusers' config
         report["reasons"].append(f"no helper process for the VAE decode's compile: {_reason(e)}")
         return None
-    pipe._fast_path_ahead = ahead
+
+    def extra():  # what compile_in_helper needs, as this process has it when a helper starts
+        return {"mode": modes["VAE decode"], "options": options, "channels_last": channels_last is not False,
+                "inductor_config": inductor_config()}
+
+    ahead = pipe._fast_path_ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", f"{__name__}:compile_in_helper",
+                                                        extra, cache_counts)
 
     def starting(prepare):
         def run(sample, *args):
@@ -407,6 +502,153 @@ def _ahead(pipe, parts, modes, report, channels_last):
         return run
 
     return {"UNet": {"before": starting}, "VAE decode": {"before": waiting, "after": lambda z: ahead.check(z.shape)}}
+
+
+def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
+    """compile_ahead's target, in the helper process: the fast path's compile of ``model.<attr>`` as
+    ``spec`` describes it, run once on random inputs of its shape; None, or why it did not compile."""
+    extra = spec["extra"]
+    set_inductor_config(extra["inductor_config"])
+    param = next(model.parameters())
+    report = _report()
+    apply_to(model, spec["what"], spec["attr"], extra["mode"], report, channels_last=extra["channels_last"],
+             cuda_graphs=param.device.type == "cuda", options=extra["options"])
+    if spec["what"] not in report["compile"]:
+        return f"not compiled: {report['reasons']}"
+    with torch.no_grad():
+        getattr(model, spec["attr"])(torch.randn(spec["shape"], device=param.device, dtype=param.dtype))
+    if param.device.type == "cuda":
+        torch.cuda.synchronize(param.device)
+    regions = model.__dict__.get("_fast_path_regions")
+    if regions is not None:
+        return regions.failed
+    fn = model.__dict__.get(spec["attr"])
+    inner = getattr(fn, "inner", fn)
+    inner = getattr(inner, "fn", inner) if isinstance(inner, AfterNewInputs) else inner
+    return inner.failed if isinstance(inner, CompiledOrEager) else None
+
+
+# ------------------------------------------------------------------ the portable compile cache
+class AfterNewInputs:
+    """``fn``, with ``then()`` called after each call whose tensor inputs (shapes, dtypes, devices) are new:
+    the calls where torch.compile compiles."""
+
+    def __init__(self, fn: Callable, then: Callable[[], Any]):
+        self.fn, self.then, self.seen = fn, then, set()
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in list(enumerate(args)) + sorted(kwargs.items())
+                    if isinstance(v, torch.Tensor))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.then()
+        return out
+
+
+CACHE_MAGIC = b"diffusers-flash compile cache 1\n"
+
+
+def _artifact_keys(info) -> set:
+    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+
+
+class CompileCache:
+    """torch.compile's work in one portable file (``enable_fast_path(cache=path)``), so that a new machine
+    or an empty inductor cache warms up like a second process: ``load()`` before compiling hands the file's
+    artifacts to torch (``torch.compiler.load_cache_artifacts``); ``update()``, after each compile, writes
+    the file (``torch.compiler.save_cache_artifacts``: what this process compiled or read from a cache)
+    where this process has artifacts the file lacks: absent, damaged, another torch, or new shapes. Written
+    atomically (a temporary name in the same folder, flushed, renamed), with a header (torch version, size,
+    sha256) checked before loading; a file that fails it is reported and replaced. The file holds pickled
+    code: load only files you wrote, as with a pickle."""
+
+    def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"cache must be a file path, not {path!r}")
+        self.path = os.fspath(path)
+        self.keys = set()  # the artifacts the file holds, as loaded or last written
+        self.loaded, self.problem, self.written = False, None, 0
+
+    def load(self) -> bool:
+        """Hand the file's compiled artifacts to torch; False (and the reason logged) where it cannot."""
+        if not os.path.exists(self.path):
+            logger.info(f"fast path: no compile cache at {self.path} yet: written after the first compile")
+            return False
+        try:
+            with open(self.path, "rb") as f:
+                info = torch.compiler.load_cache_artifacts(self._payload(f.read()))
+            if info is None:
+                raise ValueError("torch could not read its artifacts (its log says why)")
+        except Exception as e:
+            self.problem = str(e) if isinstance(e, ValueError) else _reason(e)
+            logger.warning(f"fast path: the compile cache {self.path} is not used ({self.problem}): compiling as "
+                           f"usual, and the file is written again after the first compile")
+            return False
+        self.keys, self.loaded = _artifact_keys(info), True
+        logger.info(f"fast path: loaded {len(self.keys)} compiled artifacts from {self.path}")
+        return True
+
+    @staticmethod
+    def _payload(data: bytes) -> bytes:
+        if not data.startswith(CACHE_MAGIC):
+            raise ValueError("not a diffusers-flash compile cache file")
+        head, newline, payload = data[len(CACHE_MAGIC):].partition(b"\n")
+        try:
+            header = json.loads(head)
+        except ValueError:
+            header = None
+        if not newline or not isinstance(header, dict):
+            raise ValueError("damaged: its header cannot be read")
+        if header.get("torch") != torch.__version__:
+            raise ValueError(f"written by torch {header.get('torch')}, this is torch {torch.__version__}")
+        if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            raise ValueError(f"damaged: {len(payload)} bytes whose checksum does not match its header's")
+        return payload
+
+    def update(self) -> None:
+        """After a call that may have compiled: write the file if this process has artifacts it lacks."""
+        try:
+            got = torch.compiler.save_cache_artifacts()
+        except Exception as e:
+            logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
+            return
+        if got is None or _artifact_keys(got[1]) <= self.keys:
+            return
+        data, keys = got[0], _artifact_keys(got[1])
+        header = {"torch": torch.__version__, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            _write_atomically(self.path, CACHE_MAGIC + json.dumps(header).encode() + b"\n" + data)
+        except OSError as e:
+            logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
+            return
+        dropped = len(self.keys - keys)
+        self.keys, self.written = keys, self.written + 1
+        logger.info(f"fast path: wrote {len(keys)} compiled artifacts ({len(data) / 2**20:.1f} MiB) to {self.path}"
+                    + (f"; {dropped} of the earlier file's, not used in this process, are not kept" if dropped else ""))
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def cache_status(pipe) -> dict | None:
+    """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written."""
+    store = getattr(pipe, "__dict__", {}).get("_fast_path_cache")
+    if store is None:
+        return None
+    return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written}
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
@@ -439,6 +681,7 @@ def is_enabled(pipe) -> bool:
 
 def disable(pipe):
     """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
+    pipe.__dict__.pop("_fast_path_cache", None)
     ahead = pipe.__dict__.pop("_fast_path_ahead", None)
     if ahead is not None:
         ahead.stop()
