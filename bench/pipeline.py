@@ -635,6 +635,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def inductor_options(items: Sequence[str]) -> dict[str, Any]:
     """--inductor KEY=VALUE items as a dict; keys must be inductor config names, values Python literals
     (True, 2, "x") or bare words."""
+    if not items:  # inductor's config is a heavy import: only where it is asked for
+        return {}
     import ast
 
     import torch._inductor.config as inductor_config
