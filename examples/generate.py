@@ -146,13 +146,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", action=Once, help="torch device, e.g. cpu, cuda, cuda:1 (default: the GPU if "
                                                  "there is one, else the CPU; under accelerate, this process's)")
     p.add_argument("--_stop-after", dest="stop_after", type=int, help=argparse.SUPPRESS)  # tests: die mid-run
-    args = p.parse_args(argv)
-    if args.prompt_arg is not None and _is_number(args.prompt_arg):
-        k = len(argv) - 1 - argv[::-1].index(args.prompt_arg)
+    args, extra = p.parse_known_args(argv)
+
+    def follows(token: str) -> str:
+        k = len(argv) - 1 - argv[::-1].index(token)
         before = " ".join(argv[max(k - 2, 0):k] if k >= 2 and argv[k - 2].startswith("-") else argv[max(k - 1, 0):k])
-        p.error(f"{args.prompt_arg!r} would be taken as the prompt" + (f" (it follows '{before}')" if before else "")
-                + f"; each option takes one value (--seed takes one integer, not a list). For a numeric prompt, "
-                  f"write --prompt {args.prompt_arg}")
+        return f" (it follows '{before}')" if before else ""
+
+    one_value = "each option takes one value (--seed takes one integer, not a list)"
+    if extra and extra[0].startswith("-"):
+        p.error(f"unrecognized option {extra[0]!r}; --help lists them")
+    if extra:
+        p.error(f"unrecognized argument {extra[0]!r}{follows(extra[0])}: {one_value}, and there is one prompt "
+                "(several: --prompts FILE)")
+    if args.prompt_arg is not None and _is_number(args.prompt_arg):
+        p.error(f"{args.prompt_arg!r} would be taken as the prompt{follows(args.prompt_arg)}: {one_value}. For a "
+                f"numeric prompt, write --prompt {args.prompt_arg}")
     if args.prompt_arg is not None and args.prompt is not None:
         p.error("give the prompt either positionally or with --prompt, not both")
     args.prompt = args.prompt if args.prompt is not None else args.prompt_arg
@@ -740,8 +749,20 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def check_requirements() -> None:
+    """torch and transformers (the pipeline's text encoder) must be installed; accelerate is optional."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"needs {' and '.join(missing)}, not installed here: pip install {' '.join(missing)} (from "
+                         "a clone: pip install \".[torch,transformers]\"; without a GPU, install torch first with "
+                         "--index-url https://download.pytorch.org/whl/cpu)")
+
+
 def run(args: argparse.Namespace) -> None:
     prompts = load_prompts(args)  # bad input fails here, before the heavy imports
+    check_requirements()
     check_model(args)
     check_backend(args)
     state = process_state(args)

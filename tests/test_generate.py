@@ -367,6 +367,9 @@ def test_an_option_given_twice_or_with_two_values_is_refused(gen, capsys):
     assert "--seed given twice (1, then 2): give it once" in err
     err = error_of(gen, ["--seed", "1", "2"], capsys)
     assert "'2' would be taken as the prompt (it follows '--seed 1')" in err and "--prompt 2" in err
+    err = error_of(gen, ["a castle", "--seed", "1", "2"], capsys)
+    assert "unrecognized argument '2' (it follows '--seed 1'): each option takes one value" in err
+    assert "unrecognized option '--bogus'; --help lists them" in error_of(gen, ["--bogus", "x"], capsys)
     err = error_of(gen, ["--steps=3", "4"], capsys)
     assert "(it follows '--steps=3')" in err
     assert "given twice" in error_of(gen, ["--out", "a", "--out", "b"], capsys)
@@ -433,6 +436,12 @@ def test_runs_without_accelerate(gen, tmp_path, monkeypatch):
     assert len(list(folder.glob("*.png"))) == 2
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "2 processes need accelerate: pip install accelerate" in one_line(error_of(gen, ["--device", "cpu"]))
+
+
+def test_missing_transformers_is_one_line(gen, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    message = one_line(error_of(gen, ["--device", "cpu"]))
+    assert "needs transformers, not installed here: pip install transformers" in message
 
 
 # ------------------------------------------------------------------------------ bad prompts (in process)
