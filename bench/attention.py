@@ -30,17 +30,40 @@ SHAPES = [
     ("VAE, 1 image, 1 head", 1, 1, 4096, 4096, 512, True),
     ("VAE, 8 images, 1 head", 8, 1, 4096, 4096, 512, True),
 ]
+# --sd2: SD 2.x's UNet heads of dim 64 (5 of them at 64x64 latents) and a head dim of 128, where the
+# H200 run of 2026-11-29 saw FlashAttention-4 ahead of cuDNN
+SD2_SHAPES = [
+    ("SD 2.x self, 8 images, 64x64", 16, 5, 4096, 4096, 64, False),
+    ("SD 2.x cross, 8 images, 64x64", 16, 5, 4096, 77, 64, False),
+    ("self, head dim 128, 8 images", 16, 8, 4096, 4096, 128, False),
+]
 TINY_DIVISOR = 64  # --tiny: query and key lengths / 64 (text's 77 stays), for a CPU in seconds
 
 
 Shape = tuple[str, int, int, int, int, int, bool]
 
 
-def shapes(tiny: bool) -> list[Shape]:
+def shapes(tiny: bool, sd2: bool = False) -> list[Shape]:
+    chosen = SHAPES + (SD2_SHAPES if sd2 else [])
     if not tiny:
-        return SHAPES
+        return chosen
     return [(f"{label} /{TINY_DIVISOR}", b, h, sq // TINY_DIVISOR, sk if sk == 77 else sk // TINY_DIVISOR, d, up)
-            for label, b, h, sq, sk, d, up in SHAPES]
+            for label, b, h, sq, sk, d, up in chosen]
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once as a CUDA graph (after an eager warm-up on a side stream, where kernels that
+    compile on first use, FlashAttention-4's, do so): its replay, which leaves out Python and launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def tensors(b: int, h: int, sq: int, sk: int, d: int, device: str, dtype: torch.dtype,
@@ -72,7 +95,7 @@ def time_call(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 3,
 
 
 def measure(ad: ModuleType, shape: Shape, backends: Sequence[str], verdicts: dict[str, str | None], device: str,
-            dtype: torch.dtype, repeats: int) -> list[dict[str, Any]]:
+            dtype: torch.dtype, repeats: int, cuda_graph: bool = False) -> list[dict[str, Any]]:
     label, b, h, sq, sk, d, upcast = shape
     q, k, v = tensors(b, h, sq, sk, d, device, dtype)
     extra = accepted(ad.attention, upcast=upcast)
@@ -94,7 +117,7 @@ def measure(ad: ModuleType, shape: Shape, backends: Sequence[str], verdicts: dic
             out = fn()
             if tuple(out.shape) != tuple(q.shape):
                 raise RuntimeError(f"backend {name} returned shape {tuple(out.shape)} for q {tuple(q.shape)}")
-            row["ms"] = time_call(fn, device, repeats)
+            row["ms"] = time_call(graphed(fn) if cuda_graph else fn, device, repeats)
         except Exception as e:  # oom, refused (AttentionBackendError: the backend cannot serve this shape), error
             status = "oom" if is_oom(e) else "refused" if refused and isinstance(e, refused) else "error"
             if status == "error":
@@ -113,12 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine(args.device)
     rows = []
     with torch.no_grad():
-        for shape in shapes(args.tiny):
-            rows += measure(ad, shape, args.backends, verdicts, args.device, DTYPES[args.dtype], args.repeats)
+        for shape in shapes(args.tiny, args.sd2):
+            rows += measure(ad, shape, args.backends, verdicts, args.device, DTYPES[args.dtype], args.repeats,
+                            args.cuda_graph)
             print(f"attention: {shape[0]} done", file=sys.stderr)
     return dict(kind="attention", schema=1, machine=info, backend_status=backend_status_list(),
                 config=dict(device=args.device, dtype=args.dtype, tiny=args.tiny, repeats=args.repeats,
-                            backends=args.backends, tiny_divisor=TINY_DIVISOR if args.tiny else None),
+                            backends=args.backends, tiny_divisor=TINY_DIVISOR if args.tiny else None,
+                            sd2=args.sd2, cuda_graph=args.cuda_graph),
                 rows=rows)
 
 
@@ -143,7 +168,8 @@ def render(report: dict[str, Any]) -> str:
     notes = sorted({f"{r['backend']}: {r['status']}: {r['reason']}" for r in rows if r["status"] != "ok"})
     return "\n".join([header(report["machine"]),
                       f"# attention: {c['dtype']} on {c['device']}, ms per call (TFLOP/s), median of {c['repeats']}"
-                      + (f"; --tiny: sequence lengths / {c['tiny_divisor']}" if c["tiny"] else ""),
+                      + (f"; --tiny: sequence lengths / {c['tiny_divisor']}" if c["tiny"] else "")
+                      + ("; each call a CUDA graph replay" if c.get("cuda_graph") else ""),
                       "", table(columns, list(by_shape.values()))] + (["", *notes] if notes else []))
 
 
@@ -151,12 +177,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [n for n in KNOWN_BACKENDS if n != "installed"]
+    try:  # and whatever else this dispatcher registers (flash-attn-4, ...), so that the default measures all
+        names += [n for n in dispatcher().BACKENDS if n not in names]
+    except (BenchError, AttributeError):
+        pass
     ap.add_argument("--backends", default=",".join(names), help=f"comma-separated, from: {', '.join(names)}")
     ap.add_argument("--device", help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--tiny", action="store_true", help=f"sequence lengths / {TINY_DIVISOR} (the default without CUDA)")
     ap.add_argument("--repeats", type=int, help="timed blocks per cell; the median is reported (default 10, "
                                                 "3 on a CPU)")
+    ap.add_argument("--sd2", action="store_true", help="also SD 2.x's head dim 64 and a head dim of 128")
+    ap.add_argument("--cuda-graph", action="store_true", help="time each call as the replay of a CUDA graph "
+                                                                "(the fast path's view: no Python, no launches)")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     try:
@@ -168,6 +201,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         args.dtype = args.dtype or ("fp16" if cuda else "fp32")
         args.tiny = args.tiny or not cuda
         args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
+        if args.cuda_graph and not cuda:
+            raise BenchError("--cuda-graph needs a CUDA device")
         if args.repeats < 1:
             raise BenchError("--repeats must be at least 1")
     except BenchError as e:

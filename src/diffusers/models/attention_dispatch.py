@@ -272,7 +272,10 @@ class FlashAttn(Backend):
         return run
 
 
+from ..flash.attention import fa4  # noqa: E402  (FlashAttention-4; subclasses Backend, defined above)
+
 BACKENDS = {b.name: b for b in (
+    fa4.FlashAttention4(),
     FlashAttn(),
     SDPA("sdpa-cudnn", "CUDNN_ATTENTION", "can_use_cudnn_attention", max_head_dim=256),
     SDPA("sdpa-flash", "FLASH_ATTENTION", "can_use_flash_attention", max_head_dim=256),
@@ -301,8 +304,10 @@ def auto_order(c: Call) -> list:
         return ["sdpa", "math"]  # on the CPU, `auto`'s sdpa goes to math where an input is not finite: _finite_or_math
     if c.q.dtype not in HALF:
         return ["sdpa-efficient", "sdpa", "math"]
-    if c.head_dim <= 256:
-        return ["sdpa-cudnn", "flash-attn", "sdpa-flash", "sdpa-efficient", "sdpa", "math"]
+    if c.head_dim <= 256:  # FlashAttention-4 first only where it was measured faster (fa4.AUTO_FIRST)
+        first = ["flash-attn-4"] if fa4.auto_first(c) else []
+        return first + ["sdpa-cudnn", "flash-attn", "sdpa-flash"] + ([] if first else ["flash-attn-4"]) + [
+            "sdpa-efficient", "sdpa", "math"]
     b, h, sq, _ = c.q.shape
     scores = b * h * sq * c.k.shape[2] * (c.q.element_size() * 2 + (4 if c.upcast else 0))
     return ["math", "sdpa-efficient", "sdpa"] if scores <= MATH_SCORES_BUDGET else ["sdpa-efficient", "sdpa", "math"]
