@@ -361,3 +361,22 @@ def test_auto_order_rules():
     with torch.enable_grad():
         assert ad.auto_order(call("cuda", torch.float32, grad=True)) == ad.auto_order(call("cuda", torch.float32))
 
+
+
+def test_upstream_xformers_switch_goes_to_our_memory_efficient_backend(monkeypatch):
+    """Upstream's xformers switch (0.7-0.11: CrossAttention/AttentionBlock._use_memory_efficient_attention_xformers)
+    picks our memory-efficient backend in the dispatcher, below a backend named for the module; upstream's own
+    xformers call is never made (on the CPU the backend refuses, with its reason)."""
+    attn = CrossAttention(32, heads=2, dim_head=16).eval()
+    x = rand(1, 8, 32)
+    assert ad.current(attn) == "auto"
+    attn._use_memory_efficient_attention_xformers = True
+    assert ad.current(attn) == ad.XFORMERS_BACKEND == "sdpa-efficient"
+    monkeypatch.setattr(type(attn), "_memory_efficient_attention_xformers",
+                        lambda *a: pytest.fail("upstream's xformers path was taken"), raising=False)
+    with torch.no_grad(), pytest.raises(ad.AttentionBackendError, match="sdpa-efficient"):
+        attn(x)
+    attn._attention_backend = "math"  # set_attention_backend() on the module wins over the switch
+    assert ad.current(attn) == "math"
+    with torch.no_grad():
+        attn(x)

@@ -24,7 +24,9 @@ def run(pipe, task, negative_prompt):
     init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     if task == "img2img":
         return pipe(init_image=init, strength=0.75, **args).images
-    mask = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    # the mask is resized to the 16x16 latents: by 8 up to 0.8, by the VAE's scale factor from 0.9
+    side = 16 * getattr(pipe, "vae_scale_factor", 8)
+    mask = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
     return pipe(init_image=init, mask_image=mask, strength=0.75, **args).images
 
 

@@ -14,10 +14,12 @@ CUDA = torch.cuda.is_available()
 DEVICES = [("cpu", torch.float32, 1 / 255)] + ([("cuda", torch.float16, 2 / 255)] if CUDA else [])
 
 
-def _images(seed):
+def _images(seed, pipe):
     rng = np.random.default_rng(seed)
     init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # tiny VAE: latents 16x16
-    mask = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))  # pipeline: /8 -> 16x16
+    # the mask is resized to the 16x16 latents: by 8 up to 0.8, by the VAE's scale factor from 0.9
+    side = 16 * getattr(pipe, "vae_scale_factor", 8)
+    mask = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
     return init, mask
 
 
@@ -26,7 +28,7 @@ def _run(pipe, task, device, seed):
     args = dict(prompt=["a red bicycle", "an old lighthouse"], num_inference_steps=4, generator=g, output_type="np")
     if task == "txt2img":
         return pipe(height=128, width=128, **args).images
-    init, mask = _images(seed)
+    init, mask = _images(seed, pipe)
     if task == "img2img":
         return pipe(init_image=init, strength=0.75, **args).images
     return pipe(init_image=init, mask_image=mask, strength=0.75, **args).images

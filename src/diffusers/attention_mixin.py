@@ -63,7 +63,9 @@ class PipelineMixin(AttentionBackendMixin):
         each timestep to the GPU once."""
         from . import fast_path
 
-        return "cpu" if fast_path.is_enabled(self) else self.device
+        if fast_path.is_enabled(self):
+            return "cpu"
+        return getattr(self, "_execution_device", self.device)  # 0.7+: where the models run under offloading
 
     def disable_fast_path(self):
         from . import fast_path

@@ -279,7 +279,8 @@ class CompiledOrEager:
 # regional compilation: the blocks the models repeat, each compiled on its own so that blocks of the same
 # shape share one compiled graph (since the one-graph fix no shorter a warm-up than the whole model on the
 # H100: BENCHMARKS.md, fourth round)
-REGIONS = ("ResnetBlock2D", "SpatialTransformer", "AttentionBlock")
+# (SpatialTransformer is 0.4-0.6's name of the UNet's attention block, Transformer2DModel 0.7's and later)
+REGIONS = ("ResnetBlock2D", "SpatialTransformer", "Transformer2DModel", "AttentionBlock")
 # compiled graphs per block type (one per shape and batch): dynamo's default of 8 would leave the rest eager
 RECOMPILE_LIMIT = 128
 

@@ -34,6 +34,10 @@ AUTO = "auto"
 HALF = (torch.float16, torch.bfloat16)
 MAX_BATCH_HEADS = 65535  # CUDA grid limit on the batch x heads axis of several kernels: larger calls go in chunks
 MATH_SCORES_BUDGET = 2 << 30  # bytes of score matrices `auto` lets batched matmuls build (VAE, head dim 512)
+# upstream's xformers switch (enable_xformers_memory_efficient_attention, 0.7 to 0.11) asks for memory-efficient
+# attention: a module it switched on runs on this backend of ours (PyTorch's memory-efficient kernel, which is
+# xformers' own), unless a backend is named for it; upstream's xformers call is never made
+XFORMERS_BACKEND = "sdpa-efficient"
 
 
 class AttentionBackendError(RuntimeError):
@@ -355,7 +359,10 @@ def current(module=None) -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    name = getattr(module, "_attention_backend", None) or _default
+    name = getattr(module, "_attention_backend", None)
+    if not name and getattr(module, "_use_memory_efficient_attention_xformers", False):
+        name = XFORMERS_BACKEND
+    name = name or _default
     if name:
         return name
     env = os.environ.get(ENV_VAR)
