@@ -24,6 +24,7 @@ extras = {
     "torch": ["torch>=2.1", "accelerate>=0.20"],
     "transformers": ["transformers>=4.30"],
     "flash": ["flash-attn>=2.0"],
+    "flash4": ["flash-attn-4>=4.0.0b36"],  # pre-releases only so far: the specifier admits them
     "test": ["pytest", "scipy", "transformers>=4.30", "accelerate>=0.20", "torch>=2.1"],
 }
 extras["dev"] = sorted(set(extras["test"]))

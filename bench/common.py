@@ -35,15 +35,15 @@ class BenchError(Exception):
 
 # ---------------------------------------------------------------------------------------------- dispatcher
 def dispatcher() -> ModuleType:
-    """diffusers.models.attention_dispatch, or BenchError saying why it cannot be used."""
+    """diffusers.flash.attention.dispatch, or BenchError saying why it cannot be used."""
     try:
-        from diffusers.models import attention_dispatch
+        from diffusers.flash.attention import dispatch as attention_dispatch
     except Exception as e:  # ImportError while it is absent; anything it raises while importing
-        raise BenchError(f"the attention dispatcher diffusers.models.attention_dispatch is not available "
+        raise BenchError(f"the attention dispatcher diffusers.flash.attention.dispatch is not available "
                          f"({type(e).__name__}: {e}); install diffusers-flash with its attention patch") from None
     for name in ("attention", "choose", "backend_status"):
         if not hasattr(attention_dispatch, name):
-            raise BenchError(f"diffusers.models.attention_dispatch has no {name}(); it is older than this benchmark")
+            raise BenchError(f"diffusers.flash.attention.dispatch has no {name}(); it is older than this benchmark")
     return attention_dispatch
 
 

@@ -45,7 +45,7 @@ def _local_pipelines_source() -> ModuleType:
 
 
 def fork_pipeline(size: str) -> Any:
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     return local_pipelines.stable_diffusion(size)
 
@@ -436,7 +436,7 @@ def time_row(pipe: Any, name: str, images: int, args: argparse.Namespace, gen: d
 def _fast_path_report(pipe, what) -> dict:
     """``fast_path.<what>(pipe)``, or {} for an installed diffusers without the fast path (the peer)."""
     try:
-        from diffusers import fast_path
+        from diffusers.flash.fastpath import engine as fast_path
     except ImportError:
         return {}
     return getattr(fast_path, what)(pipe)
@@ -473,7 +473,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe, built = build(args)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "charts", "no_progress", "compile_times")}
     if not args.external_diffusers:  # the inductor options the fast path's compiles ran with
-        from diffusers import fast_path
+        from diffusers.flash.fastpath import engine as fast_path
 
         config["inductor_options"] = dict(fast_path.INDUCTOR_OPTIONS)
     report = dict(kind="pipeline", schema=1, complete=False, machine=machine(args.device), config={**config, **built},
@@ -706,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     torch.set_grad_enabled(False)
     if args.inductor:
-        from diffusers import fast_path
+        from diffusers.flash.fastpath import engine as fast_path
 
         fast_path.INDUCTOR_OPTIONS.update(args.inductor)
     try:

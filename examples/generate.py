@@ -6,7 +6,7 @@
   python examples/generate.py "a castle at dawn" --model CompVis/stable-diffusion-v1-4 --num-images-per-prompt 4
   accelerate launch --num_processes 8 examples/generate.py --prompts prompts.jsonl --model path/to/sd-v1-4
 
-The model: without --model, the built-in tiny pipeline (diffusers.local_pipelines.stable_diffusion("tiny"),
+The model: without --model, the built-in tiny pipeline (diffusers.flash.local_pipelines.stable_diffusion("tiny"),
 random weights, nothing downloaded): it makes 64x64 noise-like images in 10 steps, a check that everything
 works, not pictures. --model takes a local folder (one that pipe.save_pretrained wrote: it holds
 model_index.json) or a Hub repo id like CompVis/stable-diffusion-v1-4 (downloaded once into the Hugging Face
@@ -542,7 +542,7 @@ def check_backend(args: argparse.Namespace) -> None:
             raise UsageError(f"{source}: this diffusers build has no attention backends "
                              "(DiffusionPipeline.set_attention_backend is missing); use auto")
         return
-    from diffusers.models.attention_dispatch import backend_status
+    from diffusers.flash.attention.dispatch import backend_status
 
     status = {n: (ok, why) for n, ok, why in backend_status()}
     if name != "auto" and name not in status:
@@ -555,7 +555,7 @@ def backend_scope(name: str) -> contextlib.AbstractContextManager:
     """Every attention call of the run uses ``name`` (over $DIFFUSERS_ATTENTION_BACKEND: --attention-backend
     auto means auto)."""
     try:
-        from diffusers.models.attention_dispatch import attention_backend
+        from diffusers.flash.attention.dispatch import attention_backend
     except ImportError:
         return contextlib.nullcontext()
     return attention_backend(name)
@@ -564,7 +564,7 @@ def backend_scope(name: str) -> contextlib.AbstractContextManager:
 def backend_error() -> type[Exception] | tuple:
     """The exception an attention backend raises when it cannot serve a call (none without the dispatcher)."""
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendError
+        from diffusers.flash.attention.dispatch import AttentionBackendError
     except ImportError:
         return ()
     return AttentionBackendError
@@ -587,7 +587,8 @@ def quiet_fp16_cpu_warning() -> Iterator[None]:
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, show_steps: bool) -> Any:
     import torch
 
-    from diffusers import StableDiffusionPipeline, local_pipelines
+    from diffusers import StableDiffusionPipeline
+    from diffusers.flash import local_pipelines
 
     if args.model is None:
         pipe = local_pipelines.stable_diffusion("tiny")
@@ -713,7 +714,7 @@ def pick_device_dtype(args: argparse.Namespace, state: Any) -> tuple[torch.devic
 
 def default_size(args: argparse.Namespace) -> None:
     """Image size in pixels: the tiny model's own (64x64) or 512x512."""
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     size = local_pipelines.default_image_size("tiny") if args.model is None else 512
     args.height, args.width = args.height or size, args.width or size

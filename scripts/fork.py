@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forklib import fsutil, rebase, tree, upstream_tests
+from forklib.patchfile import PatchError
+from forklib.release import ForkError
 
-from forklib import fsutil, rebase, tree, upstream_tests  # noqa: E402
-from forklib.patchfile import PatchError  # noqa: E402
-from forklib.release import ForkError  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 WRITES = ("materialize", "refresh", "rebase")  # commands that hold the project's lock (rebase --check does not)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusers.models import attention_dispatch as ad
+from diffusers.flash.attention import dispatch as ad
 from diffusers.models.attention import AttentionBlock, CrossAttention
 
 CPU_BACKENDS = [n for n, ok, _ in ad.backend_status() if ok and n in ("math", "sdpa")]
@@ -320,7 +320,7 @@ def test_env_var_and_precedence(monkeypatch, stand_ins):
 
 
 def test_model_and_pipeline_setters_reach_every_attention_module():
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     pipe = local_pipelines.stable_diffusion("tiny")
     pipe.set_attention_backend("math")

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffusers.flash.attention import fa4
-from diffusers.models import attention_dispatch as ad
+from diffusers.flash.attention import dispatch as ad
 
 BACKEND = ad.BACKENDS["flash-attn-4"]
 
@@ -275,9 +275,10 @@ def test_auto_never_offers_it_for_fp32_or_the_vae(hopper):
 
 
 # ---------------------------------------------------------------------------------------------- import order
-@pytest.mark.parametrize("first", ["diffusers.flash.attention.fa4", "diffusers.models.attention_dispatch"])
+@pytest.mark.slow  # a real subprocess: seconds
+@pytest.mark.parametrize("first", ["diffusers.flash.attention.fa4", "diffusers.flash.attention.dispatch"])
 def test_either_module_imports_first(first):
     code = (f"import importlib; importlib.import_module({first!r}); "
-            "from diffusers.models import attention_dispatch as ad; from diffusers.flash.attention import fa4; "
+            "from diffusers.flash.attention import dispatch as ad; from diffusers.flash.attention import fa4; "
             "assert isinstance(ad.BACKENDS['flash-attn-4'], fa4.FlashAttention4)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers.models import attention_dispatch as ad
+from diffusers.flash.attention import dispatch as ad
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -118,7 +118,7 @@ def test_batch_heads_over_65535():
 
 
 def test_sd1_pipeline_fp16_auto_equals_math():
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     pipe = local_pipelines.stable_diffusion("sd1", seed=7).to("cuda")
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.safety_checker):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _dispatcher_present():
     try:
-        from diffusers.models import attention_dispatch  # noqa: F401
+        from diffusers.flash.attention import dispatch as attention_dispatch  # noqa: F401
     except ImportError:
         return False
     return True
@@ -201,7 +201,7 @@ def test_failed_rows_say_why():
     row = bench.failed_row("math", 8, ValueError("bad shape\nmore"))
     assert (row["status"], row["reason"]) == ("error", "ValueError: bad shape")
     if _dispatcher_present():
-        from diffusers.models.attention_dispatch import AttentionBackendError
+        from diffusers.flash.attention.dispatch import AttentionBackendError
 
         row = bench.failed_row("sdpa-flash", 1, AttentionBackendError("head dim 512 > 256"))
         assert row["status"] == "refused" and "head dim 512" in row["reason"]
@@ -262,7 +262,7 @@ def test_fast_path_suffixes_are_accepted():
 def test_inductor_options_and_compile_times(tmp_path):
     """--inductor reaches the fast path's compile options and the report; --compile-times writes the
     breakdown (here empty of compiles: no CUDA, so the fast path does not apply)."""
-    from diffusers import fast_path
+    from diffusers.flash.fastpath import engine as fast_path
 
     args = bench.parse(["--tiny", "--inductor", "pattern_matcher=True", "--inductor", "conv_1x1_as_mm=False"])
     assert args.inductor == {"pattern_matcher": True, "conv_1x1_as_mm": False}

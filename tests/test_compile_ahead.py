@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 
-from diffusers import compile_ahead, fast_path, local_pipelines
-from diffusers.models import attention_dispatch
+from diffusers.flash.fastpath import compile_ahead
+from diffusers.flash.fastpath import engine as fast_path
+from diffusers.flash import local_pipelines
+from diffusers.flash.attention import dispatch as attention_dispatch
 
 SHAPE = (1, 4, 8, 8)
-TARGET = "diffusers.fast_path:compile_in_helper"
+TARGET = "diffusers.flash.fastpath.engine:compile_in_helper"
 
 
 def _vae():

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers import fast_path, local_pipelines
+from diffusers.flash.fastpath import engine as fast_path
+from diffusers.flash import local_pipelines
 from diffusers.models.unet_2d_condition import UNet2DConditionModel
 
 
@@ -138,8 +139,8 @@ def test_a_compile_that_fails_at_its_first_call_runs_uncompiled(monkeypatch, cap
 
 
 def test_regional_compile_routes_each_block_and_undoes(monkeypatch):
-    """compile="regional" hands each ResnetBlock2D / SpatialTransformer (Transformer2DModel) / AttentionBlock to torch.compile
-    (here a stand-in that counts calls and runs the block) with the same output; undo() restores them."""
+    """compile="regional" hands each ResnetBlock2D / SpatialTransformer (Transformer2DModel) / AttentionBlock to
+    torch.compile (here a stand-in that counts calls and runs the block) with the same output; undo() restores them."""
     calls = []
 
     def counting_compile(fn, **kwargs):
@@ -215,7 +216,7 @@ def test_compile_takes_true_false_or_regional():
 def test_torch_compile_traces_the_attention_dispatcher_without_graph_breaks():
     """The dispatcher's first call of a shape plans it (and logs the choice): under torch.compile that must
     not break the graph, nor must the planned calls after it."""
-    from diffusers.models import attention_dispatch
+    from diffusers.flash.attention import dispatch as attention_dispatch
 
     unet = local_pipelines.components("tiny")["unet"].eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor(7)
@@ -345,7 +346,7 @@ def test_a_cache_torch_cannot_read_or_a_folder_that_cannot_be_written_is_reporte
 CACHE_RUN = """
 import json, sys, torch
 from torch._dynamo.utils import counters
-from diffusers import fast_path
+from diffusers.flash.fastpath import engine as fast_path
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1)).eval()
 store = fast_path.CompileCache(sys.argv[1])

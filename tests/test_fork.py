@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from forklib import release, tree
 
-from forklib import release, tree  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 PIN = release.load_pin(ROOT)
 
@@ -184,7 +184,7 @@ def test_version_and_public_api():
 
 
 def test_hub_keywords_are_mapped_for_todays_huggingface_hub():
-    from diffusers import hub_compat
+    from diffusers.flash.compat import hub as hub_compat
 
     def today(repo_id, filename=None, *, token=None, cache_dir=None):
         return token
@@ -196,9 +196,10 @@ def test_hub_keywords_are_mapped_for_todays_huggingface_hub():
     assert hub_compat.HfFolder.get_token() == hub_compat._get_token()
 
 
+@pytest.mark.slow  # a real subprocess: seconds
 def test_uncached_repo_offline_names_the_repo(tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.hub_compat import HubOfflineError
+    from diffusers.flash.compat.hub import HubOfflineError
 
     with pytest.raises(HubOfflineError, match="someone/not-cached-anywhere"):
         UNet2DConditionModel.from_pretrained("someone/not-cached-anywhere", cache_dir=tmp_path,
@@ -216,7 +217,8 @@ def test_pipeline_round_trip_with_clip_feature_extractor_name(tmp_path):
     import numpy as np
     import torch
 
-    from diffusers import StableDiffusionPipeline, local_pipelines
+    from diffusers import StableDiffusionPipeline
+    from diffusers.flash import local_pipelines
 
     pipe = local_pipelines.stable_diffusion("tiny", seed=3)
     pipe.save_pretrained(tmp_path)
@@ -241,7 +243,7 @@ def test_pipeline_round_trip_with_clip_feature_extractor_name(tmp_path):
 def test_clip_feature_extractor_name_resolves():
     import transformers
 
-    from diffusers.transformers_compat import CLIPFeatureExtractor, import_library
+    from diffusers.flash.compat.transformers import CLIPFeatureExtractor, import_library
 
     assert issubclass(CLIPFeatureExtractor, transformers.ImageProcessingMixin)
     assert import_library("transformers").CLIPFeatureExtractor is CLIPFeatureExtractor
@@ -250,10 +252,32 @@ def test_clip_feature_extractor_name_resolves():
 
 
 def test_too_new_jax_makes_flax_unavailable_with_a_reason():
-    from diffusers.utils import flax_compat
+    from diffusers.flash.compat import flax as flax_compat
 
     assert flax_compat.usable("0.3.6")
     assert not flax_compat.usable("0.11.2")
     msg = flax_compat.import_error("default {0}").format("FlaxStableDiffusionPipeline")
     assert "jax 0.11.2 is installed" in msg and msg.startswith("FlaxStableDiffusionPipeline cannot be used")
     flax_compat._reason = None
+
+
+def test_our_files_live_in_our_namespace_and_upstream_has_none_there():
+    from forklib import tree
+
+    base = {"src/diffusers/pipeline_utils.py": "", "src/diffusers/models/attention.py": ""}
+    ok = {"src/diffusers/flash/attention/dispatch.py", "src/diffusers/models/attention_dispatch.py"}
+    assert tree.namespace_problems(ok, base) == []
+    stray = tree.namespace_problems(ok | {"src/diffusers/fast_path.py"}, base)
+    assert len(stray) == 1 and "src/diffusers/fast_path.py: a file of ours outside src/diffusers/flash/" in stray[0]
+    clash = tree.namespace_problems(ok, {**base, "src/diffusers/flash/x.py": ""})
+    assert len(clash) == 1 and "the pinned release has a file in our namespace" in clash[0]
+
+
+def test_this_checkout_keeps_the_namespace_rule():
+    from forklib import tree
+
+    mine = tree.tracked(ROOT)
+    if not mine:
+        pytest.skip("not a git checkout: nothing is tracked")
+    assert tree.namespace_problems(mine, {}) == []
+    assert any(p.startswith(tree.NAMESPACE) for p in mine)

@@ -117,6 +117,7 @@ def test_reference_run_writes_pngs_and_manifest(reference):
     assert json.loads((reference / "run.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow  # a real subprocess: seconds
 def test_two_processes_write_the_same_bytes(reference, prompts_file, tmp_path):
     out = tmp_path / "two"
     r = generate_process(tmp_path, "--prompts", str(prompts_file), "--batch-size", "3", "--out", str(out), *SMALL,
@@ -140,6 +141,7 @@ def test_batch_size_changes_images_only_by_float_rounding(gen, reference, prompt
     assert [r["seed"] for r in manifest(folder)] == [r["seed"] for r in manifest(reference)]
 
 
+@pytest.mark.slow  # a real subprocess: seconds
 def test_killed_run_resumes_without_redoing_images(gen, reference, prompts_file, tmp_path, capsys):
     out = tmp_path / "killed"
     args = ["--prompts", str(prompts_file), "--batch-size", "3", "--out", str(out), *SMALL]
@@ -203,7 +205,7 @@ def test_png_is_fsynced_before_its_rename(gen, prompts_file, tmp_path, monkeypat
 
 
 def test_model_folder_matches_the_builtin_tiny_pipeline(gen, reference, prompts_file, tmp_path, capsys):
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     local_pipelines.stable_diffusion("tiny").save_pretrained(tmp_path / "tiny-sd")
     folder = generate(gen, "--model", str(tmp_path / "tiny-sd"), "--prompts", str(prompts_file), "--batch-size", "3",
@@ -337,6 +339,7 @@ def test_hub_repo_id_offline_and_not_cached(gen, tmp_path, monkeypatch):
     assert time.time() - start < 10 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a real subprocess: seconds
 def test_ctrl_c_says_a_rerun_resumes_and_exits_130(gen, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["a red cube", "--out", str(out), *SMALL[:-4], "--num-images-per-prompt", "30", "--device", "cpu"]
@@ -385,7 +388,7 @@ def test_backend_from_the_environment_is_named_as_such(gen, monkeypatch):
 
 
 def test_explicit_backend_beats_the_environment(gen, tmp_path, monkeypatch):
-    from diffusers.models import attention_dispatch as ad
+    from diffusers.flash.attention import dispatch as ad
 
     seen = []
     real = ad.current

@@ -8,7 +8,7 @@ from PIL import Image
 
 import diffusers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from diffusers import local_pipelines
+from diffusers.flash import local_pipelines
 
 PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
              "inpaint": getattr(diffusers, "StableDiffusionInpaintPipelineLegacy", StableDiffusionInpaintPipeline)}

@@ -16,7 +16,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 # ------------------------------------------------------------------------------ item 6: no litter
 
 def test_building_pipelines_leaves_no_tokenizer_folders(tmp_path, monkeypatch):
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp/TemporaryDirectory put folders
     pipe = local_pipelines.stable_diffusion("tiny")
@@ -34,7 +34,7 @@ def test_building_pipelines_leaves_no_tokenizer_folders(tmp_path, monkeypatch):
 
 
 def test_default_image_size_is_the_png_size():
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     assert local_pipelines.default_image_size("tiny") == 64 and local_pipelines.vae_scale_factor("tiny") == 2
     assert local_pipelines.default_image_size("sd1") == 512 and local_pipelines.vae_scale_factor("sd1") == 8
@@ -64,7 +64,7 @@ def test_env_command_reports_transformers_when_installed(capsys):
 
 @pytest.fixture
 def process_backend():
-    from diffusers.models import attention_dispatch as ad
+    from diffusers.flash.attention import dispatch as ad
 
     yield ad
     ad.set_attention_backend(None)
@@ -78,7 +78,7 @@ def attention_modules(pipe):
 
 
 def test_auto_on_a_pipeline_follows_the_process_wide_backend(process_backend, monkeypatch):
-    from diffusers import local_pipelines
+    from diffusers.flash import local_pipelines
 
     ad = process_backend
     monkeypatch.delenv(ad.ENV_VAR, raising=False)

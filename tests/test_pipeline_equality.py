@@ -7,8 +7,8 @@ from PIL import Image
 
 import diffusers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
-from diffusers import local_pipelines
-from diffusers.models import attention_dispatch as ad
+from diffusers.flash import local_pipelines
+from diffusers.flash.attention import dispatch as ad
 
 CUDA = torch.cuda.is_available()
 DEVICES = [("cpu", torch.float32, 1 / 255)] + ([("cuda", torch.float16, 2 / 255)] if CUDA else [])

@@ -17,18 +17,17 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from forklib import release, tree
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
 _spec = importlib.util.spec_from_file_location("fork_cli", SCRIPTS / "fork.py")
 fork = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fork)
 
-from forklib import release, tree  # noqa: E402
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"]
 PY = sys.executable
-PATCHED_10 = "from .ours import f; x10 = f(10)\n"
+PATCHED_10 = "from .flash.ours import f; x10 = f(10)\n"
 
 
 def a_py(edits=None, prepend=0):
@@ -108,7 +107,7 @@ def env(tmp_path, monkeypatch):
     (root / "patches").mkdir()
     (root / "patches" / "series").write_text("")
     (root / ".gitignore").write_text("/.rebase/\n__pycache__/\n")
-    tree.write(root, "src/diffusers/ours.py", "def f(x):\n    return x\n")
+    tree.write(root, "src/diffusers/flash/ours.py", "def f(x):\n    return x\n")
     git(root, "add", "-A")
     tree.materialize(root, log=lambda m: None)
     make_patch(root, "0001-ours-in-a.patch",
@@ -201,7 +200,7 @@ def test_continue_after_resolving(env, capsys):
     work_a = env["root"] / ".rebase" / "tree" / "src" / "diffusers" / "a.py"
     assert rebase(env, "--continue") == 2  # markers still there
     assert "a.py" in capsys.readouterr().err
-    resolved = a_py({10: "from .ours import f; x10 = f(10)  # upstream edit\n"})
+    resolved = a_py({10: "from .flash.ours import f; x10 = f(10)  # upstream edit\n"})
     work_a.write_text(resolved)
     assert rebase(env, "--continue") == 0
     assert laid(env, "a.py") == resolved.replace("x25 = 25\n", "x25 = -25\n")
@@ -390,7 +389,7 @@ def test_a_file_upstream_renamed_is_followed():
 
 
 # ---------------------------------------------------------------- series variants
-RESOLVED_1_3 = a_py({10: "from .ours import f; x10 = f(10)  # upstream edit\n"})
+RESOLVED_1_3 = a_py({10: "from .flash.ours import f; x10 = f(10)  # upstream edit\n"})
 
 
 def add_variant(env, name, label, applies, a_text):

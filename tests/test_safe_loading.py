@@ -1,4 +1,4 @@
-"""Safe weight loading (diffusers.safe_loading, patch 0005): safetensors first, no pickle code execution,
+"""Safe weight loading (diffusers.flash.loading.safe_loading, patch 0005): safetensors first, no pickle code execution,
 clear errors naming the file for unsafe, truncated, missing and mis-shaped weights. Tiny models built here."""
 import json
 import os
@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel, local_pipelines, modeling_utils
-from diffusers import safe_loading as sl
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel, modeling_utils
+from diffusers.flash import local_pipelines
+from diffusers.flash.loading import safe_loading as sl
 
 BIN, SAFE = sl.WEIGHTS_NAME, sl.SAFE_WEIGHTS_NAME
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,

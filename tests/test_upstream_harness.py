@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from forklib import upstream_plugin as plugin
+from forklib import upstream_tests
+from forklib.release import ForkError
+from diffusers.flash.compat.hub import HubOfflineError
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from forklib import upstream_plugin as plugin  # noqa: E402
-from forklib import upstream_tests  # noqa: E402
-from forklib.release import ForkError  # noqa: E402
 
-from diffusers.hub_compat import HubOfflineError  # noqa: E402
-from huggingface_hub.errors import LocalEntryNotFoundError  # noqa: E402
 
 
 def raised(fn, *args):
@@ -295,7 +295,8 @@ def test_a_listed_defect_is_counted_apart_and_nothing_else(pytester, monkeypatch
     report = pytester.path / "report.json"
     pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
     result = json.loads(report.read_text())
-    assert result["outcomes"]["test_upstream.py::test_defective"] == ["upstream-defect", "fixed upstream in the test by #1"]
+    defect = ["upstream-defect", "fixed upstream in the test by #1"]
+    assert result["outcomes"]["test_upstream.py::test_defective"] == defect
     assert result["outcomes"]["test_upstream.py::test_really_broken"][0] == "failed"
     assert result["counts"] == {"passed": 0, "failed": 1, "hub": 0, "skipped": 0, "upstream-defect": 1}
     text = upstream_tests.summary(result, 1.0)

@@ -340,6 +340,21 @@ def _sink(root, names, patches, states, final, disk, k, files):
 
 
 # ---------------------------------------------------------------- verify
+# Our own code lives in one package no upstream release has (checked against the tags 0.4.0 to 0.40.0);
+# outside it only thin aliases for earlier import paths, each at a path the pinned release does not have.
+NAMESPACE = PREFIX + "flash/"
+ALIASES = {PREFIX + "models/attention_dispatch.py"}  # upstream has its own from 0.35: a rebase there drops ours
+
+
+def namespace_problems(mine: set, base: dict) -> list:
+    """Files of ours outside ``NAMESPACE`` (and not a listed alias), and upstream files inside it."""
+    out = [f"{p}: a file of ours outside {NAMESPACE} (our code lives there; see ALIASES in forklib/tree.py)"
+           for p in sorted(mine) if not p.startswith(NAMESPACE) and p not in ALIASES]
+    out += [f"{p}: the pinned release has a file in our namespace {NAMESPACE}: ours would clash with it"
+            for p in sorted(base) if p.startswith(NAMESPACE)]
+    return out
+
+
 def verify(root: Path, docs: bool = True) -> list:
     """Problems found (empty: the tree is exactly pristine + series, and the series is clean)."""
     root = Path(root)
@@ -398,6 +413,7 @@ def verify(root: Path, docs: bool = True) -> list:
     problems += variants.problems(root, names)
     mine = tracked(root)
     problems += [f"{p}: a file of ours shadows the upstream file of the same path" for p in sorted(mine & set(base))]
+    problems += namespace_problems(mine, base)
     if docs:
         doc = read(root, "PATCHES.md") or ""
         problems += [f"PATCHES.md does not describe {n}" for n in names if n not in doc]

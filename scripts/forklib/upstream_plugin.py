@@ -181,7 +181,7 @@ def alias_transformers():
     except ImportError:
         return
     try:
-        from diffusers.transformers_compat import RENAMED  # old name -> function(transformers) -> class
+        from diffusers.flash.compat.transformers import RENAMED  # old name -> function(transformers) -> class
     except ImportError:  # a diffusers without our compat module
         RENAMED = {"CLIPFeatureExtractor": lambda module: getattr(module, "CLIPImageProcessor", None)}
     for old, new in RENAMED.items():
@@ -219,7 +219,7 @@ def require_cached(name, cache_dir=None, revision=None, what=""):
         return
     from huggingface_hub import snapshot_download
 
-    from diffusers.hub_compat import HubOfflineError
+    from diffusers.flash.compat.hub import HubOfflineError
 
     try:
         snapshot_download(str(name), cache_dir=cache_dir, revision=revision, local_files_only=True)

@@ -1,0 +1,41 @@
+"""diffusers-flash: what this fork adds to Diffusers, in one package no upstream release uses.
+
+The public API (everything else here is internal):
+
+Attention (``diffusers.flash.attention``)
+    ``set_attention_backend(name)``     the process-wide backend (``None``: back to the default)
+    ``attention_backend(name)``         a ``with`` block: this backend for every call inside (this thread)
+    ``AttentionBackendError``           a named backend cannot serve a call, or the name is unknown
+    ``NAMES``                           ``auto`` and every backend's name
+    ``backend_status()``                (name, available, reason) for each backend in this process
+    ``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)``  pin one model / a pipeline's
+    models (``"auto"`` or ``None``: follow the process-wide setting). Precedence, strongest first: the ``with``
+    block, the model's pin, ``set_attention_backend``, ``$DIFFUSERS_ATTENTION_BACKEND``, ``auto``.
+
+The fast path (``diffusers.flash.fastpath``)
+    ``pipe.enable_fast_path(cuda_graphs=True, compile=False, ..., cache=None)``  CUDA graphs, optionally
+    torch.compile, for a Stable Diffusion pipeline; returns a report. ``pipe.disable_fast_path()`` undoes it.
+
+Loading (``diffusers.flash.loading``)
+    ``from_pretrained`` / ``save_pretrained(..., safe_serialization=True)`` as upstream's, made safe: see
+    ``diffusers.flash.loading.safe_loading``.
+
+Layout: ``attention/`` (the dispatcher, its backends, the model mixin), ``fastpath/`` (CUDA graphs,
+compile, the compile helper, the pipeline mixin), ``loading/`` (safe weights), ``compat/`` (today's
+huggingface_hub, transformers and jax for Diffusers 0.4), ``cli.py`` (``diffusers-cli env`` lines),
+``local_pipelines.py`` (pipelines built locally with random weights), ``mixins.py`` (what the patches add to
+Diffusers' base classes). The patches in ``patches/`` are one-line hooks into these modules.
+"""
+from __future__ import annotations
+
+_ATTENTION = ("set_attention_backend", "attention_backend", "AttentionBackendError", "NAMES", "backend_status")
+__all__ = list(_ATTENTION)
+
+
+def __getattr__(name: str):
+    # lazy: diffusers.utils imports diffusers.flash.compat early, before torch need be imported
+    if name in _ATTENTION:
+        from .attention import dispatch
+
+        return getattr(dispatch, name)
+    raise AttributeError(f"module 'diffusers.flash' has no attribute {name!r}")

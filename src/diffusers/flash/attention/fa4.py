@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-from diffusers.models.attention_dispatch import HALF, Backend, Call, _compiling
+from diffusers.flash.attention.base import HALF, Backend, Call, _compiling
 
 NAME = "flash-attn-4"
 OP = "diffusers_flash::fa4_attention"
@@ -45,17 +45,16 @@ HEAD_DIMS: dict[int, tuple[int, int, int, tuple[int, ...]]] = {
 }
 
 # Where `auto` tries FA4 before cuDNN: (compute capability major, head dim, shortest query length,
-# shortest key length, fewest batch x heads rows). Source: the H200 run of 2026-11-29 (issue 22,
-# /work/shared/README.md "H200"), fp16, batch 16 x 8 heads, wall-clock ms per eager call, FA4 vs
-# cuDNN SDPA: self 4096 d40 0.980 vs 1.148; self 4096 d64 0.666 vs 0.723; self 4096 d128 1.575 vs
-# 1.676. FA4 lost at self 1024 d80 (0.120 vs 0.113), self 256 d160 (0.106 vs 0.027) and cross
-# 4096 x 77 d40 (0.120 vs 0.075): those shapes keep cuDNN first. Only batch 16 was measured, and FA4's
-# Python wrapper costs about 0.1 ms an eager call (a CUDA graph hides it), so smaller calls (one image:
-# batch 2 x 8 heads = 16 rows, cuDNN about 0.18 ms at d40) keep cuDNN until measured. Edit after a run.
+# shortest key length, fewest batch x heads rows). Source: BENCHMARKS.md, H200 run of 2026-11-29 (`python -m
+# bench attention --sd2`), fp16, ms per eager call, FA4 vs cuDNN SDPA: self 4096 d40 at 16 x 8 rows 1.011 vs
+# 1.140; self 4096 d64 at 16 x 5 rows 0.652 vs 0.717; self 4096 d128 at 16 x 8 rows 1.584 vs 1.671. FA4 lost
+# at one image (self 4096 d40, 2 x 8 rows: 0.204 vs 0.158), self 1024 d80 (0.113 vs 0.111), self 256 d160
+# (0.271 vs 0.035) and cross 4096 x 77 (0.194 vs 0.073, d40; 0.114 vs 0.048, d64): those keep cuDNN first.
+# Between 16 and 80 rows nothing was measured: cuDNN stays first there.
 AUTO_FIRST: tuple[tuple[int, int, int, int, int], ...] = (
-    (9, 40, 4096, 4096, 128),
-    (9, 64, 4096, 4096, 128),
-    (9, 128, 4096, 4096, 128),
+    (9, 40, 4096, 4096, 80),
+    (9, 64, 4096, 4096, 80),
+    (9, 128, 4096, 4096, 80),
 )
 
 

@@ -1,10 +1,10 @@
 # diffusers-flash: what `diffusers-cli env` adds (patch 0004): each attention backend, available or why not.
-from ..utils import is_torch_available
+from diffusers.utils import is_torch_available
 
 
 def attention_env_info() -> dict:
     if not is_torch_available():
         return {"Attention backends": "none (torch is not installed)"}
-    from ..models.attention_dispatch import env_info
+    from diffusers.flash.attention.dispatch import env_info
 
     return env_info()

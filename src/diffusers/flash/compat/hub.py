@@ -23,13 +23,12 @@ from functools import lru_cache
 import huggingface_hub as _hub
 from huggingface_hub import utils as _hub_utils
 
-from .utils import logging
+from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-_LocalEntryNotFound = getattr(_hub_utils, "LocalEntryNotFoundError", None) or getattr(
-    __import__("huggingface_hub.errors", fromlist=["x"]), "LocalEntryNotFoundError"
-)
+_LocalEntryNotFound = (getattr(_hub_utils, "LocalEntryNotFoundError", None)
+                       or __import__("huggingface_hub.errors", fromlist=["x"]).LocalEntryNotFoundError)
 try:
     from huggingface_hub.errors import OfflineModeIsEnabled as _OfflineMode
 except ImportError:  # older huggingface_hub

@@ -21,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
-    from .pipelines import StableDiffusionPipeline
+    from diffusers.pipelines import StableDiffusionPipeline
 
 CONFIGS = {
     "tiny": dict(
@@ -99,10 +99,10 @@ def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> di
     """The pipeline's parts with random weights drawn from ``seed`` (same seed, same weights)."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel
 
-    from .models import AutoencoderKL, UNet2DConditionModel
-    from .pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
-    from .transformers_compat import clip_image_processor
+    from diffusers.models import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from diffusers.schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+    from diffusers.flash.compat.transformers import clip_image_processor
 
     if size not in CONFIGS:
         raise ValueError(f"size must be one of {sorted(CONFIGS)}, not {size!r}")
@@ -155,6 +155,6 @@ def default_image_size(size: str = "tiny") -> int:
 def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm",
                      pipeline_class: type | None = None) -> "StableDiffusionPipeline":
     """A StableDiffusionPipeline (or ``pipeline_class``: img2img, inpaint) built locally."""
-    from .pipelines import StableDiffusionPipeline
+    from diffusers.pipelines import StableDiffusionPipeline
 
     return (pipeline_class or StableDiffusionPipeline)(**components(size, seed, scheduler))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .utils import logging
+from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
@@ -192,7 +192,7 @@ class GraphedForward:
         return self.graphed.graphs
 
     def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
-        from .models.unet_2d_condition import UNet2DConditionOutput
+        from diffusers.models.unet_2d_condition import UNet2DConditionOutput
 
         if torch.is_grad_enabled() or not sample.is_cuda:
             return self.inner(sample, timestep, encoder_hidden_states, return_dict=return_dict)
@@ -220,7 +220,7 @@ class GraphedDecode:
                                    after=after)
 
     def __call__(self, z, return_dict: bool = True):
-        from .models.vae import DecoderOutput
+        from diffusers.models.vae import DecoderOutput
 
         if torch.is_grad_enabled() or not z.is_cuda:
             return self.inner(z, return_dict=return_dict)
@@ -465,7 +465,7 @@ def _ahead(pipe, parts, modes, report, channels_last, options):
     runs the UNet on the unconditional and the conditional half together); a wrong guess (no guidance) only
     means the decoder compiles here as without a helper. None where it cannot apply: both must be compiled,
     on CUDA, inductor's on-disk cache on, and the VAE must say its latent channels."""
-    from . import compile_ahead
+    from diffusers.flash.fastpath import compile_ahead
 
     names = {what: model for what, model, _ in parts}
     if not (modes["UNet"] and modes["VAE decode"] and "VAE decode" in names

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .utils import WEIGHTS_NAME, logging
+from diffusers.utils import WEIGHTS_NAME, logging
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +89,7 @@ def hub_weights_file(repo_id: str, **kwargs) -> str:
     else the ``.bin``. ``kwargs`` are hf_hub_download's (cache_dir, subfolder, revision, local_files_only...)."""
     from huggingface_hub.utils import EntryNotFoundError
 
-    from .hub_compat import HubOfflineError, hf_hub_download
+    from diffusers.flash.compat.hub import HubOfflineError, hf_hub_download
 
     try:
         return hf_hub_download(repo_id, filename=SAFE_WEIGHTS_NAME, **kwargs)
@@ -233,7 +233,7 @@ def import_library(library: str, entry: str):
     found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). Diffusers 0.4
     loads no component from any other library anyway; custom pipeline code is taken only when the caller
     names it, through ``from_pretrained(..., custom_pipeline=...)``."""
-    from .transformers_compat import import_library as _import
+    from diffusers.flash.compat.transformers import import_library as _import
 
     if library not in LOADABLE_LIBRARIES:
         raise UntrustedLibraryError(

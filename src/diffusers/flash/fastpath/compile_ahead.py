@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from .utils import logging
+from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
@@ -59,8 +59,8 @@ def spec_for(model: torch.nn.Module, attr: str, what: str, shape, target: str, e
     """What a helper needs to build ``model`` and call ``target`` ("module:function", run there as
     ``function(model, spec)``, returning None or why it failed) on inputs of ``shape``; ``extra`` is for
     that function. A ValueError where a helper could not build the model or match this process's compile."""
-    from .models import attention_dispatch
-    from .models.attention import AttentionBlock, CrossAttention
+    from diffusers.flash.attention import dispatch as attention_dispatch
+    from diffusers.models.attention import AttentionBlock, CrossAttention
 
     cls = type(model)
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
@@ -94,7 +94,7 @@ class Helper:
     def __init__(self, spec: dict):
         text = json.dumps(spec) + "\n"  # first: a value JSON cannot hold starts nothing
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffusers.compile_ahead"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         # written from a thread: a spec larger than the pipe's buffer must not hold up this process

@@ -1,0 +1,428 @@
+# diffusers-flash: the attention dispatcher. models/attention.py (patch 0004) sends every CrossAttention
+# and AttentionBlock call here; this module picks the kernel.
+"""Attention backends and the dispatcher that picks one per call.
+
+Each backend states its limits as data (devices, dtypes, largest head dim, smallest compute
+capability, package) and turns them into plain sentences with :meth:`Backend.reasons`; PyTorch's own
+per-kernel checks add theirs. ``auto`` walks a per-shape priority list (:func:`auto_order`, from
+measurements on an H100, see PATCHES.md) and takes the first backend with no reasons, logging once
+per shape (debug level) what it chose and why faster ones were skipped. A backend chosen by name
+that cannot serve a call raises :class:`AttentionBackendError` listing its reasons.
+
+Choosing: ``DIFFUSERS_ATTENTION_BACKEND`` (process default) < :func:`set_attention_backend` <
+``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)`` < ``with
+attention_backend(name):``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import threading
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from diffusers.flash.attention import fa4
+from diffusers.flash.attention.base import HALF, Backend, Call, _compiling  # noqa: F401  (re-exported)
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+ENV_VAR = "DIFFUSERS_ATTENTION_BACKEND"
+AUTO = "auto"
+MAX_BATCH_HEADS = 65535  # CUDA grid limit on the batch x heads axis of several kernels: larger calls go in chunks
+MATH_SCORES_BUDGET = 2 << 30  # bytes of score matrices `auto` lets batched matmuls build (VAE, head dim 512)
+# upstream's xformers switch (enable_xformers_memory_efficient_attention, 0.7 to 0.11) asks for memory-efficient
+# attention: a module it switched on runs on this backend of ours (PyTorch's memory-efficient kernel, which is
+# xformers' own), unless a backend is named for it; upstream's xformers call is never made
+XFORMERS_BACKEND = "sdpa-efficient"
+
+
+class AttentionBackendError(RuntimeError):
+    """A named attention backend cannot serve a call, or the name is unknown."""
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class Math(Backend):
+    """Upstream 0.4.2's computation: scores = q k^T * scale, softmax, @ v (the reference)."""
+
+    name = "math"
+    devices = ("cpu", "cuda", "mps", "xpu")
+    dtypes = None
+
+    def run(self, c):
+        scores = torch.matmul(c.q, c.k.transpose(-1, -2)) * c.scale
+        probs = scores.float().softmax(dim=-1).type(scores.dtype) if c.upcast else scores.softmax(dim=-1)
+        return torch.matmul(probs, c.v)
+
+
+class SDPA(Backend):
+    """PyTorch's scaled_dot_product_attention; ``kernel`` forces one of its backends."""
+
+    def __init__(self, name, kernel=None, check=None, dtypes=HALF, max_head_dim=None):
+        self.name, self.kernel, self.check = name, kernel, check
+        self.devices = ("cuda",) if kernel else ("cpu", "cuda", "mps", "xpu")
+        self.dtypes = dtypes if kernel else None
+        self.max_head_dim = max_head_dim
+
+    def unavailable(self):
+        if self.kernel is None:
+            return None
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if self.check is None or not hasattr(torch.backends.cuda, self.check):
+            return f"torch {torch.__version__} has no {self.name} kernel"
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401  (torch 2.3+)
+        except ImportError:
+            return f"torch {torch.__version__} cannot force one SDPA kernel (torch.nn.attention: 2.3+)"
+        return None
+
+    def more_reasons(self, c):
+        return _torch_says(getattr(torch.backends.cuda, self.check), c) if self.check else []
+
+    def run(self, c):
+        return self.runner(c)(c.q, c.k, c.v, c.scale)
+
+    def runner(self, c):
+        if self.kernel is None or _torch_would_pick(self.kernel, c):
+            return _sdpa  # no forcing needed: PyTorch takes this kernel for this shape by itself
+        return lambda q, k, v, scale: _forced_sdpa(self.kernel, q, k, v, scale)
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+_SWITCHES = {  # SDPBackend name -> the torch.backends.cuda switch that enables it
+    "FLASH_ATTENTION": "flash_sdp", "EFFICIENT_ATTENTION": "mem_efficient_sdp", "MATH": "math_sdp",
+    "CUDNN_ATTENTION": "cudnn_sdp",
+}
+
+
+def _forced_sdpa(kernel, q, k, v, scale):
+    """SDPA with one kernel forced. torch's sdpa_kernel() context costs tens of microseconds a call,
+    a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if _compiling():
+        with sdpa_kernel(getattr(SDPBackend, kernel)):
+            return _sdpa(q, k, v, scale)
+    cuda = torch.backends.cuda
+    saved = {name: getattr(cuda, name + "_enabled")() for name in _SWITCHES.values()}
+    try:
+        for backend, name in _SWITCHES.items():
+            getattr(cuda, "enable_" + name)(backend == kernel)
+        return _sdpa(q, k, v, scale)
+    finally:
+        for name, on in saved.items():
+            getattr(cuda, "enable_" + name)(on)
+
+
+def _torch_would_pick(kernel, c) -> bool:
+    """Whether PyTorch's own SDPA choice for this call is ``kernel`` (then it need not be forced)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(c.q, c.k, c.v, None, 0.0, False, scale=c.scale)
+        return int(choice) == int(getattr(SDPBackend, kernel).value)
+    except Exception:  # private API: if it moves, force the kernel
+        return False
+
+
+def _torch_says(check, c: Call) -> list:
+    """PyTorch's own verdict on a forced SDPA kernel, with the reasons it warns in debug mode."""
+    params = torch.backends.cuda.SDPAParams
+    try:
+        p = params(c.q, c.k, c.v, None, 0.0, False, False)
+    except TypeError:  # torch < 2.5: no enable_gqa
+        p = params(c.q, c.k, c.v, None, 0.0, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = check(p, True)
+    if ok:
+        return []
+    said = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
+    return ["torch: " + s for s in said] or ["refused by torch's own check"]
+
+
+class FlashAttn(Backend):
+    """The flash-attn package: FlashAttention-3 (``flash_attn_interface``) on sm90, else FlashAttention-2."""
+
+    name = "flash-attn"
+    max_head_dim = 256
+    min_capability = (8, 0)
+    FA3_HEAD_DIMS = (64, 96, 128, 256)
+
+    def _fa2(self):
+        try:
+            import flash_attn
+            from flash_attn import flash_attn_func
+        except Exception as e:  # ImportError, or a build that does not match this torch
+            return None, f"flash-attn not importable ({type(e).__name__}: {e})"
+        major = int(str(getattr(flash_attn, "__version__", "0")).split(".")[0] or 0)
+        if major < 2:
+            return None, f"flash-attn {flash_attn.__version__} < 2.0"
+        return flash_attn_func, None
+
+    def _fa3(self):
+        try:
+            from flash_attn_interface import flash_attn_func
+        except Exception:
+            return None
+        return flash_attn_func
+
+    def unavailable(self):
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None if self._fa3() or self._fa2()[0] else self._fa2()[1]
+
+    def _impl(self, c):
+        if torch.cuda.get_device_capability(c.q.device)[0] == 9 and c.head_dim in self.FA3_HEAD_DIMS and self._fa3():
+            return self._fa3(), True
+        return self._fa2()[0], False
+
+    def more_reasons(self, c):
+        if self._impl(c)[0] is None:
+            return [self._fa2()[1] + "; FlashAttention-3 serves only head dims " + str(self.FA3_HEAD_DIMS) + " on sm90"]
+        if c.q.stride(-1) != 1 or c.k.stride(-1) != 1 or c.v.stride(-1) != 1:
+            return ["last dimension not contiguous"]
+        return []
+
+    def run(self, c):
+        return self.runner(c)(c.q, c.k, c.v, c.scale)
+
+    def runner(self, c):
+        fn = self._impl(c)[0]
+
+        def run(q, k, v, scale):
+            # flash-attn takes (B, S, H, D): our (B, H, S, D) tensors are views of exactly that layout
+            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+            out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 may also return the log-sum-exp
+            return out.transpose(1, 2)
+
+        return run
+
+
+BACKENDS = {b.name: b for b in (
+    fa4.FlashAttention4(),
+    FlashAttn(),
+    SDPA("sdpa-cudnn", "CUDNN_ATTENTION", "can_use_cudnn_attention", max_head_dim=256),
+    SDPA("sdpa-flash", "FLASH_ATTENTION", "can_use_flash_attention", max_head_dim=256),
+    SDPA("sdpa-efficient", "EFFICIENT_ATTENTION", "can_use_efficient_attention", dtypes=HALF + (torch.float32,)),
+    SDPA("sdpa"),
+    Math(),
+)}
+NAMES = (AUTO,) + tuple(BACKENDS)
+
+
+def auto_order(c: Call) -> list:
+    """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; BENCHMARKS.md has the table):
+    cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
+    kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
+    The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
+    must get the same kernel, hence the same numbers.
+
+    Non-finite inputs: on the CPU, PyTorch's fused SDPA kernel returns finite numbers (a row of zeros, or
+    a finite row in bfloat16) for some rows whose scores hold an infinity, where ``math`` and a float64
+    reference give NaN. ``auto`` therefore checks a CPU call's inputs (a host-side check, free there) and
+    sends a call with any inf or NaN to ``math``, so that ``auto`` and ``math`` agree on every input on
+    the CPU (under torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
+    ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no such check runs (it would make
+    the host wait for the GPU at every call): the fused kernels' own handling of non-finite inputs holds."""
+    if c.q.device.type != "cuda":
+        return ["sdpa", "math"]  # on the CPU, `auto`'s sdpa goes to math where an input is not finite: _finite_or_math
+    if c.q.dtype not in HALF:
+        return ["sdpa-efficient", "sdpa", "math"]
+    if c.head_dim <= 256:  # FlashAttention-4 first only where it was measured faster (fa4.AUTO_FIRST)
+        first = ["flash-attn-4"] if fa4.auto_first(c) else []
+        return first + ["sdpa-cudnn", "flash-attn", "sdpa-flash"] + ([] if first else ["flash-attn-4"]) + [
+            "sdpa-efficient", "sdpa", "math"]
+    b, h, sq, _ = c.q.shape
+    scores = b * h * sq * c.k.shape[2] * (c.q.element_size() * 2 + (4 if c.upcast else 0))
+    return ["math", "sdpa-efficient", "sdpa"] if scores <= MATH_SCORES_BUDGET else ["sdpa-efficient", "sdpa", "math"]
+
+
+# ---------------------------------------------------------------------------------------------- choosing
+_default = None
+_local = threading.local()
+_cache = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
+CACHE_LIMIT = 4096  # entries; past it the oldest quarter is dropped (re-planned if seen again)
+
+
+def _remember(key, value):
+    if len(_cache) >= CACHE_LIMIT:
+        for old in list(_cache)[: CACHE_LIMIT // 4]:  # list(dict) copies the keys in one step (threads)
+            _cache.pop(old, None)
+    _cache[key] = value
+    return value
+
+
+def check_name(name):
+    if name not in NAMES:
+        raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of: {', '.join(NAMES)}")
+    return name
+
+
+def set_attention_backend(name):
+    """The process-wide default (None: back to ``$DIFFUSERS_ATTENTION_BACKEND`` or ``auto``)."""
+    global _default
+    _default = None if name is None else check_name(name)
+
+
+@contextlib.contextmanager
+def attention_backend(name):
+    """Use ``name`` for every attention call inside the block (this thread), over any other setting."""
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(check_name(name))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current(module=None) -> str:
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    name = getattr(module, "_attention_backend", None)
+    if not name and getattr(module, "_use_memory_efficient_attention_xformers", False):
+        name = XFORMERS_BACKEND
+    name = name or _default
+    if name:
+        return name
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return check_name(env.strip())
+        except AttentionBackendError as e:
+            raise AttentionBackendError(f"${ENV_VAR}: {e}") from None
+    return AUTO
+
+
+def _verdict(name, c):
+    key = (name, c.key())
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _remember(key, BACKENDS[name].reasons(c))
+    return hit
+
+
+def choose(q, k, v, backend=None, upcast=False, scale=None):
+    """The backend that serves this call (by name), as the dispatcher would pick it."""
+    c = Call(q, k, v, scale, upcast)
+    name = backend or current()
+    if name != AUTO:
+        why = _verdict(check_name(name), c)
+        if why:
+            raise AttentionBackendError(f"attention backend {name!r} cannot serve this call ({c.describe()}): "
+                                        + "; ".join(why))
+        return name
+    skipped = []
+    for cand in auto_order(c):
+        why = _verdict(cand, c)
+        if not why:
+            logged = ("logged", c.key())
+            if logged not in _cache and not _compiling():  # a logger call would break torch.compile's graph
+                _remember(logged, True)
+                logger.debug(f"attention auto ({c.describe()}): {cand}"
+                             + ("; skipped " + "; ".join(skipped) if skipped else ""))
+            return cand
+        skipped.append(f"{cand} ({', '.join(why)})")
+    reasons = "\n  ".join(f"{n}: {', '.join(_verdict(n, c))}" for n in BACKENDS)
+    raise AttentionBackendError(f"no attention backend can serve this call ({c.describe()}):\n  {reasons}")
+
+
+def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
+    """softmax(q k^T * scale) v for q (B, H, Sq, D), k and v (B, H, Sk, D), on the chosen backend.
+
+    ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
+    The plan for a call (checks, backend, slicing) is made once per signature and cached."""
+    name = backend or current()
+    key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
+           slice_size)
+    plan = _cache.get(key)
+    if plan is None:
+        plan = _remember(key, _plan(q, k, v, name, slice_size, upcast))
+    return plan(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+def _plan(q, k, v, name, slice_size, upcast):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention expects 4-d (batch, heads, seq, head dim) tensors, "
+                         f"got {q.dim()}, {k.dim()}, {v.dim()}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, numbers.Integral)
+                                   or slice_size < 1):
+        raise ValueError(f"attention slice size must be a positive whole number or None, got {slice_size!r} "
+                         "(from set_attention_slice / enable_attention_slicing)")
+    b, h = q.shape[:2]
+    limit = slice_size if slice_size and slice_size < b * h else None
+    if b * h > MAX_BATCH_HEADS:
+        limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
+    if limit is None:
+        c = Call(q, k, v, 1.0 / math.sqrt(q.shape[-1]), upcast)
+        chosen = choose(q, k, v, name, upcast, c.scale)
+        runner = BACKENDS[chosen].runner(c)
+        if name == AUTO and chosen == "sdpa" and q.device.type == "cpu":
+            return _finite_or_math(runner, BACKENDS["math"].runner(c))
+        return runner
+    if limit % h == 0:  # whole batch entries per slice: views, no copies
+        step = limit // h
+        return lambda q, k, v, scale: torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, name,
+                                                           None, upcast) for i in range(0, b, step)])
+
+    def rows(q, k, v, scale):  # rows of (batch x heads), as upstream slices
+        flat = [t.reshape(b * h, 1, *t.shape[2:]) for t in (q, k, v)]
+        out = torch.cat([attention(flat[0][i:i + limit], flat[1][i:i + limit], flat[2][i:i + limit], scale, name,
+                                   None, upcast) for i in range(0, b * h, limit)])
+        return out.reshape(b, h, *out.shape[2:])
+
+    return rows
+
+
+def _finite_or_math(fused, reference):
+    """``fused`` where every input is finite, else ``reference`` (``math``): see :func:`auto_order`."""
+
+    def run(q, k, v, scale):
+        if _compiling() or not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+            return reference(q, k, v, scale)
+        return fused(q, k, v, scale)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- the hooks
+def multihead(module, query, key, value, heads, scale, slice_size=None, upcast=False):
+    """Attention over projections (B, S, heads x D) -> (B, Sq, heads x D), for ``module``'s backend."""
+    q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2) for t in (query, key, value))
+    out = attention(q, k, v, scale, current(module), slice_size, upcast)
+    return out.transpose(1, 2).flatten(2)
+
+
+def cross_attention(module, query, key, value):
+    """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream."""
+    return multihead(module, query, key, value, module.heads, module.scale, module._slice_size)
+
+
+def attention_block(module, query, key, value):
+    """AttentionBlock (the VAE's): softmax in float32, as upstream."""
+    return multihead(module, query, key, value, module.num_heads, 1.0 / math.sqrt(module.channels / module.num_heads),
+                     upcast=True)
+
+
+def backend_status() -> list:
+    """(name, available, reason) for each backend in this process, for ``diffusers-cli env``."""
+    out = []
+    for name, b in BACKENDS.items():
+        why = b.unavailable()
+        out.append((name, why is None, why or "available"))
+    return out
+
+
+def env_info() -> dict:
+    return {f"Attention backend {n}": ("available" if ok else f"unavailable: {why}") for n, ok, why in backend_status()}
