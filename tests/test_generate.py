@@ -6,6 +6,7 @@ Most runs are in this process (generate.main(argv)); only what needs a real proc
 processes under accelerate, a kill (os._exit), Ctrl-C."""
 import importlib.util
 import json
+import re
 import os
 import shutil
 import signal
@@ -479,3 +480,23 @@ def test_plain_text_prompts_file(gen, tmp_path):
     args = gen.parse_args(["--prompts", str(path), "--negative-prompt", "fog"])
     assert gen.load_prompts(args) == [{"prompt": "a cat", "negative_prompt": "fog"},
                                       {"prompt": "a dog", "negative_prompt": "fog"}]
+
+
+# ------------------------------------------------------------------- issue 23: the fast path per process
+def test_fast_path_runs_in_its_own_folder_says_why_on_cpu_and_times_the_first_batch_apart(gen, tmp_path, capsys):
+    small = ["--out", str(tmp_path), *[a if a != "2" or k != SMALL.index("--num-images-per-prompt") + 1 else "3"
+                                       for k, a in enumerate(SMALL)]]
+    plain = generate(gen, *small)
+    capsys.readouterr()
+    gen.main([*small, "--fast-path"])
+    err = capsys.readouterr().err
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 2 and plain in folders  # images within 1/255, not identical: a folder of their own
+    (fast,) = [p for p in folders if p != plain]
+    assert json.loads((fast / "run.json").read_text())["fast_path"] is True
+    assert "fast path: not applied; no CUDA device" in err  # on the CPU it says why and runs as before
+    assert re.search(r"first batch 1 image in [0-9.]+ s \(warm-up included\); then 2 images at [0-9.]+ img/s", err)
+    # on the CPU nothing changed, so the images are the plain run's, byte for byte
+    assert read_all(fast) == read_all(plain)
+    gen.main([*small, "--fast-path"])  # the same command resumes in the same folder
+    assert "3 images (3 already there)" in capsys.readouterr().out
