@@ -71,14 +71,42 @@ def test_transformers_offline_oserror_takes_repo_from_the_call(offline):
         "hf-internal-testing/tiny-random-clip"
 
 
-def test_transformers_oserror_naming_the_repo_it_loaded_while_offline(offline, monkeypatch):
+def test_a_repo_id_quoted_in_a_message_is_not_a_hub_error(offline):
     def from_pretrained(pretrained_model_name_or_path):
         raise OSError(f"Can't load image processor for '{pretrained_model_name_or_path}'. Make sure ...")
 
-    err = raised(from_pretrained, "openai/clip-vit-base-patch32")
-    assert plugin.hub_repo(err) == "openai/clip-vit-base-patch32"
-    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, the same error is a real failure
-    assert plugin.hub_repo(err) is None
+    assert plugin.hub_repo(raised(from_pretrained, "openai/clip-vit-base-patch32")) is None
+
+
+def test_a_hub_error_in_the_chain_makes_it_the_hub(offline):
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def fail(repo):
+        raise OSError(f"Can't load image processor for '{repo}'")
+
+    def from_pretrained(pretrained_model_name_or_path, cause):
+        try:
+            raise cause
+        except Exception:  # implicit chaining: the cause is the OSError's __context__
+            fail(pretrained_model_name_or_path)
+
+    for cause in (requests.ConnectionError("connection refused"), LocalEntryNotFoundError("not in the cache"),
+                  HfHubHTTPError.__new__(HfHubHTTPError)):  # made without an HTTP response
+        assert plugin.hub_repo(raised(from_pretrained, "openai/clip-vit-base-patch32", cause)) == \
+            "openai/clip-vit-base-patch32", type(cause)
+    assert plugin.hub_repo(raised(from_pretrained, "openai/clip", ValueError("bad config"))) is None
+
+
+def test_image_processor_of_an_uncached_repo_raises_hub_offline_error(offline, tmp_path, monkeypatch):
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(ImageProcessingMixin, "from_pretrained", ImageProcessingMixin.from_pretrained)
+    plugin.guard(ImageProcessingMixin, "image processor")  # what guard_tokenizers does for it (GUARDED)
+    assert ("image_processing_base", "ImageProcessingMixin", "image processor") in plugin.GUARDED
+    err = raised(ImageProcessingMixin.from_pretrained, "some-org/uncached-processor")
+    assert isinstance(err, HubOfflineError) and plugin.hub_repo(err) == "some-org/uncached-processor"
 
 
 def test_offline_error_without_a_repo_id_stays_a_failure(offline):
@@ -141,6 +169,19 @@ def test_tokenizer_needs_the_hub():
     CLIPTokenizer.from_pretrained("fake-org/fake-clip")
 
 
+def test_image_processor_needs_the_hub():
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor.from_pretrained("fake-org/fake-processor")
+
+
+def test_repo_id_quoted_is_a_failure():
+    def from_pretrained(pretrained_model_name_or_path):
+        raise OSError(f"Can't load config for '{pretrained_model_name_or_path}': it is broken")
+
+    from_pretrained("fake-org/quoted")
+
+
 @pytest.mark.skip(reason="test is slow")
 def test_slow():
     raise AssertionError("never runs")
@@ -150,6 +191,29 @@ class GPUTests(unittest.TestCase):
     @unittest.skipIf(True, "This test requires a GPU")
     def test_gpu(self):
         raise AssertionError("never runs")
+'''
+
+
+SETUP_PY = '''
+import re
+from setuptools import setup
+
+_deps = [
+    "pytest",
+    "definitely-not-installed-dist-f7>=1.0",
+    "scipy",
+]
+deps = {b: a for a, b in (re.findall(r"^(([^!=<>~]+)(?:[!=<>~].*)?$)", x)[0] for x in _deps)}
+
+
+def deps_list(*pkgs):
+    return [deps[pkg] for pkg in pkgs]
+
+
+extras = {}
+extras["quality"] = ["black==22.8"]
+extras["test"] = deps_list({test})
+setup(name="diffusers", extras_require=extras)
 '''
 
 
@@ -165,8 +229,12 @@ def commit_tree(repo, marker):
     (repo / "tests" / "test_fake.py").write_text(FAKE_TESTS.replace("{marker}", marker))
     (repo / "hf-internal-testing" / "dummy").mkdir(parents=True, exist_ok=True)
     (repo / "hf-internal-testing" / "dummy" / "data.txt").write_text(marker)
+    (repo / "tests" / "repo_utils").mkdir(exist_ok=True)
+    (repo / "tests" / "repo_utils" / "test_check_copies.py").write_text(
+        "import black  # noqa: F401\n\n\ndef test_copies():\n    assert False, 'needs utils/'\n")
     (repo / "src").mkdir(exist_ok=True)
     (repo / "src" / "not_a_test.py").write_text("raise SystemExit('upstream code must not be laid out')\n")
+    (repo / "setup.py").write_text(SETUP_PY.replace("{test}", '"pytest"'))
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", marker)
 
@@ -199,17 +267,23 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     out = capfd.readouterr().out
     assert rc == 1, out  # there are real failures
     line = next(ln for ln in out.splitlines() if ln.startswith("test-upstream: ") and " passed" in ln)
-    assert re.match(r"test-upstream: 1 passed, 2 failed, 2 skipped for the Hub, 2 skipped by upstream .* in "
-                    r"\d+\.\ds$", line), line
+    assert re.match(r"test-upstream: 1 passed, 3 failed, 3 skipped for the Hub, 2 skipped by upstream .*"
+                    r", 1 folder\(s\) excluded in \d+\.\ds$", line), line
     assert "needs the Hugging Face Hub: fake-org/fake-unet" in out
     assert "needs the Hugging Face Hub: fake-org/fake-clip" in out
+    assert "needs the Hugging Face Hub: fake-org/fake-processor" in out
     assert "FAILED tests/test_fake.py::test_unrelated_oserror_fails" in out
+    assert "FAILED tests/test_fake.py::test_repo_id_quoted_is_a_failure" in out
+    assert "EXCLUDED tests/repo_utils/ (1 test file(s)): upstream's repository-maintenance tests" in out
+    assert "installing" not in out  # the test extra (pytest) is installed already
     laid = fork_root / "upstream-tests" / "v9.9.9"
     assert (laid / "hf-internal-testing" / "dummy" / "data.txt").read_text() == "tagged"
     assert not (laid / "src").exists()
     outcomes = json.loads((laid / "outcomes.json").read_text())["outcomes"]
     assert outcomes["tests/test_fake.py::test_needs_the_hub"] == ["hub", "fake-org/fake-unet"]
     assert outcomes["tests/test_fake.py::test_fails"][0] == "failed"
+    assert not [n for n in outcomes if "repo_utils" in n]
+    assert json.loads((laid / "outcomes.json").read_text())["excluded"]["tests/repo_utils"]["files"] == 1
 
 
 @pytest.mark.slow
@@ -217,7 +291,90 @@ def test_harness_exit_zero_when_nothing_fails_and_pytest_args_pass_through(fake_
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", ["-k", "passes or hub or slow"])
     out = capfd.readouterr().out
     assert rc == 0, out
-    assert "test-upstream: 1 passed, 0 failed, 2 skipped for the Hub, 1 skipped by upstream" in out
+    assert "test-upstream: 1 passed, 0 failed, 3 skipped for the Hub, 1 skipped by upstream" in out
+
+
+# ---------------------------------------------------------------- the tag's test extra
+def test_test_requirements_read_deps_list_and_literal_lists():
+    assert upstream_tests.test_requirements(SETUP_PY.replace("{test}", '"scipy", "definitely-not-installed-dist-f7"')) \
+        == ["scipy", "definitely-not-installed-dist-f7>=1.0"]
+    literal = 'extras = {}\nextras["testing"] = ["pytest", "parameterized>=0.8"]\n'
+    assert upstream_tests.test_requirements(literal) == ["pytest", "parameterized>=0.8"]
+    assert upstream_tests.test_requirements("from setuptools import setup\nsetup()\n") == []
+    with pytest.raises(ForkError, match="_deps lacks"):
+        upstream_tests.test_requirements(SETUP_PY.replace("{test}", '"nope"'))
+
+
+def test_missing_requirements_are_the_uninstalled_ones():
+    assert upstream_tests.missing_requirements(
+        ["pytest>=999", "definitely-not-installed-dist-f7>=1.0", "other-missing-f7; python_version < '3'"]) == \
+        ["definitely-not-installed-dist-f7>=1.0"]  # installed pytest of another version is left as it is
+
+
+@pytest.fixture
+def needs_a_missing_dist(fake_upstream):
+    """Tag v9.9.10: its test extra lists a distribution that is not installed."""
+    (fake_upstream / "setup.py").write_text(SETUP_PY.replace("{test}", '"pytest", "definitely-not-installed-dist-f7"'))
+    git(fake_upstream, "add", "-A")
+    git(fake_upstream, "commit", "-q", "-m", "needs more")
+    git(fake_upstream, "tag", "v9.9.10")
+    return fake_upstream
+
+
+def test_no_install_refuses_naming_the_pip_command(needs_a_missing_dist):
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "fork.py"), "test-upstream", "--upstream-repo",
+                          str(needs_a_missing_dist), "--tag", "v9.9.10", "--no-install"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "definitely-not-installed-dist-f7>=1.0, not installed" in res.stderr
+    assert "-m pip install 'definitely-not-installed-dist-f7>=1.0'" in res.stderr
+
+
+def test_missing_test_extra_is_installed_then_checked(needs_a_missing_dist, tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    calls = []
+
+    def installs(cmd):
+        calls.append(cmd)
+        info = site / "definitely_not_installed_dist_f7-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: definitely-not-installed-dist-f7\nVersion: 1.0\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    repo = str(needs_a_missing_dist)
+    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs) == \
+        ["definitely-not-installed-dist-f7>=1.0"]
+    assert calls == [[sys.executable, "-m", "pip", "install", "definitely-not-installed-dist-f7>=1.0"]]
+    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs) == []  # now there
+    assert len(calls) == 1
+
+
+def test_an_install_that_fails_is_refused_in_one_line(needs_a_missing_dist):
+    def fails(cmd):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
+
+    with pytest.raises(ForkError) as e:
+        upstream_tests.ensure_test_requirements(str(needs_a_missing_dist), "v9.9.10", True, fails)
+    assert "\n" not in str(e.value) and "could not install definitely-not-installed-dist-f7>=1.0" in str(e.value)
+    assert "No matching distribution found" in str(e.value) and "-m pip install" in str(e.value)
+
+
+def test_pip_install_holds_what_is_installed(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["held"] = Path(cmd[cmd.index("--constraint") + 1]).read_text().splitlines()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(upstream_tests.subprocess, "run", fake_run)
+    upstream_tests.pip_install(["pip", "install", "x"])
+    import torch
+
+    assert f"torch=={torch.__version__}" in seen["held"] and not [h for h in seen["held"] if "diffusers" in h]
 
 
 def test_cli_refuses_a_missing_tag_or_repo(fake_upstream, tmp_path):
@@ -265,8 +422,18 @@ def test_deterministic_flag_turns_on_deterministic_kernels(monkeypatch):
 pytest_plugins = ["pytester"]
 
 DEFECTIVE = '''
+import os
+
+
+class AttentionBackendError(RuntimeError):
+    pass
+
+
 def test_defective():
     # upstream's own test is wrong here
+    if os.environ.get("DEFECT_MODE") == "backend":
+        raise AttentionBackendError("no attention backend for this input")
+    assert os.environ.get("DEFECT_MODE") != "other-assert"
     assert 0.1 + 0.2 == 0.3
 
 
@@ -287,7 +454,8 @@ def _defect_entry(pytester, source, monkeypatch):
     monkeypatch.setattr(plugin, "alias_transformers", lambda: None)
     pytester.makepyfile(test_upstream=source)
     body = source[source.index("def test_defective"):source.index("def test_really_broken")]
-    return {"test_upstream.py::test_defective": (plugin.fingerprint(body), "fixed upstream in the test by #1")}
+    return {"test_upstream.py::test_defective": (plugin.fingerprint(body), "assert 0.1 + 0.2 == 0.3",
+                                                  "fixed upstream in the test by #1")}
 
 
 def test_a_listed_defect_is_counted_apart_and_nothing_else(pytester, monkeypatch):
@@ -312,3 +480,33 @@ def test_a_changed_test_is_no_longer_excused(pytester, monkeypatch):
     pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
     outcomes = json.loads(report.read_text())["outcomes"]
     assert outcomes["test_upstream.py::test_defective"][0] == "failed"
+
+
+@pytest.mark.parametrize("mode", ["backend", "other-assert"])
+def test_a_listed_defect_failing_otherwise_is_a_plain_failure(pytester, monkeypatch, mode):
+    monkeypatch.setattr(plugin, "KNOWN_DEFECTS", _defect_entry(pytester, DEFECTIVE, monkeypatch))
+    monkeypatch.setenv("DEFECT_MODE", mode)
+    report = pytester.path / "report.json"
+    pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
+    outcome = json.loads(report.read_text())["outcomes"]["test_upstream.py::test_defective"]
+    assert outcome[0] == "failed", outcome
+    assert ("AttentionBackendError" if mode == "backend" else "other-assert") in outcome[1]
+
+
+def test_the_listed_gradient_checkpointing_defect_names_its_assertion_at_the_tag():
+    mirror = Path("/work/.mirror/huggingface+diffusers/repo")
+    if not mirror.is_dir():
+        pytest.skip("no upstream mirror here")
+    source = subprocess.run(["git", "-C", str(mirror), "show", "v0.4.2:tests/test_models_unet.py"],
+                            capture_output=True, text=True).stdout
+    nodeid = "tests/test_models_unet.py::UNet2DConditionModelTests::test_gradient_checkpointing"
+    finger, assertion, _ = plugin.KNOWN_DEFECTS[nodeid]
+    import ast
+
+    classes = [c for c in ast.parse(source).body
+               if isinstance(c, ast.ClassDef) and c.name == "UNet2DConditionModelTests"]
+    node = next(n for c in classes
+                for n in c.body if isinstance(n, ast.FunctionDef) and n.name == "test_gradient_checkpointing")
+    lines = source.splitlines(keepends=True)[node.lineno - 1:node.end_lineno]
+    assert plugin.fingerprint("".join(lines)) == finger
+    assert [ln.strip() for ln in lines].count(assertion) == 1

@@ -5,17 +5,27 @@ clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstre
 and run there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
 Our plugin (``forklib.upstream_plugin``) does what the fork needs around upstream's files and
 reports tests that need the Hugging Face Hub as skipped, naming the repo.
+
+Before the run, what the tag's ``setup.py`` lists in its test extra (``extras["test"]`` or
+``extras["testing"]``) and is not installed is installed with pip into this interpreter's environment,
+every installed distribution held at its version (``--no-install``: refuse instead, naming the pip
+command). Upstream's repository-maintenance tests (``EXCLUDED``) are left out, each with its reason
+in the report.
 """
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +36,12 @@ REQUIRED = "tests"
 PLUGIN = "forklib.upstream_plugin"
 OUT_DIR = "upstream-tests"
 INI = "[pytest]\n# written by fork.py test-upstream: upstream's tests/ run with its own conftest.py only\n"
+# upstream tests left out of every run: folder (relative to upstream's root) -> why
+EXCLUDED = {
+    "tests/repo_utils": "upstream's repository-maintenance tests: they run upstream's utils/ scripts (not laid out) "
+                        "and need black; they test upstream's repository, not the library",
+}
+TEST_EXTRAS = ("test", "testing")
 
 
 def add_parser(subparsers, root: Path):
@@ -42,10 +58,12 @@ def add_parser(subparsers, root: Path):
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only (torch.use_deterministic_algorithms, warn_only; cuDNN "
                         "deterministic; CUBLAS_WORKSPACE_CONFIG): tells a nondeterministic GPU kernel from a bug")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not pip-install what the tag's test extra needs and is missing: refuse instead")
     p.add_argument("pytest_args", nargs="*", metavar="-- PYTEST_ARGS",
                    help="passed on to pytest, e.g. -- -k unet -x")
     p.set_defaults(func=lambda args: run(root, args.upstream_repo, args.tag, _strip_dashes(args.pytest_args),
-                                         deterministic=args.deterministic))
+                                         deterministic=args.deterministic, install=not args.no_install))
     return p
 
 
@@ -117,6 +135,102 @@ def lay_out(root: Path, repo: str, tag: str) -> Path:
     return dest
 
 
+# ---------------------------------------------------------------- what the tag's test extra needs
+def test_requirements(setup_py: str) -> list[str]:
+    """The requirements of ``extras["test"]`` (or ``"testing"``) in an upstream ``setup.py``: a literal list,
+    or ``deps_list("name", ...)`` looked up in its ``_deps`` table. [] where there is no such extra."""
+    try:
+        module = ast.parse(setup_py)
+    except SyntaxError as e:
+        raise ForkError(f"upstream's setup.py does not parse ({e.msg}, line {e.lineno})") from None
+    deps, extras = {}, {}
+    for node in module.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target, value = node.targets[0], node.value
+        if isinstance(target, ast.Name) and target.id == "_deps" and isinstance(value, ast.List):
+            for item in value.elts:
+                if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                    deps[re.split(r"[!=<>~\[; ]", item.value, maxsplit=1)[0]] = item.value
+        elif (isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and target.value.id == "extras"
+              and isinstance(target.slice, ast.Constant) and target.slice.value in TEST_EXTRAS):
+            extras[target.slice.value] = value
+    value = next((extras[k] for k in TEST_EXTRAS if k in extras), None)
+    if value is None:
+        return []
+    if isinstance(value, ast.List):
+        items = value.elts
+    elif isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "deps_list":
+        items = value.args
+    else:
+        raise ForkError("upstream's setup.py builds its test extra in a way test-upstream cannot read: "
+                        "install it by hand and pass --no-install")
+    names = [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+    if isinstance(value, ast.Call):
+        unknown = [n for n in names if n not in deps]
+        if unknown:
+            raise ForkError(f"upstream's setup.py: deps_list names {', '.join(unknown)}, which _deps lacks")
+        return [deps[n] for n in names]
+    return names
+
+
+def missing_requirements(requirements: list[str]) -> list[str]:
+    """Those of ``requirements`` with no installed distribution (an installed one of another version counts
+    as there: the stack under test is not changed)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    missing = []
+    for text in requirements:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            raise ForkError(f"upstream's test extra has a requirement pip cannot read: {text!r}") from None
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(text)
+    return missing
+
+
+def pip_command(requirements: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", *requirements]
+
+
+def pip_install(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run pip with every installed distribution held at its version (a constraints file)."""
+    held = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                   if d.metadata["Name"] and d.metadata["Name"].lower() not in ("diffusers", "pip")})
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="test-upstream-held-") as f:
+        f.write("\n".join(held) + "\n")
+        f.flush()
+        return subprocess.run([*cmd, "--constraint", f.name], capture_output=True, text=True)
+
+
+def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_install) -> list[str]:
+    """Install what the tag's test extra needs and is missing (or refuse, naming the pip command); the
+    requirements installed."""
+    if "setup.py" not in _git("-C", repo, "ls-tree", "--name-only", tag, "--", "setup.py").split():
+        return []
+    missing = missing_requirements(test_requirements(_git("-C", repo, "show", f"{tag}:setup.py")))
+    if not missing:
+        return []
+    cmd = pip_command(missing)
+    shown = " ".join(shlex.quote(a) for a in cmd)
+    if not install:
+        raise ForkError(f"upstream {tag}'s test extra needs {', '.join(missing)}, not installed (without "
+                        f"--no-install test-upstream installs them); install them with: {shown}")
+    print(f"test-upstream: installing upstream {tag}'s test extra: {', '.join(missing)} ({shown})", flush=True)
+    res = installer(cmd)
+    still = missing_requirements(missing)
+    if res.returncode or still:
+        last = ([ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()] or ["?"])[-1].strip()
+        raise ForkError(f"could not install {', '.join(still or missing)} for upstream {tag}'s test extra "
+                        f"({last[:160]}); install them by hand, with what they need: {shown}")
+    return missing
+
+
 # ---------------------------------------------------------------- running them
 def fork_under_test() -> str:
     """``diffusers <version> (<path>)`` as this interpreter would import it (without importing it)."""
@@ -139,34 +253,52 @@ def test_env() -> dict:
     return env
 
 
+def excluded(where: Path) -> dict:
+    """The ``EXCLUDED`` folders present in the laid-out tests: path -> (number of test files, why)."""
+    found = {}
+    for rel, why in EXCLUDED.items():
+        if (where / rel).is_dir():
+            found[rel] = (len(list((where / rel).rglob("test_*.py"))), why)
+    return found
+
+
 def run_pytest(where: Path, pytest_args: list) -> tuple[int, dict]:
     report = where / "outcomes.json"
     # the whole of tests/ unless PYTEST_ARGS name what to run in it
     targets = [] if any(a == REQUIRED or a.startswith(REQUIRED + "/") for a in pytest_args) else [REQUIRED]
+    left_out = excluded(where)
+    ignores = [f"--ignore={rel}" for rel in left_out]
     cmd = [sys.executable, "-m", "pytest", "-p", PLUGIN, "--upstream-report", str(report),
-           "-c", "pytest.ini", "--rootdir", ".", "-p", "no:cacheprovider", "-rs", *targets, *pytest_args]
+           "-c", "pytest.ini", "--rootdir", ".", "-p", "no:cacheprovider", "-rs", *ignores, *targets, *pytest_args]
     rc = subprocess.run(cmd, cwd=where, env=test_env()).returncode
     if not report.exists():
         raise ForkError(f"pytest exited with status {rc} before writing its report (see its output above)")
-    return rc, json.loads(report.read_text())
+    result = json.loads(report.read_text())
+    result["excluded"] = {rel: {"files": n, "why": why} for rel, (n, why) in left_out.items()}
+    report.write_text(json.dumps(result, indent=1))
+    return rc, result
 
 
 def summary(result: dict, seconds: float) -> str:
     c = result["counts"]
     hub = sorted({d for kind, d in result["outcomes"].values() if kind == "hub"})
+    left_out = result.get("excluded", {})
     lines = [f"test-upstream: {c['passed']} passed, {c['failed']} failed, {c['hub']} skipped for the Hub, "
              f"{c['skipped']} skipped by upstream (slow, GPU-only, ...)"
              + (f", {c['upstream-defect']} known upstream test defect(s)" if c.get("upstream-defect") else "")
+             + (f", {len(left_out)} folder(s) excluded" if left_out else "")
              + f" in {seconds:.1f}s"]
     if hub:
         lines.append(f"  Hub repos needed: {', '.join(hub)}")
+    lines += [f"  EXCLUDED {rel}/ ({e['files']} test file(s)): {e['why']}" for rel, e in left_out.items()]
     lines += [f"  KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) {nodeid}: {why}"
               for nodeid, (kind, why) in result["outcomes"].items() if kind == "upstream-defect"]
     lines += [f"  FAILED {nodeid}" for nodeid, (kind, _) in result["outcomes"].items() if kind == "failed"]
     return "\n".join(lines)
 
 
-def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, deterministic: bool = False) -> int:
+def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, deterministic: bool = False,
+        install: bool = True) -> int:
     root = Path(root).resolve()
     if deterministic:  # read by our plugin in the pytest process
         os.environ.update(DIFFUSERS_FLASH_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
@@ -178,7 +310,9 @@ def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, determ
     if not repo:
         raise ForkError("no upstream repo: pass --upstream-repo (upstream.json has no 'repo')")
     fork = fork_under_test()
-    where = lay_out(root, local_repo(root, repo, tag), tag)
+    repo = local_repo(root, repo, tag)
+    ensure_test_requirements(repo, tag, install)
+    where = lay_out(root, repo, tag)
     print(f"test-upstream: upstream {tag} tests in {where.relative_to(root)} against {fork}, offline", flush=True)
     start = time.monotonic()
     rc, result = run_pytest(where, pytest_args)
