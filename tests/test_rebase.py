@@ -144,6 +144,7 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
     assert rebase(env, "v1.1.0") == 0
     out = capsys.readouterr().out
     assert "offsets" in out and "verify: OK" in out
+    assert "hunks not applied exactly: none (every hunk clean or at an offset)" in out
     pin = release.load_pin(env["root"])
     assert (pin["version"], pin["tag"], pin["file"]) == ("1.1.0", "v1.1.0", "diffusers-1.1.0-py3-none-any.whl")
     assert pin["sha256"] == env["published"]["1.1.0"][0]["digests"]["sha256"]
@@ -165,7 +166,12 @@ def test_rebase_with_offsets_updates_tree_pin_patches_and_doc(env, capsys):
 
 def test_moved_context_applies_three_way(env, capsys):
     assert rebase(env, "1.2.0") == 0
-    assert "three-way" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "three-way" in out
+    # the report at the end names every hunk that did not apply exactly
+    report = out[out.index("hunks not applied exactly"):].splitlines()
+    assert report[:2] == ["hunks not applied exactly (1): read these in the rebased tree",
+                          "  0001-ours-in-a.patch: a.py hunk 1 (@@ -7,7 +7,7 @@): three-way"], out
     assert laid(env, "a.py") == a_py({8: "x8 = 8  # upstream edit\n", 10: PATCHED_10, 25: "x25 = -25\n"})
     assert tree.verify(env["root"]) == []
 
@@ -344,7 +350,43 @@ def test_check_runs_tests_on_each_release_when_asked(env, capsys):
            "assert a.x25 == -25 and \"# upstream header\" in inspect.getsource(a)'")
     assert rebase(env, "--check", "1.1.0", "1.2.0", "--tests", "--test-cmd", cmd) == 0
     rows = expected_rows(capsys.readouterr().out)
-    assert rows["1.1.0"][4] == "pass" and rows["1.2.0"][4].startswith("FAIL")
+    assert rows["1.1.0"][4] == f"{cmd[:60]}: passed"
+    assert rows["1.2.0"][4].startswith(f"{cmd[:60]}: FAIL: AssertionError")
+
+
+def test_check_tests_column_says_which_tests_ran_with_their_counts(env, capsys):
+    tests = env["root"] / "tests"
+    tests.mkdir()
+    (tests / "test_project.py").write_text(
+        "import pytest\n\n\ndef test_a():\n    import diffusers.a as a\n    assert a.x25 == -25\n\n\n"
+        "def test_b():\n    pass\n\n\n@pytest.mark.skip(reason='x')\ndef test_c():\n    pass\n")
+    assert rebase(env, "--check", "1.1.0", "1.3.0", "--tests") == 1
+    rows = expected_rows(capsys.readouterr().out)
+    assert rows["1.1.0"][4] == "project: 2 passed, 1 skipped"
+    assert rows["1.3.0"][4] == "not run"  # the series does not apply there
+    assert rebase(env, "--check", "1.1.0") == 0
+    assert expected_rows(capsys.readouterr().out)["1.1.0"][4] == "not run"  # no --tests
+
+
+def test_rebase_lines_name_every_inexact_hunk_of_a_patch():
+    from forklib import rebase as rb
+
+    def hunk(n, how):
+        return {"path": "src/diffusers/a.py", "hunk": n, "at": f"@@ -{n},3 +{n},4 @@", "how": how, "offset": None}
+
+    res = {"name": "0003-x.patch", "status": "fuzz", "conflicts": [], "moved": {},
+           "hunks": [hunk(1, "clean"), hunk(2, "three-way"), hunk(3, "fuzz")]}
+    hand = {"name": "0004-y.patch", "status": "resolved", "moved": {}, "hunks": [hunk(1, "conflict")],
+            "conflicts": [{"path": "src/diffusers/b.py", "kind": "markers", "rej": None}]}
+    assert rb.inexact_hunks([res, hand]) == ["  0003-x.patch: a.py hunk 2 (@@ -2,3 +2,4 @@): three-way",
+                                             "  0003-x.patch: a.py hunk 3 (@@ -3,3 +3,4 @@): fuzz",
+                                             "  0004-y.patch: resolved by hand in b.py"]
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rb.print_result(res)
+    assert "three-way: a.py hunk 2" in out.getvalue() and "fuzz: a.py hunk 3" in out.getvalue()
 
 
 # ---------------------------------------------------------------- fuzz, where a three-way merge conflicts

@@ -447,10 +447,24 @@ def print_result(res: dict) -> None:
     if res.get("since"):
         print(f"  {res['name']:<34} upstream since {res['since']}: not applied (kept in the series for older releases)")
         return
-    detail = describe_hunks(res, {"offsets": "offset", "three-way": "three-way", "fuzz": "fuzz",
-                                  "conflict": "conflict"}.get(res["status"], ""))
+    hows = [how for how in ("offset", "three-way", "fuzz", "conflict") if any(h["how"] == how for h in res["hunks"])]
+    detail = "; ".join((f"{how}: " if len(hows) > 1 else "") + describe_hunks(res, how) for how in hows)
     print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}"
           + (f" (from patches/{res['variant']})" if res.get("variant") else ""))
+
+
+def inexact_hunks(results: list) -> list[str]:
+    """One line per hunk that did not apply exactly (three-way merge, fuzz) and per patch resolved by hand:
+    what to read in the rebased tree before trusting it."""
+    lines = []
+    for res in results:
+        if res.get("status") == "resolved":
+            hand = ", ".join(c["path"][len(PREFIX):] for c in res["conflicts"]) or "?"
+            lines.append(f"  {res['name']}: resolved by hand in {hand}")
+        for h in res["hunks"]:
+            if h["how"] in ("three-way", "fuzz"):
+                lines.append(f"  {res['name']}: {h['path'][len(PREFIX):]} hunk {h['hunk']} ({h['at']}): {h['how']}")
+    return lines
 
 
 def moves(res: dict) -> str:
@@ -581,6 +595,11 @@ def finish(root: Path, st: dict, texts: dict) -> int:
         raise ForkError(f"{e}\n  the rebase is half done: 'fork.py rebase --abort' restores {old['version']}") from None
     print(f"rebased onto {target['version']}: patches rewritten with zero fuzz against it; "
           f"upstream.json {old['version']} -> {target['version']}; PATCHES.md updated")
+    inexact = inexact_hunks(st["results"])
+    print(f"hunks not applied exactly ({len(inexact)}): read these in the rebased tree"
+          if inexact else "hunks not applied exactly: none (every hunk clean or at an offset)")
+    if inexact:
+        print("\n".join(inexact))
     problems = tree.verify(root)
     print("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
     imported = import_check(root / "src")
@@ -755,7 +774,7 @@ def cmd_check(args) -> int:
 
 
 def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
-    row = {"version": version, "import": "-", "tests": "-", "later": "-"}
+    row = {"version": version, "import": "-", "tests": "not run", "later": "-"}
     try:
         target = resolve(root, version, repo, for_pin=False)
         new_base = target_files(root, target)
@@ -817,9 +836,22 @@ def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
         imported = "not run" if args.no_import else import_check(Path(d) / "src")
         tests = "not run"
         if args.tests:
-            ok, summary = run_tests(root, {"tests": True, "test_cmd": args.test_cmd}, src=Path(d) / "src")
-            tests = "pass" if ok else ("not run" if ok is None else "FAIL: " + summary.rsplit(": ", 1)[-1])
+            options = {"tests": True, "test_cmd": args.test_cmd}
+            ok, summary = run_tests(root, options, src=Path(d) / "src")
+            tests = "not run" if ok is None else tests_cell(args.test_cmd, tests_command(root, options), ok, summary)
     return imported, tests.replace("|", "/")
+
+
+PYTEST_COUNTS = re.compile(r"\b(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b")
+
+
+def tests_cell(test_cmd: str | None, cmd: str, ok: bool, summary: str) -> str:
+    """--check's tests column: which tests ran and what came of them, e.g. 'project: 120 passed, 3 skipped'
+    (the project's suite) or 'CMD: FAIL: 1 failed, 40 passed' (a --test-cmd)."""
+    what = "project" if not test_cmd else test_cmd[:60]
+    last = summary.partition(f"{cmd}: ")[2]
+    counts = ", ".join(f"{n} {kind}" for n, kind in PYTEST_COUNTS.findall(last))
+    return f"{what}: " + ("" if ok else "FAIL: ") + (counts or last or ("passed" if ok else "no output"))
 
 
 def import_check(src: Path) -> str:
