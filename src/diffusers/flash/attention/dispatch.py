@@ -405,8 +405,10 @@ def multihead(module, query, key, value, heads, scale, slice_size=None, upcast=F
 
 
 def cross_attention(module, query, key, value):
-    """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream."""
-    return multihead(module, query, key, value, module.heads, module.scale, module._slice_size)
+    """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream; in float32 where the
+    module asks for it (``upcast_attention``/``upcast_softmax``, from 0.10: SD 2.x's fp16 UNet)."""
+    upcast = bool(getattr(module, "upcast_attention", False) or getattr(module, "upcast_softmax", False))
+    return multihead(module, query, key, value, module.heads, module.scale, module._slice_size, upcast=upcast)
 
 
 def attention_block(module, query, key, value):
