@@ -185,9 +185,9 @@ def test_cross_attention_module_sliced_and_not(backend):
     expected = to_out(attn, reference(q, k, v, 20**-0.5).float().transpose(1, 2).flatten(2))
     with torch.no_grad():
         with ad.attention_backend(backend):
-            plain = attn(x, context=ctx)
+            plain = attn(x, ctx)  # context=, encoder_hidden_states= from 0.11
             attn._slice_size = 5  # does not divide 12 rows: upstream 0.4.2 left the last rows at zero
-            sliced = attn(x, context=ctx)
+            sliced = attn(x, ctx)
     torch.testing.assert_close(plain, expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sliced, plain, rtol=1e-6, atol=1e-6)
 
@@ -380,3 +380,27 @@ def test_upstream_xformers_switch_goes_to_our_memory_efficient_backend(monkeypat
     assert ad.current(attn) == "math"
     with torch.no_grad():
         attn(x)
+
+
+def test_attention_mask_is_served_by_math_or_refused():
+    """From 0.11 CrossAttention passes an additive attention_mask, (B x heads)-batched; the dispatcher computes
+    upstream's math with it, and a module set to another backend refuses the call, naming the mask."""
+    b, heads, sq, sk, d = 2, 2, 5, 3, 8
+    module = torch.nn.Module()
+    module.heads, module.scale, module._slice_size = heads, d ** -0.5, None
+    q, k, v = rand(b, sq, heads * d), rand(b, sk, heads * d), rand(b, sk, heads * d)
+    mask = torch.zeros(b * heads, 1, sk)
+    mask[:, :, -1] = -10000.0
+    out = ad.cross_attention(module, q, k, v, attention_mask=mask)
+
+    def bh(t):  # upstream's reshape_heads_to_batch_dim
+        return t.reshape(b, t.shape[1], heads, d).permute(0, 2, 1, 3).reshape(b * heads, t.shape[1], d)
+
+    scores = torch.baddbmm(torch.empty(b * heads, sq, sk), bh(q), bh(k).transpose(-1, -2), beta=0, alpha=module.scale)
+    ref = torch.bmm((scores + mask).softmax(dim=-1), bh(v))
+    ref = ref.reshape(b, heads, sq, d).permute(0, 2, 1, 3).reshape(b, sq, heads * d)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, ad.cross_attention(module, q[..., :], k[:, :-1], v[:, :-1]), atol=1e-5, rtol=1e-4)
+    module._attention_backend = "sdpa-efficient"
+    with pytest.raises(ad.AttentionBackendError, match="attention_mask"):
+        ad.cross_attention(module, q, k, v, attention_mask=mask)

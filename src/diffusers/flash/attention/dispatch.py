@@ -404,9 +404,33 @@ def multihead(module, query, key, value, heads, scale, slice_size=None, upcast=F
     return out.transpose(1, 2).flatten(2)
 
 
-def cross_attention(module, query, key, value):
-    """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream."""
-    return multihead(module, query, key, value, module.heads, module.scale, module._slice_size)
+def cross_attention(module, query, key, value, attention_mask=None):
+    """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream; in float32 where the
+    module asks for it (``upcast_attention``/``upcast_softmax``, from 0.10: SD 2.x's fp16 UNet).
+    ``attention_mask`` (from 0.11: an additive mask of shape (B x heads, Sq or 1, Sk), as upstream builds it)
+    is served by the math backend only; a module set to another backend refuses it with the reason."""
+    upcast = bool(getattr(module, "upcast_attention", False) or getattr(module, "upcast_softmax", False))
+    if attention_mask is not None:
+        return _masked_attention(module, query, key, value, attention_mask, upcast)
+    return multihead(module, query, key, value, module.heads, module.scale, module._slice_size, upcast=upcast)
+
+
+def _masked_attention(module, query, key, value, mask, upcast):
+    """Upstream 0.11's computation with its additive mask, (B x heads)-batched as upstream's ``_attention``."""
+    name = current(module)
+    if name not in ("auto", "math"):
+        raise AttentionBackendError(
+            f"backend {name!r} cannot serve this call: it has an attention_mask (UnCLIP's text states, 0.11+), which "
+            "only the 'math' backend takes here; set_attention_backend('math') or 'auto' for this model"
+        )
+    heads = module.heads
+    b = query.shape[0]
+    q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2).flatten(0, 1)
+               for t in (query, key, value))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * module.scale + mask
+    probs = scores.float().softmax(dim=-1).to(v.dtype) if upcast else scores.softmax(dim=-1)
+    out = torch.matmul(probs, v)
+    return out.unflatten(0, (b, heads)).transpose(1, 2).flatten(2)
 
 
 def attention_block(module, query, key, value):

@@ -4,7 +4,8 @@
 
 - ``CLIPFeatureExtractor`` (gone in transformers 5) is ``CLIPImageProcessor`` where missing (its PIL
   backend without torchvision), for the pipelines' imports and for checkpoints whose
-  ``model_index.json`` names it.
+  ``model_index.json`` names it; so is ``DPTFeatureExtractor`` (Diffusers 0.10's depth-to-image) for
+  ``DPTImageProcessor``.
 - :func:`import_library` is what pipeline loading uses instead of ``importlib.import_module``: for
   ``transformers`` it resolves such old class names.
 - :data:`LOADABLE_TRANSFORMERS` adds the base classes transformers moved tokenizers and image
@@ -26,15 +27,24 @@ LOADABLE_TRANSFORMERS = {
 # (and, for folders saved with transformers 5 and loaded with 4.x, its per-backend class names)
 RENAMED = {name: lambda module: clip_image_processor(module)
            for name in ("CLIPFeatureExtractor", "CLIPImageProcessorPil", "CLIPImageProcessorFast")}
+# Diffusers 0.10's depth-to-image pipeline (DPT)
+RENAMED.update({name: lambda module: image_processor("DPT", module)
+                for name in ("DPTFeatureExtractor", "DPTImageProcessorPil", "DPTImageProcessorFast")})
+
+
+def image_processor(model: str, module=None):
+    """transformers' image processor class for ``model`` ("CLIP", "DPT"). Without torchvision,
+    transformers 5 hands out its PIL backend from ``<model>ImageProcessor`` with a warning at every use;
+    ask for that backend directly."""
+    module = module or importlib.import_module("transformers")
+    if importlib.util.find_spec("torchvision") is None and hasattr(module, f"{model}ImageProcessorPil"):
+        return getattr(module, f"{model}ImageProcessorPil")
+    return getattr(module, f"{model}ImageProcessor")
 
 
 def clip_image_processor(module=None):
-    """transformers' CLIP image processor class. Without torchvision, transformers 5 hands out its PIL
-    backend from ``CLIPImageProcessor`` with a warning at every use; ask for that backend directly."""
-    module = module or importlib.import_module("transformers")
-    if importlib.util.find_spec("torchvision") is None and hasattr(module, "CLIPImageProcessorPil"):
-        return module.CLIPImageProcessorPil
-    return module.CLIPImageProcessor
+    """transformers' CLIP image processor class (see :func:`image_processor`)."""
+    return image_processor("CLIP", module)
 
 
 def _resolve(module, name):

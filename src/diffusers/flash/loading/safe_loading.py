@@ -244,7 +244,7 @@ def import_library(library: str, entry: str):
 
 
 # ---------------------------------------------------------------- saving
-def save_state_dict(state_dict: dict, directory, save_function: Callable = torch.save,
+def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
                     safe_serialization: bool = False, is_main_process: bool = True) -> str:
     """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
     ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
@@ -261,12 +261,12 @@ def save_state_dict(state_dict: dict, directory, save_function: Callable = torch
         if safe_serialization:
             from safetensors.torch import save_file
 
-            if save_function is not torch.save:
+            if save_function not in (None, torch.save, save_file):  # 0.10+ passes safetensors' own writer
                 logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
                                SAFE_WEIGHTS_NAME)
             save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
         else:
-            save_function(state_dict, tmp)
+            (save_function or torch.save)(state_dict, tmp)
         if os.path.isfile(tmp):  # a save_function that writes elsewhere (e.g. a TPU's) is left to itself
             _fsync(tmp)
             os.replace(tmp, path)
