@@ -182,6 +182,7 @@ class _Oom(_FakePipeline):
         return super().__call__(prompt, **kwargs)
 
 
+@pytest.mark.slow  # whole pipelines on the CPU: seconds each
 def test_find_max_batch_then_time_powers_of_two_and_the_largest():
     args = bench.parse(["--tiny", "--find-max-batch", "--backends", "installed", "--repeats", "1",
                         "--max-batch-limit", "64"])

@@ -205,6 +205,7 @@ def test_png_is_fsynced_before_its_rename(gen, prompts_file, tmp_path, monkeypat
         assert ("fsync", tmp) in events[:k], tmp
 
 
+@pytest.mark.slow  # whole pipelines on the CPU: seconds each
 def test_model_folder_matches_the_builtin_tiny_pipeline(gen, reference, prompts_file, tmp_path, capsys):
     from diffusers.flash import local_pipelines
 

@@ -41,6 +41,7 @@ PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2I
 
 @pytest.mark.parametrize("device,dtype,tol", [pytest.param(*d, marks=pytest.mark.gpu if d[0] == "cuda" else ())
                                               for d in DEVICES], ids=[d[0] for d in DEVICES])
+@pytest.mark.slow  # whole pipelines on the CPU: seconds each
 @pytest.mark.parametrize("task", list(PIPELINES))
 def test_backends_give_the_same_image_as_math(device, dtype, tol, task):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh every run; printed on failure
