@@ -392,28 +392,17 @@ def check_run_config(folder: Path, config: dict) -> bool:
 # ------------------------------------------------------------------------------------------- output
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Make a rename in ``path`` durable (diffusers.flash.fsio; imported late: torch may be missing)."""
+    from diffusers.flash.fsio import fsync_path
+
+    fsync_path(path)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename: a kill leaves the old file or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Temporary name in the same folder, fsync, rename: a kill leaves the old file or the new."""
+    from diffusers.flash.fsio import atomic_write as write
+
+    write(path, data)
 
 
 def png_ok(path: Path) -> bool:

@@ -13,25 +13,8 @@ import torch
 
 from diffusers.flash.fastpath import engine as fast_path
 from diffusers.flash import local_pipelines
+from test_compile_ahead import _no_cpp_compiler
 from diffusers.models.unet_2d_condition import UNet2DConditionModel
-
-
-def _no_cpp_compiler():
-    """Why inductor's CPU backend cannot compile here (no C++ compiler), or None: then compiling is expected
-    to work, and a compile that fails is a failure, not a skip."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # an older torch: look for the compiler inductor would call
-        import os
-        import shutil
-
-        cxx = os.environ.get("CXX", "g++")
-        return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for inductor's CPU backend"
-    try:
-        get_cpp_compiler()
-    except Exception as e:
-        return f"inductor finds no C++ compiler for its CPU backend ({type(e).__name__}: {e})"
-    return None
 
 
 def _run(pipe, device, n=1, seed=0):
@@ -367,7 +350,6 @@ print(json.dumps({"compile": report["compile"], "failed": model.forward.fn.faile
 def test_a_cache_file_serves_the_compile_in_a_new_process_with_an_empty_inductor_cache(tmp_path):
     """Process 1 (fresh inductor cache) compiles with cache=file and writes it; process 2 (another empty
     inductor cache) loads it: its compile is a cache hit with no miss, and the file is not rewritten."""
-    from test_compile_ahead import _no_cpp_compiler
 
     reason = _no_cpp_compiler()
     if reason:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from diffusers.flash import fsio
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -619,7 +619,7 @@ class CompileCache:
         data, keys = got[0], _artifact_keys(got[1])
         header = {"torch": torch.__version__, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         try:
-            _write_atomically(self.path, CACHE_MAGIC + json.dumps(header).encode() + b"\n" + data)
+            fsio.atomic_write(self.path, CACHE_MAGIC + json.dumps(header).encode() + b"\n" + data)
         except OSError as e:
             logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
             return
@@ -627,21 +627,6 @@ class CompileCache:
         self.keys, self.written = keys, self.written + 1
         logger.info(f"fast path: wrote {len(keys)} compiled artifacts ({len(data) / 2**20:.1f} MiB) to {self.path}"
                     + (f"; {dropped} of the earlier file's, not used in this process, are not kept" if dropped else ""))
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def cache_status(pipe) -> dict | None:

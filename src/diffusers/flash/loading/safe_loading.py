@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
+from diffusers.flash.fsio import fsync_path
 from diffusers.utils import WEIGHTS_NAME, logging
 
 logger = logging.get_logger(__name__)
@@ -268,9 +269,9 @@ def save_state_dict(state_dict: dict, directory, save_function: Optional[Callabl
         else:
             (save_function or torch.save)(state_dict, tmp)
         if os.path.isfile(tmp):  # a save_function that writes elsewhere (e.g. a TPU's) is left to itself
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
-            _fsync(directory)
+            fsync_path(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -280,19 +281,6 @@ def save_state_dict(state_dict: dict, directory, save_function: Optional[Callabl
             if other != name and other.startswith(WEIGHTS_NAME[:-4]) and os.path.isfile(full):
                 os.remove(full)
     return path
-
-
-def _fsync(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder cannot be opened on some platforms
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
