@@ -427,7 +427,12 @@ class Output:
     def _mkdir(self, path: Path) -> None:
         missing = [q for q in [path, *path.parents] if not q.exists()][::-1]
         for q in missing:
-            q.mkdir()
+            try:
+                q.mkdir()
+            except FileExistsError:  # another process of this run made it a moment ago
+                if not q.is_dir():
+                    raise
+                continue
             self.created.append(q)
 
     def check_writable(self, flag: str) -> None:

@@ -132,6 +132,28 @@ def test_two_processes_write_the_same_bytes(reference, prompts_file, tmp_path):
     assert [r["seed"] for r in rows] == [r["seed"] for r in manifest(reference)]
 
 
+def test_a_folder_made_by_another_process_meanwhile_is_taken_as_it_is(gen, tmp_path, monkeypatch):
+    """Every process of a run checks --out; when two make the same missing folder at once, the slower one's
+    mkdir meets FileExistsError. That is not an error, and the folder is not this process's to remove."""
+    root = tmp_path / "a" / "b"
+    real_mkdir = Path.mkdir
+
+    def raced_mkdir(self, *a, **k):
+        real_mkdir(self)  # the other process got there first
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", raced_mkdir)
+    output = gen.Output(root, root / "run")
+    output.check_writable("--out")
+    monkeypatch.undo()
+    assert root.is_dir() and output.created == []
+    file = tmp_path / "f"
+    file.write_text("x")
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == file else os.path.lexists(self))
+    with pytest.raises(gen.UsageError, match="cannot write into"):  # a file in the way is still refused
+        gen.Output(file, file / "run").check_writable("--out")
+
+
 def test_batch_size_changes_images_only_by_float_rounding(gen, reference, prompts_file, tmp_path):
     """Each image's noise is its own; only batched kernels' rounding may differ (a pixel value by 1)."""
     folder = generate(gen, "--prompts", str(prompts_file), "--batch-size", "1", "--out", str(tmp_path), *SMALL)
