@@ -108,6 +108,8 @@ def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
 def test_refresh_can_put_an_edit_into_an_earlier_patch(fork):
     # modeling_utils.py is touched by 0001 (hub), 0004 (attention) and 0005 (safe loading)
     target = fork / "src/diffusers/modeling_utils.py"
+    if not target.exists():  # 0.12 moved it under models/
+        target = fork / "src/diffusers/models/modeling_utils.py"
     text = target.read_text()
     assert "import os\n" in text
     target.write_text(text.replace("import os\n", "import os  # hub: an edit that belongs to 0001\n", 1))
@@ -124,7 +126,10 @@ def test_refresh_can_put_an_edit_into_an_earlier_patch(fork):
 def test_verify_names_a_bad_patch(fork, damage):
     patch = fork / "patches/0003-fork-version.patch"
     if damage == "corrupt":
-        patch.write_text(patch.read_text().replace(" from .utils import logging\n", " from .utils import logg\n"))
+        text = patch.read_text()
+        hunk = text.index("\n@@ ")
+        line = re.search(r"^ (.*\S.*)$", text[hunk:], re.M)  # a context line of the first hunk, whichever release
+        patch.write_text(text[:hunk] + text[hunk:].replace(line.group(0), f" {line.group(1)}  # corrupt", 1))
         expect = "0003-fork-version.patch: src/diffusers/__init__.py: hunk 1"
     elif damage == "missing":
         patch.unlink()

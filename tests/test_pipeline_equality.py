@@ -1,5 +1,7 @@
 """Same seed, same image: every attention backend against upstream's math, for txt2img, img2img and
 inpaint, on a tiny Stable Diffusion pipeline built locally (CPU fp32; GPU fp16 where CUDA is present)."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +32,8 @@ def _run(pipe, task, device, seed):
         return pipe(height=128, width=128, **args).images
     init, mask = _images(seed, pipe)
     if task == "img2img":
-        return pipe(init_image=init, strength=0.75, **args).images
-    return pipe(init_image=init, mask_image=mask, strength=0.75, **args).images
+        return pipe(**{_image_kwarg(pipe): init}, strength=0.75, **args).images
+    return pipe(**{_image_kwarg(pipe): init}, mask_image=mask, strength=0.75, **args).images
 
 
 PIPELINES = {"txt2img": StableDiffusionPipeline, "img2img": StableDiffusionImg2ImgPipeline,
@@ -69,3 +71,8 @@ def test_backends_give_the_same_image_as_math(device, dtype, tol, task):
             sliced = _run(pipe, task, device, seed)
         pipe.disable_attention_slicing()
         assert np.abs(sliced - out).max() <= tol, f"{task} {name} sliced seed={seed}"
+
+
+def _image_kwarg(pipe) -> str:
+    """The init image's keyword: ``init_image`` until 0.13 deprecated it for ``image`` (gone in 0.14)."""
+    return "image" if "image" in inspect.signature(pipe.__call__).parameters else "init_image"

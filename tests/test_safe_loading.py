@@ -9,7 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel, modeling_utils
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel
+
+try:  # 0.12 moved modeling_utils.py under models/
+    from diffusers.models import modeling_utils
+except ImportError:
+    from diffusers import modeling_utils
 from diffusers.flash import local_pipelines
 from diffusers.flash.loading import safe_loading as sl
 
@@ -122,9 +127,7 @@ def test_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, monkeypa
     assert "refused to unpickle" in message and "open" in message and "arbitrary code" in message
     assert not target.exists()
     with pytest.raises(sl.UnsafeCheckpointError):  # the module-level upstream function is safe too
-        from diffusers.modeling_utils import load_state_dict
-
-        load_state_dict(tmp_path / "model" / BIN)
+        modeling_utils.load_state_dict(tmp_path / "model" / BIN)
     assert not target.exists()
 
 

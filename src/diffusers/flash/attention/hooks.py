@@ -23,13 +23,22 @@ with the reason rather than silently using another kernel.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
 from diffusers.flash.attention import dispatch
 from diffusers.flash.attention.dispatch import AUTO, AttentionBackendError
+from diffusers.utils import logging
 
-__all__ = ["bmm_attention", "sdpa", "xformers_attention"]
+__all__ = ["bmm_attention", "note_processor", "sdpa", "xformers_attention"]
+
+logger = logging.get_logger(__name__)
+
+# where upstream's processor classes live: their primitive calls are the lines patch 0004 changes
+UPSTREAM_PROCESSOR_MODULES = ("diffusers.models.cross_attention", "diffusers.models.attention_processor")
+_noted: set = set()
 
 _SERVES_EXTRAS = (AUTO, "math")  # backends that take a mask, dropout, causal or GQA call (upstream's own ops)
 
@@ -118,3 +127,35 @@ def xformers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if q.shape[:2] != k.shape[:2]:
         q, k, v = (t.unsqueeze(1) for t in (query, key, value))
     return dispatch.attention(q, k, v, scale, name).flatten(0, 1)
+
+
+def routed(processor: object) -> bool:
+    """Whether ``processor``'s attention reaches our dispatcher: its ``__call__`` is one of upstream's
+    processors' (whose primitive call patch 0004 replaces with one of the drop-ins above)."""
+    call = next((vars(c)["__call__"] for c in type(processor).__mro__ if "__call__" in vars(c)), None)
+    return getattr(call, "__module__", None) in UPSTREAM_PROCESSOR_MODULES
+
+
+def note_processor(processor: object) -> None:
+    """``set_processor``'s hook (0.12+, one line in upstream's ``CrossAttention.set_processor``).
+
+    Upstream's processor classes reach our dispatcher through the drop-ins; a processor of the user's own
+    (or one of the few pipelines that define their own to record attention maps, 0.13+) computes attention
+    itself, so this says so, once per class (a warning naming it), and it is used as given. A sliced
+    processor's slice size must be a positive whole number: upstream's own check lets a negative one
+    through (``8 % -8 == 0``), after which its loop computes nothing and returns zeros."""
+    cls = type(processor)
+    if routed(processor):
+        size = getattr(processor, "slice_size", None)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+            raise ValueError(f"attention slice size must be a positive whole number or None, got {size!r} "
+                             "(from set_attention_slice / enable_attention_slicing)")
+        return
+    if cls in _noted:
+        return
+    _noted.add(cls)
+    whose = ("upstream's own, which computes attention itself (it keeps the attention probabilities)"
+             if cls.__module__.startswith("diffusers.") else "not one of diffusers' own")
+    logger.warning(f"attention processor {cls.__module__}.{cls.__qualname__} is {whose}: its attention does not "
+                   "go through the diffusers-flash dispatcher, so set_attention_backend(), attention_backend() and "
+                   "$DIFFUSERS_ATTENTION_BACKEND do not apply to it")

@@ -7,7 +7,8 @@
 - ``resume_download=`` and ``proxies=``, which newer releases reject, are dropped where the
   installed huggingface_hub no longer takes them (a non-empty ``proxies`` is logged: set
   ``HTTP(S)_PROXY`` instead).
-- ``HfFolder``, ``cached_download`` and ``Repository``, gone from newer releases, have stand-ins.
+- ``HfFolder``, ``cached_download`` and ``Repository``, gone from newer releases, have stand-ins; so has
+  ``huggingface_hub.constants.hf_cache_home`` (Diffusers 0.14's ``utils/constants.py``).
 - A repository that is not in the local cache while the Hub cannot be reached (``HF_HUB_OFFLINE=1``
   or no network) raises :class:`HubOfflineError`, which names the repository.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 import shutil
 import tempfile
@@ -23,9 +25,9 @@ from functools import lru_cache
 import huggingface_hub as _hub
 from huggingface_hub import utils as _hub_utils
 
-from diffusers.utils import logging
-
-logger = logging.get_logger(__name__)
+# the stdlib's logger of this name is the one diffusers.utils.logging.get_logger hands out; importing that
+# module here would be circular from 0.12, where diffusers/utils/hub_utils.py imports this module
+logger = logging.getLogger(__name__)
 
 _LocalEntryNotFound = (getattr(_hub_utils, "LocalEntryNotFoundError", None)
                        or __import__("huggingface_hub.errors", fromlist=["x"]).LocalEntryNotFoundError)
@@ -134,7 +136,17 @@ def cached_download(url, cache_dir=None, force_download=False, local_files_only=
     return path
 
 
+# huggingface_hub.constants names Diffusers 0.14 imports: hf_cache_home (the Hugging Face home folder) is gone
+# from huggingface_hub 1.0, where HF_HOME is the same folder
+_CONSTANTS = {"hf_cache_home": ("hf_cache_home", "HF_HOME"),
+              "HUGGINGFACE_HUB_CACHE": ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE")}
+
+
 def __getattr__(name):
+    if name in _CONSTANTS:
+        for attr in _CONSTANTS[name]:
+            if hasattr(_hub.constants, attr):
+                return getattr(_hub.constants, attr)
     if name == "Repository":  # git-based Repository: gone from huggingface_hub 1.0
         repo = getattr(_hub, "Repository", None)
         if repo is not None:

@@ -8,6 +8,7 @@
   ``DPTImageProcessor``.
 - :func:`import_library` is what pipeline loading uses instead of ``importlib.import_module``: for
   ``transformers`` it resolves such old class names.
+- ``FLAX_WEIGHTS_NAME`` (gone from ``transformers.utils`` in 5) for Diffusers 0.13+'s pipeline loading.
 - :data:`LOADABLE_TRANSFORMERS` adds the base classes transformers moved tokenizers and image
   processors to (``PreTrainedTokenizerBase``, ``ImageProcessingMixin``).
 """
@@ -72,7 +73,14 @@ def import_library(name: str):
     return _Library(module) if name == "transformers" else module
 
 
+# transformers.utils constants that transformers 5 dropped (with Flax), as transformers 4 defines them; Diffusers
+# 0.13+ imports FLAX_WEIGHTS_NAME from there to list a pipeline folder's files
+UTILS_CONSTANTS = {"FLAX_WEIGHTS_NAME": "flax_model.msgpack"}
+
+
 def __getattr__(name):
     if name in RENAMED:
         return _resolve(importlib.import_module("transformers"), name)
+    if name in UTILS_CONSTANTS:
+        return getattr(importlib.import_module("transformers.utils"), name, UTILS_CONSTANTS[name])
     raise AttributeError(name)

@@ -71,17 +71,26 @@ class UntrustedLibraryError(ValueError):
 
 
 # ---------------------------------------------------------------- finding the file
-def local_weights_file(folder, subfolder: Optional[str] = None) -> str:
+def variant_name(name: str, variant: Optional[str] = None) -> str:
+    """``diffusion_pytorch_model.fp16.safetensors`` for ``variant="fp16"`` (upstream's ``_add_variant``, 0.13+)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optional[str] = None) -> str:
     """The weights file of a local model folder (upstream's order: ``folder``, then ``folder/subfolder``;
-    in each, safetensors before ``.bin``)."""
+    in each, safetensors before ``.bin``); ``variant`` (0.13+): that variant's files."""
     folders = [str(folder)] + ([os.path.join(str(folder), subfolder)] if subfolder else [])
+    names = [variant_name(n, variant) for n in WEIGHTS_NAMES]
     for directory in folders:
-        for name in WEIGHTS_NAMES:
+        for name in names:
             path = os.path.join(directory, name)
             if os.path.isfile(path):
                 return path
     raise MissingWeightsError(
-        folders[-1], f"no weights file: looked for {' and '.join(WEIGHTS_NAMES)} in {' and '.join(folders)}"
+        folders[-1], f"no weights file: looked for {' and '.join(names)} in {' and '.join(folders)}"
     )
 
 
@@ -246,16 +255,18 @@ def import_library(library: str, entry: str):
 
 # ---------------------------------------------------------------- saving
 def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
-                    safe_serialization: bool = False, is_main_process: bool = True) -> str:
+                    safe_serialization: bool = False, is_main_process: bool = True,
+                    variant: Optional[str] = None) -> str:
     """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
     ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
     ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream.
 
     The file is written under a temporary name in the same folder, flushed to disk and renamed into place;
     only then are the folder's other weights files (a previous save's) removed, by the main process. A crash
-    at any point leaves the old weights or the new ones, never neither."""
+    at any point leaves the old weights or the new ones, never neither. ``variant`` (0.13+) names the file
+    as upstream does (``diffusion_pytorch_model.fp16.bin``), and only that variant's other file is removed."""
     directory = str(directory)
-    name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    name = variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
     path = os.path.join(directory, name)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
@@ -278,7 +289,9 @@ def save_state_dict(state_dict: dict, directory, save_function: Optional[Callabl
     if is_main_process:
         for other in os.listdir(directory):  # upstream's clean-up of a previous save, now after the write
             full = os.path.join(directory, other)
-            if other != name and other.startswith(WEIGHTS_NAME[:-4]) and os.path.isfile(full):
+            ours = other.startswith(WEIGHTS_NAME[:-4]) if not variant else other in {
+                variant_name(n, variant) for n in WEIGHTS_NAMES}
+            if other != name and ours and os.path.isfile(full):
                 os.remove(full)
     return path
 
