@@ -261,6 +261,16 @@ def fork_root(tmp_path, monkeypatch):
     return root
 
 
+def test_tests_are_laid_out_in_a_folder_named_diffusers(fake_upstream, fork_root):
+    """Upstream's tests may look for their checkout's name in a path: v0.11.1's test_deprecate_stacklevel
+    asserts 'diffusers/tests/test_utils.py' in the file a warning names."""
+    (fork_root / "upstream-tests" / "v9.9.9" / "tests").mkdir(parents=True)  # an earlier layout: replaced
+    laid = upstream_tests.lay_out(fork_root, str(fake_upstream), "v9.9.9")
+    assert laid == fork_root / "upstream-tests" / "v9.9.9" / "diffusers"
+    assert (laid / "tests" / "test_fake.py").resolve().as_posix().endswith("/diffusers/tests/test_fake.py")
+    assert sorted(p.name for p in laid.parent.iterdir()) == ["diffusers"]
+
+
 @pytest.mark.slow
 def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_root, capfd):
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", [])
@@ -276,7 +286,7 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     assert "FAILED tests/test_fake.py::test_repo_id_quoted_is_a_failure" in out
     assert "EXCLUDED tests/repo_utils/ (1 test file(s)): upstream's repository-maintenance tests" in out
     assert "installing" not in out  # the test extra (pytest) is installed already
-    laid = fork_root / "upstream-tests" / "v9.9.9"
+    laid = fork_root / "upstream-tests" / "v9.9.9" / "diffusers"
     assert (laid / "hf-internal-testing" / "dummy" / "data.txt").read_text() == "tagged"
     assert not (laid / "src").exists()
     outcomes = json.loads((laid / "outcomes.json").read_text())["outcomes"]
