@@ -47,6 +47,17 @@ QUOTED_REPO = re.compile(r"'([A-Za-z0-9][\w.-]*/[\w.-]+)'")
 OFFLINE_WORDS = ("couldn't connect to 'https://huggingface.co'", "offline mode", "outgoing traffic has been disabled")
 
 
+_DTYPE_REASON = ("upstream-vs-today's-stack defect: from_pretrained(low_cpu_mem_usage=True) puts each saved tensor "
+                 "into the meta-initialised fp32 model with accelerate's set_module_tensor_to_device(value=...) and no"
+                 " dtype, which accelerate (here 1.15) now casts to the meta parameter's dtype (fp32); the accelerate "
+                 "of 0.10/0.11's day kept the saved dtype. Pristine 0.11.1 (with only the hub and transformers import "
+                 'compat 0001/0002 applied, so that it imports) fails the same assertion')
+_SLICE_REASON = ("upstream-vs-today's-stack defect: the expected pixel slice was recorded with Dec-2022's "
+                 "transformers/torch, whose random CLIP image-encoder weights and image preprocessing differ from "
+                 "today's; pristine 0.11.1 (with only the import compat 0001/0002) misses the same slice by the same "
+                 "amount here (image variation: max 0.0159 and 0.0331 against 1e-3; paint by example: 0.0291 "
+                 "against 1e-2, before our post_init for transformers 5)")
+
 # Upstream test defects: nodeid -> (fingerprint of the test's source, the failing assertion's source line in
 # the test (stripped), the reason shown).
 KNOWN_DEFECTS = {
@@ -56,6 +67,44 @@ KNOWN_DEFECTS = {
         "upstream test defect, fixed upstream in the test by huggingface/diffusers#797 (0.5.0): it backpropagates "
         "out.sum() and compares fp32 gradients of that size with atol=5e-5, which fails on CUDA with upstream "
         "0.4.2's own attention too (measured on an H100: also with TF32 off and deterministic kernels)",
+    ),
+    # 0.10.2 and 0.11.1 (the same test source in both): ModelTesterMixin.test_from_save_pretrained_dtype
+    "tests/models/test_models_unet_1d.py::UNet1DModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_unet_1d.py::UNetRLModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_unet_2d.py::Unet2DModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_unet_2d.py::UNetLDMModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_unet_2d.py::UNet2DConditionModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_unet_2d.py::NCSNppModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_vae.py::AutoencoderKLTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    "tests/models/test_models_vq.py::VQModelTests::test_from_save_pretrained_dtype": (
+        "6784ceb643c4a9ac", "assert new_model.dtype == dtype", _DTYPE_REASON,
+    ),
+    # 0.11.1: expected 3x3 slices of tiny random-weight pipelines with a CLIP image encoder
+    "tests/pipelines/stable_diffusion/test_stable_diffusion_image_variation.py::"
+    "StableDiffusionImageVariationPipelineFastTests::test_stable_diffusion_img_variation_default_case": (
+        "808d18de4c9ec69e", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3", _SLICE_REASON,
+    ),
+    "tests/pipelines/stable_diffusion/test_stable_diffusion_image_variation.py::"
+    "StableDiffusionImageVariationPipelineFastTests::test_stable_diffusion_img_variation_multiple_images": (
+        "323e9250adf363e7", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3", _SLICE_REASON,
+    ),
+    "tests/pipelines/paint_by_example/test_paint_by_example.py::"
+    "PaintByExamplePipelineFastTests::test_paint_by_example_inpaint": (
+        "d609c03cae8e2f3f", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-2", _SLICE_REASON,
     ),
 }
 

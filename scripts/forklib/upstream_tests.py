@@ -1,8 +1,9 @@
 """fork.py test-upstream: run upstream Diffusers' own test suite, unmodified, against the installed fork.
 
 Upstream's ``tests/`` and the repo-root fixtures they load by relative path are taken from a git
-clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/``
-and run there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
+clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/diffusers/``
+(a folder named as upstream's checkout: some tests look for ``diffusers/tests/`` in a path) and run
+there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
 Our plugin (``forklib.upstream_plugin``) does what the fork needs around upstream's files and
 reports tests that need the Hugging Face Hub as skipped, naming the repo.
 
@@ -35,6 +36,9 @@ FIXTURES = ("tests", "hf-internal-testing")  # what upstream's tests need, relat
 REQUIRED = "tests"
 PLUGIN = "forklib.upstream_plugin"
 OUT_DIR = "upstream-tests"
+# the folder the tests are laid into under OUT_DIR/<tag>/: named as upstream's own checkout, since tests assert
+# on it (v0.11.1's DeprecateTester.test_deprecate_stacklevel: "diffusers/tests/test_utils.py" in a warning's file)
+CHECKOUT = "diffusers"
 INI = "[pytest]\n# written by fork.py test-upstream: upstream's tests/ run with its own conftest.py only\n"
 # upstream tests left out of every run: folder (relative to upstream's root) -> why
 EXCLUDED = {
@@ -48,7 +52,7 @@ def add_parser(subparsers, root: Path):
     p = subparsers.add_parser(
         "test-upstream", help="run upstream's own test suite against the installed fork",
         description="Take upstream's tests/ (and the fixtures they use) at TAG from a git clone of upstream, "
-                    "lay them into upstream-tests/TAG/ and run them with pytest against the installed fork, "
+                    "lay them into upstream-tests/TAG/diffusers/ and run them with pytest against the installed fork, "
                     "offline. Tests that need the Hugging Face Hub are skipped, naming the repo; any other "
                     "failure is a failure (exit 1). Arguments after -- go to pytest.")
     p.add_argument("--upstream-repo", metavar="URL_OR_PATH",
@@ -114,7 +118,7 @@ def local_repo(root: Path, repo: str, tag: str) -> str:
 
 
 def lay_out(root: Path, repo: str, tag: str) -> Path:
-    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/``."""
+    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/diffusers/``."""
     present = set(_git("-C", repo, "ls-tree", "--name-only", tag, "--", *FIXTURES).split())
     if REQUIRED not in present:
         raise ForkError(f"upstream tag {tag} in {repo} has no {REQUIRED}/ folder")
@@ -122,9 +126,10 @@ def lay_out(root: Path, repo: str, tag: str) -> Path:
                           capture_output=True)
     if data.returncode != 0:
         raise ForkError(f"git archive {tag} failed in {repo}: {data.stderr.decode(errors='replace').strip()}")
-    dest = Path(root) / OUT_DIR / tag.replace("/", "_")
-    if dest.exists():
-        shutil.rmtree(dest)
+    top = Path(root) / OUT_DIR / tag.replace("/", "_")
+    if top.exists():
+        shutil.rmtree(top)
+    dest = top / CHECKOUT
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data.stdout)) as t:
         if hasattr(tarfile, "data_filter"):
@@ -208,27 +213,104 @@ def pip_install(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([*cmd, "--constraint", f.name], capture_output=True, text=True)
 
 
-def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_install) -> list[str]:
-    """Install what the tag's test extra needs and is missing (or refuse, naming the pip command); the
-    requirements installed."""
+def installed_distributions() -> set[str]:
+    importlib.invalidate_caches()
+    return {_canonical(d.metadata["Name"]) for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+IMPORT_CHECK = r"""
+import importlib, importlib.metadata as m, json, re, sys
+wanted = set(sys.argv[1:])
+modules = {}
+for module, dists in m.packages_distributions().items():
+    if module.startswith("_") or module in ("test", "tests", "docs", "examples", "benchmarks"):
+        continue
+    for dist in dists:
+        name = re.sub(r"[-_.]+", "-", dist).lower()
+        if name in wanted:
+            modules.setdefault(name, []).append(module)
+broken = {}
+for name in sorted(modules):
+    for module in sorted(modules[name]):
+        try:
+            importlib.import_module(module)
+        except BaseException as e:
+            broken[name] = f"import {module}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
+            break
+print(json.dumps(broken))
+"""
+
+
+def broken_imports(dists) -> dict[str, str]:
+    """Of the installed distributions ``dists``, those whose top-level modules do not import in this
+    interpreter: name -> the first failing import and its error."""
+    if not dists:
+        return {}
+    r = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *sorted(dists)], capture_output=True, text=True,
+                       cwd="/", env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {d: f"the import check itself failed (exit {r.returncode}): "
+                   f"{(r.stderr.strip().splitlines() or ['?'])[-1][:160]}" for d in dists}
+
+
+def pip_uninstall(names) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", *sorted(names)],
+                          capture_output=True, text=True)
+
+
+def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_install,
+                             check=broken_imports, uninstaller=pip_uninstall) -> dict:
+    """Install what the tag's test extra needs and is missing (or refuse, naming the pip command). Returns
+    ``{"installed": [requirements], "removed": {distribution: why}}``.
+
+    One pip run per requirement, in the extra's order, each with everything installed so far held: pip's
+    resolver, given them all at once, can backtrack for many minutes through old releases (sdists that do
+    not build today) where each alone resolves at once (v0.11.1's k-diffusion, librosa and torchvision
+    beside a held torch). Then every distribution this brought in must import: one that does not (a
+    torchvision built for CUDA torch beside a CPU torch) would break importing transformers, and with it
+    every test, so it is uninstalled again and named; the tests that need it then fail as they would."""
     if "setup.py" not in _git("-C", repo, "ls-tree", "--name-only", tag, "--", "setup.py").split():
-        return []
+        return {"installed": [], "removed": {}}
     missing = missing_requirements(test_requirements(_git("-C", repo, "show", f"{tag}:setup.py")))
     if not missing:
-        return []
+        return {"installed": [], "removed": {}}
     cmd = pip_command(missing)
     shown = " ".join(shlex.quote(a) for a in cmd)
     if not install:
         raise ForkError(f"upstream {tag}'s test extra needs {', '.join(missing)}, not installed (without "
                         f"--no-install test-upstream installs them); install them with: {shown}")
     print(f"test-upstream: installing upstream {tag}'s test extra: {', '.join(missing)} ({shown})", flush=True)
-    res = installer(cmd)
-    still = missing_requirements(missing)
-    if res.returncode or still:
-        last = ([ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()] or ["?"])[-1].strip()
-        raise ForkError(f"could not install {', '.join(still or missing)} for upstream {tag}'s test extra "
-                        f"({last[:160]}); install them by hand, with what they need: {shown}")
-    return missing
+    before = installed_distributions()
+    for requirement in missing:
+        if not missing_requirements([requirement]):  # came with an earlier one
+            continue
+        res = installer(pip_command([requirement]))
+        if res.returncode or missing_requirements([requirement]):
+            still = missing_requirements(missing) or [requirement]
+            by_hand = " ".join(shlex.quote(a) for a in pip_command(still))
+            raise ForkError(f"could not install {requirement} for upstream {tag}'s test extra "
+                            f"({pip_error(res)[:160]}); install {', '.join(still)} by hand, "
+                            f"with what they need: {by_hand}")
+    removed = check(installed_distributions() - before)
+    if removed:
+        uninstaller(removed)
+        for name, why in sorted(removed.items()):
+            print(f"test-upstream: removed {name} again: it installed but does not import here ({why})", flush=True)
+    return {"installed": missing, "removed": removed}
+
+
+def pip_error(res: subprocess.CompletedProcess) -> str:
+    """The line of pip's output that says what went wrong: its last ``error:``/``ERROR:`` line (not the
+    ``hint:`` or ``note:`` after it), else its last line."""
+    lines = [ln.strip() for ln in (res.stderr or "").splitlines() + (res.stdout or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.lower().startswith("error")]
+    return (errors or lines or ["?"])[-1]
 
 
 # ---------------------------------------------------------------- running them
@@ -290,6 +372,8 @@ def summary(result: dict, seconds: float) -> str:
              + f" in {seconds:.1f}s"]
     if hub:
         lines.append(f"  Hub repos needed: {', '.join(hub)}")
+    lines += [f"  NOT INSTALLED {name} (the tag's test extra; tests that need it fail): {why}"
+              for name, why in sorted(result.get("removed", {}).items())]
     lines += [f"  EXCLUDED {rel}/ ({e['files']} test file(s)): {e['why']}" for rel, e in left_out.items()]
     lines += [f"  KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) {nodeid}: {why}"
               for nodeid, (kind, why) in result["outcomes"].items() if kind == "upstream-defect"]
@@ -311,11 +395,12 @@ def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, determ
         raise ForkError("no upstream repo: pass --upstream-repo (upstream.json has no 'repo')")
     fork = fork_under_test()
     repo = local_repo(root, repo, tag)
-    ensure_test_requirements(repo, tag, install)
+    extra = ensure_test_requirements(repo, tag, install)
     where = lay_out(root, repo, tag)
     print(f"test-upstream: upstream {tag} tests in {where.relative_to(root)} against {fork}, offline", flush=True)
     start = time.monotonic()
     rc, result = run_pytest(where, pytest_args)
+    result["removed"] = extra["removed"]
     print(summary(result, time.monotonic() - start))
     if result["counts"]["failed"]:
         return 1
