@@ -635,10 +635,12 @@ def generate_batch(pipe: Any, batch: list[dict], args: argparse.Namespace, devic
     start = time.perf_counter()
     try:
         with backend_scope(args.attention_backend):
-            # the pipeline takes its size as 8x the latents' (SD's VAE); the tiny VAE upsamples 2x
+            # the pipeline takes its size as its own factor times the latents' (8 up to 0.9; from 0.10 the
+            # VAE's, held in pipe.vae_scale_factor); the tiny VAE upsamples 2x
+            factor = getattr(pipe, "vae_scale_factor", 8)
             result = pipe([job["prompt"] for job in batch],
                           negative_prompt=[job["negative_prompt"] for job in batch],
-                          height=args.height // scale * 8, width=args.width // scale * 8,
+                          height=args.height // scale * factor, width=args.width // scale * factor,
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           latents=initial_latents(pipe, batch, args, device, dtype))
     except backend_error() as e:
