@@ -1,6 +1,8 @@
 """Patch 0008: a list of negative prompts, one per prompt, in a batch of several prompts (upstream 0.4.2
 repeats them batch_size times and fails), for txt2img, img2img and inpaint (on 0.6.0 and later the 4-channel
 inpaint pipeline these tiny models fit is StableDiffusionInpaintPipelineLegacy, with 0.4.2's arguments)."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -22,12 +24,17 @@ def run(pipe, task, negative_prompt):
     if task == "txt2img":
         return pipe(height=64, width=64, **args).images
     init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    if "init_image" not in inspect.signature(pipe.__call__).parameters:  # renamed image in 0.10
+        args["image"] = init
+        init = None
+    else:
+        args["init_image"] = init
     if task == "img2img":
-        return pipe(init_image=init, strength=0.75, **args).images
+        return pipe(strength=0.75, **args).images
     # the mask is resized to the 16x16 latents: by 8 up to 0.8, by the VAE's scale factor from 0.9
     side = 16 * getattr(pipe, "vae_scale_factor", 8)
     mask = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
-    return pipe(init_image=init, mask_image=mask, strength=0.75, **args).images
+    return pipe(mask_image=mask, strength=0.75, **args).images
 
 
 @pytest.mark.parametrize("task", list(PIPELINES))

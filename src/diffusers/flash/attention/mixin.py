@@ -38,10 +38,16 @@ class AttentionBackendMixin:
 
     @staticmethod
     def ours(name: str | None) -> bool:
-        """Whether ``name`` is one of our backend names (or None, which unpins)."""
+        """Whether ``name`` is ours to take: one of our backend names, None (which unpins), or a name upstream
+        does not know either (refused by ours, naming our backends)."""
+        import sys
+
         from diffusers.flash.attention.dispatch import NAMES
 
-        return name is None or name in NAMES
+        if name is None or name in NAMES:
+            return True
+        upstream = getattr(sys.modules.get("diffusers.models.attention_dispatch"), "AttentionBackendName", None)
+        return upstream is None or str(name).lower() not in {m.value for m in upstream}
 
     def set_attention_backend(self, name: str | None):
         """Pin every attention module of this model (or of each of the pipeline's models) to backend ``name``,
