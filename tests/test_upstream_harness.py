@@ -335,7 +335,7 @@ def test_missing_test_extra_is_installed_then_checked(needs_a_missing_dist, tmp_
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
-    calls = []
+    calls, checked = [], []
 
     def installs(cmd):
         calls.append(cmd)
@@ -344,12 +344,86 @@ def test_missing_test_extra_is_installed_then_checked(needs_a_missing_dist, tmp_
         (info / "METADATA").write_text("Metadata-Version: 2.1\nName: definitely-not-installed-dist-f7\nVersion: 1.0\n")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
+    def check(dists):
+        checked.append(set(dists))
+        return {}
+
     repo = str(needs_a_missing_dist)
-    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs) == \
-        ["definitely-not-installed-dist-f7>=1.0"]
+    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs, check) == \
+        {"installed": ["definitely-not-installed-dist-f7>=1.0"], "removed": {}}
     assert calls == [[sys.executable, "-m", "pip", "install", "definitely-not-installed-dist-f7>=1.0"]]
-    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs) == []  # now there
+    assert checked == [{"definitely-not-installed-dist-f7"}]  # what this run brought in must import
+    assert upstream_tests.ensure_test_requirements(repo, "v9.9.10", True, installs, check) == \
+        {"installed": [], "removed": {}}  # now there
     assert len(calls) == 1
+
+
+@pytest.fixture
+def needs_two_missing_dists(fake_upstream):
+    """Tag v9.9.11: its test extra lists two distributions that are not installed."""
+    setup_py = SETUP_PY.replace('    "scipy",\n', '    "scipy",\n    "other-missing-dist-f8>=2",\n')
+    (fake_upstream / "setup.py").write_text(
+        setup_py.replace("{test}", '"definitely-not-installed-dist-f7", "pytest", "other-missing-dist-f8"'))
+    git(fake_upstream, "add", "-A")
+    git(fake_upstream, "commit", "-q", "-m", "needs two")
+    git(fake_upstream, "tag", "v9.9.11")
+    return fake_upstream
+
+
+def _fake_dist(site, name, version="1.0", module=None, source=""):
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if module:
+        (site / f"{module}.py").write_text(source)
+        (info / "RECORD").write_text(f"{module}.py,,\n{info.name}/METADATA,,\n")
+
+
+def test_test_extra_is_installed_one_requirement_a_pip_run(needs_two_missing_dists, tmp_path, monkeypatch):
+    """pip given the whole extra at once backtracked for 10 minutes (v0.11.1) where each alone resolves."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    calls = []
+
+    def installs(cmd):
+        calls.append(cmd[4:])
+        for req in cmd[4:]:
+            _fake_dist(site, req.split(">")[0], "2.0")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    got = upstream_tests.ensure_test_requirements(str(needs_two_missing_dists), "v9.9.11", True, installs,
+                                                  lambda dists: {})
+    assert calls == [["definitely-not-installed-dist-f7>=1.0"], ["other-missing-dist-f8>=2"]]
+    assert got["installed"] == ["definitely-not-installed-dist-f7>=1.0", "other-missing-dist-f8>=2"]
+
+
+def test_what_installs_but_does_not_import_is_removed_again(needs_two_missing_dists, tmp_path, monkeypatch, capsys):
+    """A torchvision built for CUDA torch beside the CPU torch installs, then breaks importing transformers
+    (``operator torchvision::nms does not exist``) and every upstream test with it: it is taken out again."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    removed = []
+
+    def installs(cmd):
+        if "definitely-not-installed-dist-f7>=1.0" in cmd:
+            _fake_dist(site, "definitely-not-installed-dist-f7", module="fine_module_f7", source="X = 1\n")
+        else:
+            _fake_dist(site, "other-missing-dist-f8", "2.0", module="broken_module_f8",
+                       source="raise RuntimeError('operator fake::nms does not exist')\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    got = upstream_tests.ensure_test_requirements(str(needs_two_missing_dists), "v9.9.11", True, installs,
+                                                  uninstaller=removed.append)
+    why = "import broken_module_f8: RuntimeError: operator fake::nms does not exist"
+    assert got["removed"] == {"other-missing-dist-f8": why}
+    assert removed == [{"other-missing-dist-f8": why}]
+    assert "removed other-missing-dist-f8 again: it installed but does not import here" in capsys.readouterr().out
+    text = upstream_tests.summary({"counts": {"passed": 1, "failed": 0, "hub": 0, "skipped": 0}, "outcomes": {},
+                                   "removed": got["removed"]}, 1.0)
+    assert f"NOT INSTALLED other-missing-dist-f8 (the tag's test extra; tests that need it fail): {why}" in text
 
 
 def test_an_install_that_fails_is_refused_in_one_line(needs_a_missing_dist):
@@ -360,6 +434,18 @@ def test_an_install_that_fails_is_refused_in_one_line(needs_a_missing_dist):
         upstream_tests.ensure_test_requirements(str(needs_a_missing_dist), "v9.9.10", True, fails)
     assert "\n" not in str(e.value) and "could not install definitely-not-installed-dist-f7>=1.0" in str(e.value)
     assert "No matching distribution found" in str(e.value) and "-m pip install" in str(e.value)
+
+
+def test_a_failed_install_names_pips_error_not_its_hint(needs_a_missing_dist):
+    """pip ends a failed build with 'hint: See above for details.', which told nothing (v0.11.1)."""
+    out = ("Collecting scikit-learn\n  Cython.Compiler.Errors.CompileError: sklearn/x.pyx\n"
+           "error: metadata-generation-failed\n\nx Encountered error while generating package metadata.\n"
+           "note: This is an issue with the package mentioned above, not pip.\nhint: See above for details.\n")
+
+    with pytest.raises(ForkError) as e:
+        upstream_tests.ensure_test_requirements(str(needs_a_missing_dist), "v9.9.10", True,
+                                                lambda cmd: subprocess.CompletedProcess(cmd, 1, "", out))
+    assert "(error: metadata-generation-failed)" in str(e.value) and "hint" not in str(e.value)
 
 
 def test_pip_install_holds_what_is_installed(monkeypatch):

@@ -208,27 +208,104 @@ def pip_install(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([*cmd, "--constraint", f.name], capture_output=True, text=True)
 
 
-def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_install) -> list[str]:
-    """Install what the tag's test extra needs and is missing (or refuse, naming the pip command); the
-    requirements installed."""
+def installed_distributions() -> set[str]:
+    importlib.invalidate_caches()
+    return {_canonical(d.metadata["Name"]) for d in importlib.metadata.distributions() if d.metadata["Name"]}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+IMPORT_CHECK = r"""
+import importlib, importlib.metadata as m, json, re, sys
+wanted = set(sys.argv[1:])
+modules = {}
+for module, dists in m.packages_distributions().items():
+    if module.startswith("_") or module in ("test", "tests", "docs", "examples", "benchmarks"):
+        continue
+    for dist in dists:
+        name = re.sub(r"[-_.]+", "-", dist).lower()
+        if name in wanted:
+            modules.setdefault(name, []).append(module)
+broken = {}
+for name in sorted(modules):
+    for module in sorted(modules[name]):
+        try:
+            importlib.import_module(module)
+        except BaseException as e:
+            broken[name] = f"import {module}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
+            break
+print(json.dumps(broken))
+"""
+
+
+def broken_imports(dists) -> dict[str, str]:
+    """Of the installed distributions ``dists``, those whose top-level modules do not import in this
+    interpreter: name -> the first failing import and its error."""
+    if not dists:
+        return {}
+    r = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *sorted(dists)], capture_output=True, text=True,
+                       cwd="/", env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {d: f"the import check itself failed (exit {r.returncode}): "
+                   f"{(r.stderr.strip().splitlines() or ['?'])[-1][:160]}" for d in dists}
+
+
+def pip_uninstall(names) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", *sorted(names)],
+                          capture_output=True, text=True)
+
+
+def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_install,
+                             check=broken_imports, uninstaller=pip_uninstall) -> dict:
+    """Install what the tag's test extra needs and is missing (or refuse, naming the pip command). Returns
+    ``{"installed": [requirements], "removed": {distribution: why}}``.
+
+    One pip run per requirement, in the extra's order, each with everything installed so far held: pip's
+    resolver, given them all at once, can backtrack for many minutes through old releases (sdists that do
+    not build today) where each alone resolves at once (v0.11.1's k-diffusion, librosa and torchvision
+    beside a held torch). Then every distribution this brought in must import: one that does not (a
+    torchvision built for CUDA torch beside a CPU torch) would break importing transformers, and with it
+    every test, so it is uninstalled again and named; the tests that need it then fail as they would."""
     if "setup.py" not in _git("-C", repo, "ls-tree", "--name-only", tag, "--", "setup.py").split():
-        return []
+        return {"installed": [], "removed": {}}
     missing = missing_requirements(test_requirements(_git("-C", repo, "show", f"{tag}:setup.py")))
     if not missing:
-        return []
+        return {"installed": [], "removed": {}}
     cmd = pip_command(missing)
     shown = " ".join(shlex.quote(a) for a in cmd)
     if not install:
         raise ForkError(f"upstream {tag}'s test extra needs {', '.join(missing)}, not installed (without "
                         f"--no-install test-upstream installs them); install them with: {shown}")
     print(f"test-upstream: installing upstream {tag}'s test extra: {', '.join(missing)} ({shown})", flush=True)
-    res = installer(cmd)
-    still = missing_requirements(missing)
-    if res.returncode or still:
-        last = ([ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()] or ["?"])[-1].strip()
-        raise ForkError(f"could not install {', '.join(still or missing)} for upstream {tag}'s test extra "
-                        f"({last[:160]}); install them by hand, with what they need: {shown}")
-    return missing
+    before = installed_distributions()
+    for requirement in missing:
+        if not missing_requirements([requirement]):  # came with an earlier one
+            continue
+        res = installer(pip_command([requirement]))
+        if res.returncode or missing_requirements([requirement]):
+            still = missing_requirements(missing) or [requirement]
+            by_hand = " ".join(shlex.quote(a) for a in pip_command(still))
+            raise ForkError(f"could not install {requirement} for upstream {tag}'s test extra "
+                            f"({pip_error(res)[:160]}); install {', '.join(still)} by hand, "
+                            f"with what they need: {by_hand}")
+    removed = check(installed_distributions() - before)
+    if removed:
+        uninstaller(removed)
+        for name, why in sorted(removed.items()):
+            print(f"test-upstream: removed {name} again: it installed but does not import here ({why})", flush=True)
+    return {"installed": missing, "removed": removed}
+
+
+def pip_error(res: subprocess.CompletedProcess) -> str:
+    """The line of pip's output that says what went wrong: its last ``error:``/``ERROR:`` line (not the
+    ``hint:`` or ``note:`` after it), else its last line."""
+    lines = [ln.strip() for ln in (res.stderr or "").splitlines() + (res.stdout or "").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.lower().startswith("error")]
+    return (errors or lines or ["?"])[-1]
 
 
 # ---------------------------------------------------------------- running them
@@ -290,6 +367,8 @@ def summary(result: dict, seconds: float) -> str:
              + f" in {seconds:.1f}s"]
     if hub:
         lines.append(f"  Hub repos needed: {', '.join(hub)}")
+    lines += [f"  NOT INSTALLED {name} (the tag's test extra; tests that need it fail): {why}"
+              for name, why in sorted(result.get("removed", {}).items())]
     lines += [f"  EXCLUDED {rel}/ ({e['files']} test file(s)): {e['why']}" for rel, e in left_out.items()]
     lines += [f"  KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) {nodeid}: {why}"
               for nodeid, (kind, why) in result["outcomes"].items() if kind == "upstream-defect"]
@@ -311,11 +390,12 @@ def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, determ
         raise ForkError("no upstream repo: pass --upstream-repo (upstream.json has no 'repo')")
     fork = fork_under_test()
     repo = local_repo(root, repo, tag)
-    ensure_test_requirements(repo, tag, install)
+    extra = ensure_test_requirements(repo, tag, install)
     where = lay_out(root, repo, tag)
     print(f"test-upstream: upstream {tag} tests in {where.relative_to(root)} against {fork}, offline", flush=True)
     start = time.monotonic()
     rc, result = run_pytest(where, pytest_args)
+    result["removed"] = extra["removed"]
     print(summary(result, time.monotonic() - start))
     if result["counts"]["failed"]:
         return 1
