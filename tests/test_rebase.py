@@ -520,6 +520,19 @@ def test_round_trip_through_two_releases_one_variant_serves_is_byte_identical(en
     assert snapshot(env["root"]) == before
 
 
+def test_a_promoted_variant_comes_back_under_its_own_name(env, capsys):
+    """A variant named after the last release of its range (1.9.0.patch for 1.3.0..1.9.0) that applies clean on
+    1.3.0 becomes the main text there; the way back keeps it as 1.9.0.patch again, not as 1.3.0.patch."""
+    add_variant(env, "0001-ours-in-a.patch", "1.9.0", "1.3.0..1.9.0", RESOLVED_1_3)
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]
+    assert rebase(env, "1.3.0", *repo) == 0, capsys.readouterr()
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.3.0")
+    assert rebase(env, "1.0.0", *repo) == 0, capsys.readouterr()
+    assert snapshot(env["root"]) == before
+
+
 def test_round_trip_from_the_index_gets_the_commit_back_from_the_committed_pin(env, capsys):
     before = snapshot(env["root"])
     assert rebase(env, "1.1.0") == 0  # from the index: 1.1.0's commit is not known

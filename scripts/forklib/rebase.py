@@ -653,7 +653,7 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
             continue
         if name not in again:
             keep = patchfile.parse(mains[name], name)
-            label, text = kept_label(keep, old), mains[name]
+            label, text = kept_label(root, name, keep, mains[name], old), mains[name]
             if not covers(keep.field("Applies-To"), label):  # a text kept for a release must say it serves it
                 text = patchfile.render(patchfile.set_field(keep.header, "Applies-To", ", ".join(
                     filter(None, [keep.field("Applies-To"), label]))), [diff_body(text)])
@@ -665,9 +665,15 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
     prune_variants(root)
 
 
-def kept_label(patch, old: str) -> str:
-    """The release a replaced main text is kept for: ``old``, which it served; but a text upstream has the
-    change of on ``old`` (Upstream-Since) did not serve it: the last release its Applies-To names before that."""
+def kept_label(root: Path, name: str, patch, text: str, old: str) -> str:
+    """The release a replaced main text is kept for: the name it had as a variant where this project's history
+    holds it, byte for byte, under patches/variants/ (a variant the rebase there promoted to the main text,
+    named after a release other than the one rebased to: 0.42.1.patch serving 0.40.0..0.42.1); else ``old``,
+    which it served; but a text upstream has the change of on ``old`` (Upstream-Since) did not serve it: the
+    last release its Applies-To names before that."""
+    label = history_label(root, name, text)
+    if label and covers(patch.field("Applies-To"), label):
+        return label
     since = variants.skipped(patch, old)
     if not since:
         return old
@@ -676,6 +682,21 @@ def kept_label(patch, old: str) -> str:
     except ForkError:
         served = []
     return ".".join(map(str, max(served))) if served else old
+
+
+def history_label(root: Path, name: str, text: str) -> str | None:
+    """The release a variant file with exactly ``text`` was last named after in the project's git history."""
+    data = text.encode("utf-8")
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    folder = f"patches/{variants.DIR}/{variants.stem(name)}/"
+    res = subprocess.run(["git", "-C", str(root), "log", "--format=", "--raw", "--no-abbrev", "--no-renames",
+                          "HEAD", "--", folder], capture_output=True, text=True)
+    for line in res.stdout.splitlines() if res.returncode == 0 else []:
+        meta, _, path = line.partition("\t")
+        fields = meta.split()
+        if line.startswith(":") and len(fields) >= 4 and fields[3] == blob and path.endswith(".patch"):
+            return path[len(folder):-len(".patch")] if "/" not in path[len(folder):] else None
+    return None
 
 
 def prune_variants(root: Path) -> None:
