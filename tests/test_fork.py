@@ -78,14 +78,36 @@ def test_hand_edit_is_caught_and_kept_from_materialize(fork):
     assert fork_py(fork, "verify").returncode == 0
 
 
+def active_patches(root):
+    """(name, Patch) of the series applied on the pin (not those upstream has by then)."""
+    from forklib import variants
+
+    return variants.active(tree.load_patches(root), release.load_pin(root)["version"])
+
+
+def added_line(patch, path=None):
+    """(file, an added line of ``patch``, without its newline): where an edit belongs to that patch, whatever
+    release the series is on."""
+    for fp in patch.files:
+        for h in fp.hunks:
+            for tag, text in h.lines:
+                if tag == "+" and text.strip() and fp.new_path and (path is None or fp.new_path == path):
+                    return fp.new_path, text.rstrip("\n")
+    raise AssertionError("the patch adds no line")
+
+
 def test_refresh_turns_an_edit_into_a_patch_and_is_stable(fork):
-    target = fork / "src/diffusers/models/attention.py"  # touched by 0004: the edit goes there
+    name = "0004-attention-dispatch.patch"
+    assert name in dict(active_patches(fork)), "0004 is applied on every release the series serves"
+    rel, line = added_line(dict(active_patches(fork))[name])  # one of 0004's own lines: the edit goes there
+    target = fork / rel
     text = target.read_text()
-    target.write_text(text.replace("class AttentionBlock(nn.Module):", "class AttentionBlock(nn.Module):  # edited", 1))
-    before = (fork / "patches/0004-attention-dispatch.patch").read_text()
+    assert line + "\n" in text
+    target.write_text(text.replace(line + "\n", line + "  # edited\n", 1))
+    before = (fork / "patches" / name).read_text()
     assert fork_py(fork, "refresh").returncode == 0
-    after = (fork / "patches/0004-attention-dispatch.patch").read_text()
-    assert after != before and "+class AttentionBlock(nn.Module):  # edited" in after
+    after = (fork / "patches" / name).read_text()
+    assert after != before and f"+{line}  # edited" in after
     assert fork_py(fork, "verify").returncode == 0
     snapshot = {p.name: p.read_text() for p in (fork / "patches").rglob("*") if p.is_file()}
     res = fork_py(fork, "refresh")
@@ -106,25 +128,34 @@ def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
 
 
 def test_refresh_can_put_an_edit_into_an_earlier_patch(fork):
-    # modeling_utils.py is touched by 0001 (hub), 0004 (attention) and 0005 (safe loading)
-    target = fork / "src/diffusers/modeling_utils.py"
+    # a file two applied patches touch (on 0.4.2 modeling_utils.py: 0001 hub, 0004 attention, 0005 loading)
+    active = active_patches(fork)
+    pairs = [(e, later, fp.new_path) for k, (e, ep) in enumerate(active) for later, lp in active[k + 1:]
+             for fp in ep.files if fp.old_path and fp.new_path and fp.new_path in {f.new_path for f in lp.files}]
+    assert pairs, "no file is touched by two applied patches"
+    earlier, later, rel = pairs[0]
+    target = fork / rel
     text = target.read_text()
-    assert "import os\n" in text
-    target.write_text(text.replace("import os\n", "import os  # hub: an edit that belongs to 0001\n", 1))
-    res = fork_py(fork, "refresh", "--patch", "0001-hub-compat.patch")
+    mark = f"# an edit that belongs to {earlier[:4]}\n"
+    target.write_text(mark + text)  # the top of the file: away from the later patch's hunks
+    res = fork_py(fork, "refresh", "--patch", earlier)
     assert res.returncode == 0, res.stderr
-    assert "+import os  # hub: an edit that belongs to 0001" in (fork / "patches/0001-hub-compat.patch").read_text()
-    for later in ("0004-attention-dispatch.patch", "0005-safe-loading.patch"):
-        assert "an edit that belongs" not in (fork / "patches" / later).read_text()
+    assert "+" + mark in (fork / "patches" / earlier).read_text()
+    for name, _ in active:
+        if name != earlier:
+            assert "an edit that belongs" not in (fork / "patches" / name).read_text(), name
     assert fork_py(fork, "verify").returncode == 0
-    assert target.read_text().count("an edit that belongs to 0001") == 1
+    assert target.read_text().count(mark) == 1
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "unlisted", "offset"])
 def test_verify_names_a_bad_patch(fork, damage):
     patch = fork / "patches/0003-fork-version.patch"
-    if damage == "corrupt":
-        patch.write_text(patch.read_text().replace(" from .utils import logging\n", " from .utils import logg\n"))
+    if damage == "corrupt":  # its first context line, whichever release the series is on
+        text = patch.read_text()
+        m = re.search(r"^ (\S.*)$", text[text.index("\n@@ "):], re.M)
+        assert m, "0003's first hunk has a context line"
+        patch.write_text(text.replace(m.group(0), m.group(0) + "  # not upstream's", 1))
         expect = "0003-fork-version.patch: src/diffusers/__init__.py: hunk 1"
     elif damage == "missing":
         patch.unlink()
