@@ -318,3 +318,31 @@ def test_this_checkout_keeps_the_namespace_rule():
         pytest.skip("not a git checkout: nothing is tracked")
     assert tree.namespace_problems(mine, {}) == []
     assert any(p.startswith(tree.NAMESPACE) for p in mine)
+
+
+def test_the_attention_dispatch_alias_is_laid_down_below_0_35_only():
+    rel = "src/diffusers/models/attention_dispatch.py"
+    assert rel in tree.aliases("0.4.2", {}) and rel in tree.aliases("0.34.0", {})
+    assert tree.aliases("0.35.0", {}) == {} and tree.aliases("0.40.0", {}) == {}
+    assert tree.aliases("0.4.2", {rel: "upstream's own"}) == {}  # a release (or patch) with the file keeps its own
+    assert "sys.modules[__name__] = _dispatch" in tree.aliases("0.4.2", {})[rel]
+
+
+def test_materialize_lays_the_alias_down_git_ignored_and_verify_keeps_the_namespace_rule(fork):
+    rel = "src/diffusers/models/attention_dispatch.py"
+    below = tree.ALIASES[rel]["below"]
+    from forklib import variants
+
+    on_pin = variants.vkey(PIN["version"]) < variants.vkey(below)
+    alias = fork / rel
+    if on_pin:
+        assert alias.read_text() == tree.ALIASES[rel]["text"]
+        assert "/models/attention_dispatch.py" in (fork / tree.GITIGNORE).read_text().splitlines()
+    else:
+        assert tree.ALIASES[rel]["text"] != (alias.read_text() if alias.exists() else None)
+    stray = fork / "src/diffusers/fast_path.py"  # ours, outside src/diffusers/flash/
+    stray.write_text("x = 1\n")
+    subprocess.run(["git", "-C", str(fork), "add", str(stray)], check=True)
+    res = fork_py(fork, "verify")
+    assert res.returncode != 0
+    assert "src/diffusers/fast_path.py: a file of ours outside src/diffusers/flash/" in res.stdout + res.stderr
