@@ -596,3 +596,38 @@ def test_the_listed_gradient_checkpointing_defect_names_its_assertion_at_the_tag
     lines = source.splitlines(keepends=True)[node.lineno - 1:node.end_lineno]
     assert plugin.fingerprint("".join(lines)) == finger
     assert [ln.strip() for ln in lines].count(assertion) == 1
+
+
+# ---------------------------------------------------------------- what test-upstream removed again
+def test_tests_needing_a_removed_dist_skip_naming_it_and_other_missing_modules_fail(tmp_path):
+    """A test module, or a test, that fails only because it imports a module test-upstream installed and
+    removed again (it does not import here: a torchvision built for another torch) is skipped with the reason;
+    a module missing for any other reason stays a failure, and without the list nothing is skipped."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_module_level.py").write_text("import heldout_mod_f7\n\n\ndef test_a():\n    pass\n")
+    (tmp_path / "tests" / "test_inside.py").write_text(
+        "def test_held():\n    import heldout_mod_f7.ops  # noqa: F401\n\n\n"
+        "def test_other():\n    import other_missing_mod_f7  # noqa: F401\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+
+    def run(held):
+        report = tmp_path / "outcomes.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
+        env.pop(upstream_tests.NOT_INSTALLED_ENV, None)
+        if held:
+            env[upstream_tests.NOT_INSTALLED_ENV] = json.dumps(held)
+        subprocess.run([sys.executable, "-m", "pytest", "-p", upstream_tests.PLUGIN, "--upstream-report", str(report),
+                        "-c", "pytest.ini", "-p", "no:cacheprovider", "--continue-on-collection-errors", "tests"],
+                       cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+        return json.loads(report.read_text())["outcomes"]
+
+    why = "import heldout_mod_f7: RuntimeError: operator heldout::nms does not exist"
+    out = run({"heldout_mod_f7": why})
+    assert out["tests/test_module_level.py"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
+    assert out["tests/test_inside.py::test_held"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
+    assert out["tests/test_inside.py::test_other"][0] == "failed"
+    out = run({})
+    assert out["tests/test_module_level.py"][0] == "failed" and out["tests/test_inside.py::test_held"][0] == "failed"
+    assert upstream_tests.module_of(why, "heldout-mod-f7") == "heldout_mod_f7"
+    assert upstream_tests.module_of("the import check itself failed", "heldout-mod-f7") == "heldout_mod_f7"
