@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from diffusers.flash.attention import dispatch as ad
-from diffusers.models.attention import AttentionBlock, CrossAttention
+
+try:
+    from diffusers.models.attention import AttentionBlock, CrossAttention
+except ImportError:  # 0.15 and later: processors; tests/test_attention_hooks.py and test_upstream_attention.py
+    pytest.skip("this release has no CrossAttention/AttentionBlock modules (0.4-0.14): its processors are "
+                "tested in test_attention_hooks.py and test_upstream_attention.py", allow_module_level=True)
 
 CPU_BACKENDS = [n for n, ok, _ in ad.backend_status() if ok and n in ("math", "sdpa")]
 

@@ -14,7 +14,7 @@ import torch
 from diffusers.flash.fastpath import engine as fast_path
 from diffusers.flash import local_pipelines
 from test_compile_ahead import _no_cpp_compiler
-from diffusers.models.unet_2d_condition import UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 
 def _run(pipe, device, n=1, seed=0):

@@ -78,14 +78,36 @@ def test_hand_edit_is_caught_and_kept_from_materialize(fork):
     assert fork_py(fork, "verify").returncode == 0
 
 
+def active_patches(root):
+    """(name, Patch) of the series applied on the pin (not those upstream has by then)."""
+    from forklib import variants
+
+    return variants.active(tree.load_patches(root), release.load_pin(root)["version"])
+
+
+def added_line(patch, path=None):
+    """(file, an added line of ``patch``, without its newline): where an edit belongs to that patch, whatever
+    release the series is on."""
+    for fp in patch.files:
+        for h in fp.hunks:
+            for tag, text in h.lines:
+                if tag == "+" and text.strip() and fp.new_path and (path is None or fp.new_path == path):
+                    return fp.new_path, text.rstrip("\n")
+    raise AssertionError("the patch adds no line")
+
+
 def test_refresh_turns_an_edit_into_a_patch_and_is_stable(fork):
-    target = fork / "src/diffusers/models/attention.py"  # touched by 0004: the edit goes there
+    name = "0004-attention-dispatch.patch"
+    assert name in dict(active_patches(fork)), "0004 is applied on every release the series serves"
+    rel, line = added_line(dict(active_patches(fork))[name])  # one of 0004's own lines: the edit goes there
+    target = fork / rel
     text = target.read_text()
-    target.write_text(text.replace("class AttentionBlock(nn.Module):", "class AttentionBlock(nn.Module):  # edited", 1))
-    before = (fork / "patches/0004-attention-dispatch.patch").read_text()
+    assert line + "\n" in text
+    target.write_text(text.replace(line + "\n", line + "  # edited\n", 1))
+    before = (fork / "patches" / name).read_text()
     assert fork_py(fork, "refresh").returncode == 0
-    after = (fork / "patches/0004-attention-dispatch.patch").read_text()
-    assert after != before and "+class AttentionBlock(nn.Module):  # edited" in after
+    after = (fork / "patches" / name).read_text()
+    assert after != before and f"+{line}  # edited" in after
     assert fork_py(fork, "verify").returncode == 0
     snapshot = {p.name: p.read_text() for p in (fork / "patches").rglob("*") if p.is_file()}
     res = fork_py(fork, "refresh")
@@ -106,30 +128,35 @@ def test_refresh_refuses_an_edit_no_patch_owns_without_a_name(fork):
 
 
 def test_refresh_can_put_an_edit_into_an_earlier_patch(fork):
-    # modeling_utils.py is touched by 0001 (hub), 0004 (attention) and 0005 (safe loading)
-    target = fork / "src/diffusers/modeling_utils.py"
-    if not target.exists():  # 0.12 moved it under models/
-        target = fork / "src/diffusers/models/modeling_utils.py"
+    # a file two applied patches touch (on 0.4.2 modeling_utils.py: 0001 hub, 0004 attention, 0005 loading);
+    # where none is (0.40+: 0003, 0004 and 0009 touch different files), a file of the first applied patch
+    active = active_patches(fork)
+    assert len(active) >= 2, "fewer than two patches applied: no earlier patch to choose"
+    pairs = [(e, fp.new_path) for k, (e, ep) in enumerate(active) for _, lp in active[k + 1:]
+             for fp in ep.files if fp.old_path and fp.new_path and fp.new_path in {f.new_path for f in lp.files}]
+    earlier, rel = (pairs or [(active[0][0], next(f.new_path for f in active[0][1].files if f.old_path))])[0]
+    target = fork / rel
     text = target.read_text()
-    assert "import os\n" in text
-    target.write_text(text.replace("import os\n", "import os  # hub: an edit that belongs to 0001\n", 1))
-    res = fork_py(fork, "refresh", "--patch", "0001-hub-compat.patch")
+    mark = f"# an edit that belongs to {earlier[:4]}\n"
+    target.write_text(mark + text)  # the top of the file: away from the later patch's hunks
+    res = fork_py(fork, "refresh", "--patch", earlier)
     assert res.returncode == 0, res.stderr
-    assert "+import os  # hub: an edit that belongs to 0001" in (fork / "patches/0001-hub-compat.patch").read_text()
-    for later in ("0004-attention-dispatch.patch", "0005-safe-loading.patch"):
-        assert "an edit that belongs" not in (fork / "patches" / later).read_text()
+    assert "+" + mark in (fork / "patches" / earlier).read_text()
+    for name, _ in active:
+        if name != earlier:
+            assert "an edit that belongs" not in (fork / "patches" / name).read_text(), name
     assert fork_py(fork, "verify").returncode == 0
-    assert target.read_text().count("an edit that belongs to 0001") == 1
+    assert target.read_text().count(mark) == 1
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing", "unlisted", "offset"])
 def test_verify_names_a_bad_patch(fork, damage):
     patch = fork / "patches/0003-fork-version.patch"
-    if damage == "corrupt":
+    if damage == "corrupt":  # its first context line, whichever release the series is on
         text = patch.read_text()
-        hunk = text.index("\n@@ ")
-        line = re.search(r"^ (.*\S.*)$", text[hunk:], re.M)  # a context line of the first hunk, whichever release
-        patch.write_text(text[:hunk] + text[hunk:].replace(line.group(0), f" {line.group(1)}  # corrupt", 1))
+        m = re.search(r"^ (\S.*)$", text[text.index("\n@@ "):], re.M)
+        assert m, "0003's first hunk has a context line"
+        patch.write_text(text.replace(m.group(0), m.group(0) + "  # not upstream's", 1))
         expect = "0003-fork-version.patch: src/diffusers/__init__.py: hunk 1"
     elif damage == "missing":
         patch.unlink()
@@ -206,15 +233,20 @@ def test_uncached_repo_offline_names_the_repo(tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.flash.compat.hub import HubOfflineError
 
-    with pytest.raises(HubOfflineError, match="someone/not-cached-anywhere"):
-        UNet2DConditionModel.from_pretrained("someone/not-cached-anywhere", cache_dir=tmp_path,
-                                             local_files_only=True, use_auth_token="x", resume_download=True)
+    # 0001 (hub compat) raises our HubOfflineError; from its Upstream-Since on, upstream's own OSError names the repo
+    ours = "0001-hub-compat.patch" in dict(active_patches(ROOT))
+    with pytest.raises(HubOfflineError if ours else OSError, match="someone/not-cached-anywhere"):
+        UNet2DConditionModel.from_pretrained("someone/not-cached-anywhere", cache_dir=tmp_path, local_files_only=True,
+                                             **({"use_auth_token": "x", "resume_download": True} if ours else {}))
     code = ("from diffusers import StableDiffusionPipeline as P\n"
             "P.from_pretrained('CompVis/stable-diffusion-v1-4', cache_dir=%r)" % str(tmp_path))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert res.returncode != 0
-    assert "HubOfflineError: CompVis/stable-diffusion-v1-4" in res.stderr and "HF_HUB_OFFLINE" in res.stderr
+    if ours:
+        assert "HubOfflineError: CompVis/stable-diffusion-v1-4" in res.stderr and "HF_HUB_OFFLINE" in res.stderr
+    else:
+        assert "OSError: " in res.stderr and "CompVis/stable-diffusion-v1-4" in res.stderr.splitlines()[-1]
     assert StableDiffusionPipeline  # imported for the subprocess's sake too
 
 
@@ -286,3 +318,31 @@ def test_this_checkout_keeps_the_namespace_rule():
         pytest.skip("not a git checkout: nothing is tracked")
     assert tree.namespace_problems(mine, {}) == []
     assert any(p.startswith(tree.NAMESPACE) for p in mine)
+
+
+def test_the_attention_dispatch_alias_is_laid_down_below_0_35_only():
+    rel = "src/diffusers/models/attention_dispatch.py"
+    assert rel in tree.aliases("0.4.2", {}) and rel in tree.aliases("0.34.0", {})
+    assert tree.aliases("0.35.0", {}) == {} and tree.aliases("0.40.0", {}) == {}
+    assert tree.aliases("0.4.2", {rel: "upstream's own"}) == {}  # a release (or patch) with the file keeps its own
+    assert "sys.modules[__name__] = _dispatch" in tree.aliases("0.4.2", {})[rel]
+
+
+def test_materialize_lays_the_alias_down_git_ignored_and_verify_keeps_the_namespace_rule(fork):
+    rel = "src/diffusers/models/attention_dispatch.py"
+    below = tree.ALIASES[rel]["below"]
+    from forklib import variants
+
+    on_pin = variants.vkey(PIN["version"]) < variants.vkey(below)
+    alias = fork / rel
+    if on_pin:
+        assert alias.read_text() == tree.ALIASES[rel]["text"]
+        assert "/models/attention_dispatch.py" in (fork / tree.GITIGNORE).read_text().splitlines()
+    else:
+        assert tree.ALIASES[rel]["text"] != (alias.read_text() if alias.exists() else None)
+    stray = fork / "src/diffusers/fast_path.py"  # ours, outside src/diffusers/flash/
+    stray.write_text("x = 1\n")
+    subprocess.run(["git", "-C", str(fork), "add", str(stray)], check=True)
+    res = fork_py(fork, "verify")
+    assert res.returncode != 0
+    assert "src/diffusers/fast_path.py: a file of ours outside src/diffusers/flash/" in res.stdout + res.stderr

@@ -24,12 +24,17 @@ def run(pipe, task, negative_prompt):
     if task == "txt2img":
         return pipe(height=64, width=64, **args).images
     init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    if "init_image" not in inspect.signature(pipe.__call__).parameters:  # renamed image in 0.10
+        args["image"] = init
+        init = None
+    else:
+        args["init_image"] = init
     if task == "img2img":
-        return pipe(**{_image_kwarg(pipe): init}, strength=0.75, **args).images
+        return pipe(strength=0.75, **args).images
     # the mask is resized to the 16x16 latents: by 8 up to 0.8, by the VAE's scale factor from 0.9
     side = 16 * getattr(pipe, "vae_scale_factor", 8)
     mask = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
-    return pipe(**{_image_kwarg(pipe): init}, mask_image=mask, strength=0.75, **args).images
+    return pipe(mask_image=mask, strength=0.75, **args).images
 
 
 @pytest.mark.parametrize("task", list(PIPELINES))
@@ -42,7 +47,3 @@ def test_each_prompt_gets_its_own_negative_prompt(task):
     assert np.abs(both[2:] - second_only[2:]).max() < 1e-5  # the second prompt's images: same negative
     assert np.abs(both[:2] - second_only[:2]).max() > 1e-3  # the first prompt's: "blurry" vs none
 
-
-def _image_kwarg(pipe) -> str:
-    """The init image's keyword: ``init_image`` until 0.13 deprecated it for ``image`` (gone in 0.14)."""
-    return "image" if "image" in inspect.signature(pipe.__call__).parameters else "init_image"

@@ -71,10 +71,10 @@ def process_backend():
 
 
 def attention_modules(pipe):
-    from diffusers.models.attention import AttentionBlock, CrossAttention
+    from diffusers.flash.attention.mixin import attention_classes
 
     return [m for model in (pipe.unet, pipe.vae) for m in model.modules()
-            if isinstance(m, (CrossAttention, AttentionBlock))]
+            if isinstance(m, attention_classes())]
 
 
 def test_auto_on_a_pipeline_follows_the_process_wide_backend(process_backend, monkeypatch):

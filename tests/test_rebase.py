@@ -48,6 +48,8 @@ RELEASES = {
     "1.5.0": {"a.py": a_py(), "b.py": None, "c.py": "def other():\n    return 42\n"},  # patched file gone: .rej
     "1.6.0": {"a.py": a_py(), "b.py": None, "sub/b.py": B_PY + "\n\ndef k():\n    return 3\n"},  # moved: followed
     "1.7.0": {"a.py": a_py({25: "x25 = -25\n"})},                      # upstream has 0002's change
+    "1.8.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"}, prepend=2)},  # 1.3.0's edit, moved down
+    "1.9.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"}, prepend=1)},  # and by one line only
 }
 
 
@@ -212,7 +214,8 @@ def test_continue_after_resolving(env, capsys):
     assert laid(env, "a.py") == resolved.replace("x25 = 25\n", "x25 = -25\n")
     assert release.load_pin(env["root"])["version"] == "1.3.0"
     assert field(env, "0001-ours-in-a.patch", "Applies-To") == "1.3.0"  # changed by hand: 1.0.0 has its variant
-    assert field(env, "0002-late-line.patch", "Applies-To") == "1.0.0"  # applied unchanged: left byte for byte
+    # applied unchanged: only its Applies-To follows (as it would from a release with other line numbers)
+    assert field(env, "0002-late-line.patch", "Applies-To") == "1.3.0"
     assert tree.verify(env["root"]) == []
 
 
@@ -330,8 +333,8 @@ def test_check_table(env, capsys, source):
     extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
     assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
     rows = expected_rows(capsys.readouterr().out)
-    assert [rows[v][0] for v in RELEASES if v != "1.7.0"] == ["clean", "offsets", "three-way", "conflict", "clean",
-                                                             "conflict", "clean"]
+    checked = [v for v in RELEASES if v not in ("1.7.0", "1.8.0", "1.9.0")]
+    assert [rows[v][0] for v in checked] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
     assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
     assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
     assert rows["1.1.0"][1] == "offsets: 0001 x1, 0002 x1"
@@ -491,6 +494,77 @@ def test_round_trip_through_a_variant_restores_everything_byte_for_byte(env, cap
     assert rebase(env, "1.0.0", *repo) == 0
     assert "from patches/variants/0001-ours-in-a/1.0.0.patch" in capsys.readouterr().out
     assert snapshot(env["root"]) == before  # series, patches, variants, PATCHES.md, pin and laid-down tree
+
+
+def test_round_trip_through_two_releases_one_variant_serves_is_byte_identical(env, capsys):
+    """A variant serving a range (1.3.0..1.9.0, written for 1.8.0) becomes the main text on 1.8.0, is re-anchored
+    on 1.9.0, and on the way back to 1.0.0 keeps its one file: no second variant named after 1.9.0."""
+    from forklib import patchfile
+
+    resolved = a_py({10: "from .flash.ours import f; x10 = f(10)  # upstream edit\n"}, prepend=2)
+    body = (patchfile.diff_file("src/diffusers/a.py", files_of("1.8.0")["a.py"], resolved)
+            + patchfile.diff_file("src/diffusers/b.py", B_PY, B_PY.replace("return 1", "return -1")))
+    path = env["root"] / "patches" / "variants" / "0001-ours-in-a" / "1.8.0.patch"
+    tree.write(path.parent, path.name, patchfile.render("Description: ours in a, for 1.3 to 1.9\nOrigin: test\n"
+                                                        "Applies-To: 1.3.0..1.9.0\n", [body]))
+    tree.write_patches_doc(env["root"])
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "variant for 1.3.0..1.9.0")
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]  # from git: the commit is not what this test is about
+    for target in ("1.8.0", "1.9.0", "1.0.0"):
+        assert rebase(env, target, *repo) == 0, capsys.readouterr()
+        assert tree.verify(env["root"]) == []
+        git(env["root"], "add", "-A")
+        git(env["root"], "commit", "-qm", f"on {target}")
+    assert snapshot(env["root"]) == before
+
+
+def test_a_promoted_variant_comes_back_under_its_own_name(env, capsys):
+    """A variant named after the last release of its range (1.9.0.patch for 1.3.0..1.9.0) that applies clean on
+    1.3.0 becomes the main text there; the way back keeps it as 1.9.0.patch again, not as 1.3.0.patch."""
+    add_variant(env, "0001-ours-in-a.patch", "1.9.0", "1.3.0..1.9.0", RESOLVED_1_3)
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]
+    assert rebase(env, "1.3.0", *repo) == 0, capsys.readouterr()
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.3.0")
+    assert rebase(env, "1.0.0", *repo) == 0, capsys.readouterr()
+    assert snapshot(env["root"]) == before
+
+
+def test_round_trip_from_the_index_gets_the_commit_back_from_the_committed_pin(env, capsys):
+    before = snapshot(env["root"])
+    assert rebase(env, "1.1.0") == 0  # from the index: 1.1.0's commit is not known
+    assert "commit" not in release.load_pin(env["root"])
+    git(env["root"], "add", "-A")
+    git(env["root"], "commit", "-qm", "on 1.1.0")
+    assert rebase(env, "1.0.0") == 0  # 1.0.0 was pinned, with its commit, in an earlier commit
+    assert "as pinned before in this project's history" in capsys.readouterr().out
+    assert release.load_pin(env["root"])["commit"] == git(env["upstream"], "rev-parse", "v1.0.0^{commit}").strip()
+    assert snapshot(env["root"]) == before
+
+
+def test_a_replaced_text_upstream_has_on_the_old_release_is_kept_for_the_release_it_served(env, capsys):
+    """0001 is upstream's from 1.8.0 on; a rebase 1.8.0 -> 1.3.0 takes 1.3.0's variant as the main text and keeps
+    the old one as the 1.0.0 variant it is (not as 1.8.0's, which it never served), so the way back is identical."""
+    upstream_since(env, "0001-ours-in-a.patch", "1.8.0")
+    variant = add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    variant.write_text(variant.read_text().replace("\nApplies-To:", "\nUpstream-Since: 1.8.0\nApplies-To:", 1))
+    tree.write_patches_doc(env["root"])
+    git(env["root"], "commit", "-qam", "the variant says so too")
+    assert tree.verify(env["root"]) == []
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]
+    for target in ("1.8.0", "1.3.0"):
+        assert rebase(env, target, *repo) == 0, capsys.readouterr()
+        git(env["root"], "add", "-A")
+        git(env["root"], "commit", "-qm", f"on {target}")
+    kept = env["root"] / "patches" / "variants" / "0001-ours-in-a"
+    assert sorted(p.name for p in kept.iterdir()) == ["1.0.0.patch"]
+    assert (kept / "1.0.0.patch").read_bytes() == before["patches/0001-ours-in-a.patch"]
+    assert rebase(env, "1.0.0", *repo) == 0, capsys.readouterr()
+    assert snapshot(env["root"]) == before
 
 
 def test_continue_records_the_resolution_for_the_next_time(env, capsys):

@@ -9,12 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import diffusers  # noqa: F401  (the version in the skip reason)
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DModel
 
 try:  # 0.12 moved modeling_utils.py under models/
     from diffusers.models import modeling_utils
 except ImportError:
     from diffusers import modeling_utils
+if not hasattr(modeling_utils, "safe_loading"):
+    pytest.skip(f"patch 0005 is not applied on diffusers {diffusers.__version__} (upstream since 0.42.1, where "
+                "upstream reads safetensors first, .bin weights-only and refuses other libraries itself; the "
+                "hooks these tests exercise are not there)", allow_module_level=True)
 from diffusers.flash import local_pipelines
 from diffusers.flash.loading import safe_loading as sl
 

@@ -261,16 +261,6 @@ def fork_root(tmp_path, monkeypatch):
     return root
 
 
-def test_tests_are_laid_out_in_a_folder_named_diffusers(fake_upstream, fork_root):
-    """Upstream's tests may look for their checkout's name in a path: v0.11.1's test_deprecate_stacklevel
-    asserts 'diffusers/tests/test_utils.py' in the file a warning names."""
-    (fork_root / "upstream-tests" / "v9.9.9" / "tests").mkdir(parents=True)  # an earlier layout: replaced
-    laid = upstream_tests.lay_out(fork_root, str(fake_upstream), "v9.9.9")
-    assert laid == fork_root / "upstream-tests" / "v9.9.9" / "diffusers"
-    assert (laid / "tests" / "test_fake.py").resolve().as_posix().endswith("/diffusers/tests/test_fake.py")
-    assert sorted(p.name for p in laid.parent.iterdir()) == ["diffusers"]
-
-
 @pytest.mark.slow
 def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_root, capfd):
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", [])
@@ -286,7 +276,7 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     assert "FAILED tests/test_fake.py::test_repo_id_quoted_is_a_failure" in out
     assert "EXCLUDED tests/repo_utils/ (1 test file(s)): upstream's repository-maintenance tests" in out
     assert "installing" not in out  # the test extra (pytest) is installed already
-    laid = fork_root / "upstream-tests" / "v9.9.9" / "diffusers"
+    laid = fork_root / "upstream-tests" / "v9.9.9"
     assert (laid / "hf-internal-testing" / "dummy" / "data.txt").read_text() == "tagged"
     assert not (laid / "src").exists()
     outcomes = json.loads((laid / "outcomes.json").read_text())["outcomes"]
@@ -433,7 +423,7 @@ def test_what_installs_but_does_not_import_is_removed_again(needs_two_missing_di
     assert "removed other-missing-dist-f8 again: it installed but does not import here" in capsys.readouterr().out
     text = upstream_tests.summary({"counts": {"passed": 1, "failed": 0, "hub": 0, "skipped": 0}, "outcomes": {},
                                    "removed": got["removed"]}, 1.0)
-    assert f"NOT INSTALLED other-missing-dist-f8 (the tag's test extra; tests that need it fail): {why}" in text
+    assert f"NOT INSTALLED other-missing-dist-f8 (the tag's test extra; tests that need it skip): {why}" in text
 
 
 def test_an_install_that_fails_is_refused_in_one_line(needs_a_missing_dist):
@@ -606,3 +596,38 @@ def test_the_listed_gradient_checkpointing_defect_names_its_assertion_at_the_tag
     lines = source.splitlines(keepends=True)[node.lineno - 1:node.end_lineno]
     assert plugin.fingerprint("".join(lines)) == finger
     assert [ln.strip() for ln in lines].count(assertion) == 1
+
+
+# ---------------------------------------------------------------- what test-upstream removed again
+def test_tests_needing_a_removed_dist_skip_naming_it_and_other_missing_modules_fail(tmp_path):
+    """A test module, or a test, that fails only because it imports a module test-upstream installed and
+    removed again (it does not import here: a torchvision built for another torch) is skipped with the reason;
+    a module missing for any other reason stays a failure, and without the list nothing is skipped."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_module_level.py").write_text("import heldout_mod_f7\n\n\ndef test_a():\n    pass\n")
+    (tmp_path / "tests" / "test_inside.py").write_text(
+        "def test_held():\n    import heldout_mod_f7.ops  # noqa: F401\n\n\n"
+        "def test_other():\n    import other_missing_mod_f7  # noqa: F401\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+
+    def run(held):
+        report = tmp_path / "outcomes.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
+        env.pop(upstream_tests.NOT_INSTALLED_ENV, None)
+        if held:
+            env[upstream_tests.NOT_INSTALLED_ENV] = json.dumps(held)
+        subprocess.run([sys.executable, "-m", "pytest", "-p", upstream_tests.PLUGIN, "--upstream-report", str(report),
+                        "-c", "pytest.ini", "-p", "no:cacheprovider", "--continue-on-collection-errors", "tests"],
+                       cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+        return json.loads(report.read_text())["outcomes"]
+
+    why = "import heldout_mod_f7: RuntimeError: operator heldout::nms does not exist"
+    out = run({"heldout_mod_f7": why})
+    assert out["tests/test_module_level.py"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
+    assert out["tests/test_inside.py::test_held"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
+    assert out["tests/test_inside.py::test_other"][0] == "failed"
+    out = run({})
+    assert out["tests/test_module_level.py"][0] == "failed" and out["tests/test_inside.py::test_held"][0] == "failed"
+    assert upstream_tests.module_of(why, "heldout-mod-f7") == "heldout_mod_f7"
+    assert upstream_tests.module_of("the import check itself failed", "heldout-mod-f7") == "heldout_mod_f7"

@@ -96,6 +96,8 @@ def resolve(root: Path, text: str, repo: str | None, for_pin: bool) -> dict:
             raise ForkError(f"the package index publishes no sha256 for {t['file']} (no such release, or offline); "
                             "nothing to check the release file against"
                             + ("" if repo else " (--upstream-repo reads a git tag instead, for --check)"))
+    if for_pin and not t.get("commit"):  # from the index: the commit a pin of this release had, if one was committed
+        t["commit"] = release.committed_commit(root, t)
     return t
 
 
@@ -427,7 +429,8 @@ def cmd_rebase(args) -> int:
 def source_line(t: dict) -> str:
     if t["source"] == "git":
         return f"tag {t['tag']} of {t['repo']}, commit {t['commit'][:12]}"
-    return f"{t['file']}, sha256 {t['sha256'][:12]}... as the index publishes"
+    return f"{t['file']}, sha256 {t['sha256'][:12]}... as the index publishes" + (
+        f"; commit {t['commit'][:12]} as pinned before in this project's history" if t.get("commit") else "")
 
 
 def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
@@ -616,8 +619,8 @@ def finish(root: Path, st: dict, texts: dict) -> int:
 
 
 def new_pin(old: dict, target: dict) -> dict:
-    """The pin for ``target``, fields in the usual order; the commit is known from git only (a stale one would
-    mislead)."""
+    """The pin for ``target``, fields in the usual order; the commit is the tag's (from git) or the one a pin of
+    the same release committed in this project's history gave, else none (a stale one would mislead)."""
     new = {**old, **{k: target.get(k) for k in ("version", "file", "sha256", "tag", "commit")}}
     order = ["package", "version", "file", "sha256", "tag", "commit", "repo", "fork_release"]
     return {k: new[k] for k in sorted(new, key=lambda k: order.index(k) if k in order else len(order))
@@ -644,21 +647,56 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
             promoted.add(used)
     left = {n: [v for v in vs if v["rel"] not in promoted] for n, vs in found.items()}
     again = reproducible(root, st, names, out, mains, left)
+    kept = set()
     for name in names:
         if out[name] == mains[name]:
             continue
         if name not in again:
             keep = patchfile.parse(mains[name], name)
-            text = mains[name]
-            if not covers(keep.field("Applies-To"), old):  # a text kept for a release must say it serves it
+            label, text = kept_label(root, name, keep, mains[name], old), mains[name]
+            if not covers(keep.field("Applies-To"), label):  # a text kept for a release must say it serves it
                 text = patchfile.render(patchfile.set_field(keep.header, "Applies-To", ", ".join(
-                    filter(None, [keep.field("Applies-To"), old]))), [diff_body(text)])
-            tree.write(root, f"patches/{variants.rel_path(name, old)}", text)
+                    filter(None, [keep.field("Applies-To"), label]))), [diff_body(text)])
+            kept.add(variants.rel_path(name, label))
+            tree.write(root, f"patches/{variants.rel_path(name, label)}", text)
         tree.write(root, f"patches/{name}", out[name])
-    for rel in promoted:
-        if not any(variants.rel_path(n, old) == rel and n not in again and out[n] != mains[n] for n in names):
-            (root / "patches" / rel).unlink()
+    for rel in promoted - kept:
+        (root / "patches" / rel).unlink()
     prune_variants(root)
+
+
+def kept_label(root: Path, name: str, patch, text: str, old: str) -> str:
+    """The release a replaced main text is kept for: the name it had as a variant where this project's history
+    holds it, byte for byte, under patches/variants/ (a variant the rebase there promoted to the main text,
+    named after a release other than the one rebased to: 0.42.1.patch serving 0.40.0..0.42.1); else ``old``,
+    which it served; but a text upstream has the change of on ``old`` (Upstream-Since) did not serve it: the
+    last release its Applies-To names before that."""
+    label = history_label(root, name, text)
+    if label and covers(patch.field("Applies-To"), label):
+        return label
+    since = variants.skipped(patch, old)
+    if not since:
+        return old
+    try:
+        served = [hi for _, hi in variants.parse_applies(patch.field("Applies-To")) if hi < vkey(since)]
+    except ForkError:
+        served = []
+    return ".".join(map(str, max(served))) if served else old
+
+
+def history_label(root: Path, name: str, text: str) -> str | None:
+    """The release a variant file with exactly ``text`` was last named after in the project's git history."""
+    data = text.encode("utf-8")
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    folder = f"patches/{variants.DIR}/{variants.stem(name)}/"
+    res = subprocess.run(["git", "-C", str(root), "log", "--format=", "--raw", "--no-abbrev", "--no-renames",
+                          "HEAD", "--", folder], capture_output=True, text=True)
+    for line in res.stdout.splitlines() if res.returncode == 0 else []:
+        meta, _, path = line.partition("\t")
+        fields = meta.split()
+        if line.startswith(":") and len(fields) >= 4 and fields[3] == blob and path.endswith(".patch"):
+            return path[len(folder):-len(".patch")] if "/" not in path[len(folder):] else None
+    return None
 
 
 def prune_variants(root: Path) -> None:
@@ -672,9 +710,10 @@ def prune_variants(root: Path) -> None:
 
 def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left: dict) -> set:
     """The patches whose old text a rebase back to the old release would make again, byte for byte, from
-    the new text (by the same clean/offset/three-way/fuzz steps, no variant serving the old release): they
-    need no variant. Checked one patch at a time against the old tree before it, which the rebase back
-    rebuilds exactly (each earlier patch is either made again or restored from its variant)."""
+    the new text (by the same clean/offset/three-way/fuzz steps), or from the variant that serves the old
+    release there (one with a range, say, which the main text came from): they need no variant of their own.
+    Checked one patch at a time against the old tree before it, which the rebase back rebuilds exactly
+    (each earlier patch is either made again or restored from its variant)."""
     old, new = st["old_pin"]["version"], st["target"]["version"]
     try:
         new_base = target_files(root, st["target"])
@@ -692,9 +731,19 @@ def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left
             continue
         if variants.skipped(patch, old):
             continue  # the rebase back would not apply it, so it would not make the old text: keep that
-        if any(covers(v["applies"], old) for v in left.get(name, [])):
-            continue  # the rebase back would take that variant: keep the old text, named after its release
         labels = (f"{new} + {name}", new, old)
+        serving = [v for v in left.get(name, []) if covers(v["applies"], old)]
+        if serving:  # the rebase back takes that variant: no other needed where it makes the old text again
+            try:
+                v = variants.choose(serving, old)
+            except ForkError:
+                continue
+            after, res = rebase_patch(name, v["patch"], None, None, old_states[k], labels)
+            text = None if res["conflicts"] else tree.patch_text(v["patch"].header, old_states[k], after,
+                                                                 changed(old_states[k], after))
+            if text is not None and new_text(text, v["text"], old, False) == mains[name]:
+                same.add(name)
+            continue
         after, res = rebase_patch(name, patch, new_states[k], new_states[k + 1], old_states[k], labels)
         if res["conflicts"]:
             continue
@@ -713,11 +762,16 @@ def covers(applies: str | None, version: str) -> bool:
 
 def new_text(text: str, source: str, version: str, by_hand: bool) -> str:
     """The patch file for ``version``: ``source`` (the main patch or the variant it came from) byte for byte
-    where the rebase left its diffs as they were; else its header with Applies-To ``version``, and today's
-    Last-Update where the change itself (its - and + lines) is new, not only its context and line numbers."""
+    where the rebase left its diffs as they were and its Applies-To covers ``version``; else its header with
+    Applies-To ``version`` (so that a text is labelled alike however the series came to the release: a round
+    trip through several releases restores it), and today's Last-Update where the change itself (its - and +
+    lines) is new, not only its context and line numbers."""
+    header = patchfile.parse(source, "source").header
     if not by_hand and diff_body(text) == diff_body(source):
-        return source
-    header = patchfile.set_field(patchfile.parse(source, "source").header, "Applies-To", version)
+        if covers(patchfile.parse(source, "source").field("Applies-To"), version):
+            return source
+        return patchfile.render(patchfile.set_field(header, "Applies-To", version), [diff_body(source)])
+    header = patchfile.set_field(header, "Applies-To", version)
     if by_hand or change_lines(text) != change_lines(source):
         header = patchfile.set_field(header, "Last-Update", datetime.date.today().isoformat())
     return patchfile.render(header, [diff_body(text)])

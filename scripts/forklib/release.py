@@ -241,6 +241,24 @@ def git_commit(repo: str, tag: str) -> str:
     return out.stdout.strip()
 
 
+def committed_commit(root: Path, release: dict) -> str | None:
+    """The upstream commit that a pin committed in this project's history gives for the same release (same
+    version, file, sha256 and tag), or None: a rebase from the index cannot ask git for the tag's commit,
+    but a rebase back to a release pinned before finds it where that pin was committed."""
+    log = subprocess.run(["git", "-C", str(root), "log", "--format=%H", "--", PIN_FILE],
+                         capture_output=True, text=True)
+    for rev in log.stdout.split() if log.returncode == 0 else []:
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{PIN_FILE}"], capture_output=True, text=True)
+        try:
+            old = json.loads(shown.stdout) if shown.returncode == 0 else None
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(old, dict) and all(old.get(k) == release.get(k) for k in ("version", "file", "sha256", "tag"))
+                and isinstance(old.get("commit"), str) and re.fullmatch(r"[0-9a-f]{40}", old["commit"])):
+            return old["commit"]
+    return None
+
+
 def pristine(root: Path, pin: dict | None = None) -> dict:
     pin = pin or load_pin(root)
     return read_release(fetch(root, pin["version"], pin["file"], pin["sha256"]))

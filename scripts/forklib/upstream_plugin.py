@@ -322,12 +322,47 @@ def require_cached(name, cache_dir=None, revision=None, what=""):
         raise HubOfflineError(str(name), what, e) from e
 
 
+# ---------------------------------------------------------------- what test-upstream could not install
+NOT_INSTALLED_ENV = "DIFFUSERS_FLASH_NOT_INSTALLED"  # JSON {module: why}, set by upstream_tests.run
+NOT_INSTALLED_REASON = "needs {module}, not installed: {why}"
+MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def not_installed(module: str | None) -> str | None:
+    """The skip reason where ``module`` (or its package) is one test-upstream installed for the tag's test
+    extra and removed again because it does not import here (a torchvision built for another torch)."""
+    try:
+        held = json.loads(os.environ.get(NOT_INSTALLED_ENV) or "{}")
+    except ValueError:
+        return None
+    top = (module or "").split(".")[0]
+    return NOT_INSTALLED_REASON.format(module=top, why=held[top]) if top in held else None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A test module that cannot be imported only because it imports such a module is skipped, naming it."""
+    report = yield
+    if report.failed:
+        m = MISSING_MODULE.search(_text(report))
+        reason = not_installed(m.group(1)) if m else None
+        if reason:
+            report.outcome = "skipped"
+            report.longrepr = (str(collector.path), 0, reason)
+            report.upstream_not_installed = reason
+    return report
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed and call.excinfo is not None:
         repo = hub_repo(call.excinfo.value)
-        if repo:
+        missing = call.excinfo.value.name if isinstance(call.excinfo.value, ModuleNotFoundError) else None
+        if not repo and not_installed(missing):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, not_installed(missing))
+        elif repo:
             report.outcome = "skipped"
             report.longrepr = (str(item.path), (item.location[1] or 0) + 1, HUB_REASON + repo)  # as pytest.skip
             report.upstream_hub = repo
@@ -360,6 +395,8 @@ def pytest_runtest_logreport(report):
 def pytest_collectreport(report):
     if report.failed:
         OUTCOMES[report.nodeid or "<collection>"] = ("failed", _text(report))
+    elif getattr(report, "upstream_not_installed", None):
+        OUTCOMES[report.nodeid] = ("skipped", report.upstream_not_installed)
 
 
 def _text(report) -> str:

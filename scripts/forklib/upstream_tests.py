@@ -1,9 +1,8 @@
 """fork.py test-upstream: run upstream Diffusers' own test suite, unmodified, against the installed fork.
 
 Upstream's ``tests/`` and the repo-root fixtures they load by relative path are taken from a git
-clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/diffusers/``
-(a folder named as upstream's checkout: some tests look for ``diffusers/tests/`` in a path) and run
-there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
+clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/``
+and run there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
 Our plugin (``forklib.upstream_plugin``) does what the fork needs around upstream's files and
 reports tests that need the Hugging Face Hub as skipped, naming the repo.
 
@@ -36,9 +35,6 @@ FIXTURES = ("tests", "hf-internal-testing")  # what upstream's tests need, relat
 REQUIRED = "tests"
 PLUGIN = "forklib.upstream_plugin"
 OUT_DIR = "upstream-tests"
-# the folder the tests are laid into under OUT_DIR/<tag>/: named as upstream's own checkout, since tests assert
-# on it (v0.11.1's DeprecateTester.test_deprecate_stacklevel: "diffusers/tests/test_utils.py" in a warning's file)
-CHECKOUT = "diffusers"
 INI = "[pytest]\n# written by fork.py test-upstream: upstream's tests/ run with its own conftest.py only\n"
 # upstream tests left out of every run: folder (relative to upstream's root) -> why
 EXCLUDED = {
@@ -46,13 +42,14 @@ EXCLUDED = {
                         "and need black; they test upstream's repository, not the library",
 }
 TEST_EXTRAS = ("test", "testing")
+NOT_INSTALLED_ENV = "DIFFUSERS_FLASH_NOT_INSTALLED"  # read by upstream_plugin (the same name there)
 
 
 def add_parser(subparsers, root: Path):
     p = subparsers.add_parser(
         "test-upstream", help="run upstream's own test suite against the installed fork",
         description="Take upstream's tests/ (and the fixtures they use) at TAG from a git clone of upstream, "
-                    "lay them into upstream-tests/TAG/diffusers/ and run them with pytest against the installed fork, "
+                    "lay them into upstream-tests/TAG/ and run them with pytest against the installed fork, "
                     "offline. Tests that need the Hugging Face Hub are skipped, naming the repo; any other "
                     "failure is a failure (exit 1). Arguments after -- go to pytest.")
     p.add_argument("--upstream-repo", metavar="URL_OR_PATH",
@@ -118,7 +115,7 @@ def local_repo(root: Path, repo: str, tag: str) -> str:
 
 
 def lay_out(root: Path, repo: str, tag: str) -> Path:
-    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/diffusers/``."""
+    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/``."""
     present = set(_git("-C", repo, "ls-tree", "--name-only", tag, "--", *FIXTURES).split())
     if REQUIRED not in present:
         raise ForkError(f"upstream tag {tag} in {repo} has no {REQUIRED}/ folder")
@@ -126,10 +123,9 @@ def lay_out(root: Path, repo: str, tag: str) -> Path:
                           capture_output=True)
     if data.returncode != 0:
         raise ForkError(f"git archive {tag} failed in {repo}: {data.stderr.decode(errors='replace').strip()}")
-    top = Path(root) / OUT_DIR / tag.replace("/", "_")
-    if top.exists():
-        shutil.rmtree(top)
-    dest = top / CHECKOUT
+    dest = Path(root) / OUT_DIR / tag.replace("/", "_")
+    if dest.exists():
+        shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data.stdout)) as t:
         if hasattr(tarfile, "data_filter"):
@@ -305,6 +301,12 @@ def ensure_test_requirements(repo: str, tag: str, install: bool, installer=pip_i
     return {"installed": missing, "removed": removed}
 
 
+def module_of(why: str, name: str) -> str:
+    """The module a removed distribution's import check failed on ("import torchvision: ..."), else its name."""
+    m = re.match(r"import ([\w.]+):", why)
+    return m.group(1).split(".")[0] if m else name.replace("-", "_")
+
+
 def pip_error(res: subprocess.CompletedProcess) -> str:
     """The line of pip's output that says what went wrong: its last ``error:``/``ERROR:`` line (not the
     ``hint:`` or ``note:`` after it), else its last line."""
@@ -372,7 +374,7 @@ def summary(result: dict, seconds: float) -> str:
              + f" in {seconds:.1f}s"]
     if hub:
         lines.append(f"  Hub repos needed: {', '.join(hub)}")
-    lines += [f"  NOT INSTALLED {name} (the tag's test extra; tests that need it fail): {why}"
+    lines += [f"  NOT INSTALLED {name} (the tag's test extra; tests that need it skip): {why}"
               for name, why in sorted(result.get("removed", {}).items())]
     lines += [f"  EXCLUDED {rel}/ ({e['files']} test file(s)): {e['why']}" for rel, e in left_out.items()]
     lines += [f"  KNOWN UPSTREAM TEST DEFECT (failed, not counted as a failure) {nodeid}: {why}"
@@ -396,6 +398,8 @@ def run(root: Path, repo: str | None, tag: str | None, pytest_args: list, determ
     fork = fork_under_test()
     repo = local_repo(root, repo, tag)
     extra = ensure_test_requirements(repo, tag, install)
+    # the plugin skips, naming it, a test (module) that fails only for want of one of these
+    os.environ[NOT_INSTALLED_ENV] = json.dumps({module_of(why, name): why for name, why in extra["removed"].items()})
     where = lay_out(root, repo, tag)
     print(f"test-upstream: upstream {tag} tests in {where.relative_to(root)} against {fork}, offline", flush=True)
     start = time.monotonic()

@@ -6,9 +6,11 @@ list of versions and inclusive ranges (``0.4.0..0.4.1, 0.6.0``). ``rebase V`` ta
 series, the variant whose Applies-To covers V if there is one (it must apply there as written, offsets and
 fuzz aside), else the main patch with the three-way merge and fuzz. When the rebase finishes, every patch
 whose text changed keeps its old text as the variant for the release it came from
-(``variants/<name>/<old release>.patch``, byte for byte) unless the rebase back would make that text again
-by itself, and a variant that was used becomes the main patch (its file is removed from variants/). So a
-rebase there and back restores the series byte for byte,
+(``variants/<name>/<old release>.patch``, byte for byte; under the name the project's history gave those
+bytes where they were a variant before, e.g. 0.42.1.patch serving 0.40.0..0.42.1) unless the rebase back
+would make that text again by itself or from the variant serving the old release, and a variant that was
+used becomes the main patch (its file is removed from variants/). So a rebase there and back, or through
+several releases, restores the series byte for byte,
 and a release resolved once by hand (``rebase --continue``) needs no hand the next time.
 """
 from __future__ import annotations

@@ -20,6 +20,10 @@ kernel (``auto``) or runs the one named for the module, explaining every refusal
 attention mask, dropout, a causal mask or grouped query heads runs as upstream runs it (torch's SDPA,
 or upstream's matmuls), under ``auto`` and ``math``; a module set to any other backend refuses it
 with the reason rather than silently using another kernel.
+
+Where the user has named a backend upstream's way (0.35 and later: upstream's ``attention_backend``
+context, a model's upstream ``set_attention_backend``, ``$DIFFUSERS_ATTN_BACKEND``), that wins: the call
+runs as upstream runs it (:mod:`upstream_dispatch`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from diffusers.flash.attention import dispatch
+from diffusers.flash.attention import dispatch, upstream_dispatch
 from diffusers.flash.attention.dispatch import AUTO, AttentionBackendError
 from diffusers.utils import logging
 
@@ -70,7 +74,9 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
 
     ``module`` is the attention module the call is made for (its ``set_attention_backend`` choice
     applies); ``upcast`` asks the ``math`` backend for a float32 softmax (fused kernels always
-    accumulate in float32)."""
+    accumulate in float32). A backend named upstream's way runs the call through upstream's dispatcher."""
+    if upstream_dispatch.upstream_backend() is not None:
+        return upstream_dispatch.upstream_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = dispatch.current(module)
     extras = _extras(attn_mask, dropout_p, is_causal, enable_gqa)
     if extras or query.dim() != 4 or key.shape[:2] != query.shape[:2]:
@@ -94,8 +100,11 @@ def bmm_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     Tensors are (batch x heads, seq, head dim) as upstream's ``head_to_batch_dim`` lays them out; the
     softmax is float32 where the module asks for it (``upcast_attention``/``upcast_softmax``), as
-    upstream's. With a mask, upstream's own computation runs (``auto``/``math`` only)."""
+    upstream's. With a mask, or a backend named upstream's way, upstream's own computation runs (with a
+    mask: ``auto``/``math`` only)."""
     name = dispatch.current(attn)
+    if upstream_dispatch.upstream_backend() is not None:
+        return torch.bmm(attn.get_attention_scores(query, key, attention_mask), value)
     if attention_mask is not None:
         _refuse_extras(name, "an attention mask")
         probs = attn.get_attention_scores(query, key, attention_mask)

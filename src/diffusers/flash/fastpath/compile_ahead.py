@@ -60,7 +60,7 @@ def spec_for(model: torch.nn.Module, attr: str, what: str, shape, target: str, e
     ``function(model, spec)``, returning None or why it failed) on inputs of ``shape``; ``extra`` is for
     that function. A ValueError where a helper could not build the model or match this process's compile."""
     from diffusers.flash.attention import dispatch as attention_dispatch
-    from diffusers.models.attention import AttentionBlock, CrossAttention
+    from diffusers.flash.attention.mixin import attention_classes
 
     cls = type(model)
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
@@ -78,7 +78,7 @@ def spec_for(model: torch.nn.Module, attr: str, what: str, shape, target: str, e
         "dtype": str(params[0].dtype).replace("torch.", ""), "device": str(params[0].device),
         "training": model.training, "requires_grad": params[0].requires_grad,
         "backends": {name: attention_dispatch.current(m) for name, m in model.named_modules()
-                     if isinstance(m, (CrossAttention, AttentionBlock))},
+                     if isinstance(m, attention_classes())},
         "flags": flags,
         "sdp": {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in SDP
                 if hasattr(torch.backends.cuda, f"{n}_sdp_enabled")},

@@ -191,11 +191,13 @@ class GraphedForward:
     def graphs(self):
         return self.graphed.graphs
 
-    def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True):
-        from diffusers.models.unet_2d_condition import UNet2DConditionOutput
+    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        UNet2DConditionOutput = _output_class("UNet2DConditionOutput", "unet_2d_condition", "unets.unet_2d_condition")
 
-        if torch.is_grad_enabled() or not sample.is_cuda:
-            return self.inner(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+        # newer releases pass more (timestep_cond, cross_attention_kwargs, added_cond_kwargs, ...): a call with
+        # any of them set is not the captured one and takes the UNet's own forward
+        if torch.is_grad_enabled() or not sample.is_cuda or args or any(v is not None for v in kwargs.values()):
+            return self.inner(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
         out = self.graphed(sample, self._timestep(timestep, sample.device), encoder_hidden_states)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
@@ -211,6 +213,19 @@ class GraphedForward:
         return self._timesteps[key]
 
 
+def _output_class(name: str, *modules: str) -> type:
+    """Upstream's output dataclass ``name`` from the first of ``diffusers.models.<module>`` that has it (it
+    moved between releases: unet_2d_condition -> unets.unet_2d_condition, vae -> autoencoders.vae)."""
+    import importlib
+
+    for mod in modules:
+        try:
+            return getattr(importlib.import_module(f"diffusers.models.{mod}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"no diffusers.models module of {', '.join(modules)} has {name}")
+
+
 class GraphedDecode:
     """Takes the place of an AutoencoderKL's ``decode``."""
 
@@ -220,7 +235,7 @@ class GraphedDecode:
                                    after=after)
 
     def __call__(self, z, return_dict: bool = True):
-        from diffusers.models.vae import DecoderOutput
+        DecoderOutput = _output_class("DecoderOutput", "vae", "autoencoders.vae")
 
         if torch.is_grad_enabled() or not z.is_cuda:
             return self.inner(z, return_dict=return_dict)

@@ -1,0 +1,116 @@
+# diffusers-flash: the adapter between upstream's own attention dispatcher (models/attention_dispatch.py, 0.35
+# and later) and ours. Patch 0004 calls serve() at the top of upstream's dispatch_attention_fn and wraps
+# upstream's attention_backend() context with track().
+"""Our dispatcher inside upstream's ``dispatch_attention_fn``; upstream's backend API wins where it is used.
+
+From 0.35 upstream's transformer models call ``dispatch_attention_fn`` (tensors (batch, seq, heads, head
+dim)), which runs a backend from upstream's registry: the one a processor was given by upstream's
+``ModelMixin.set_attention_backend``, else the active one (``attention_backend(...)``, or
+``$DIFFUSERS_ATTN_BACKEND``, default ``native``). Here:
+
+- where the user has named an upstream backend (:func:`upstream_backend` says which), upstream's
+  registry serves the call exactly as upstream would, also in the UNet's and the VAE's processors
+  (``hooks.sdpa`` hands such calls to ``dispatch_attention_fn``);
+- where none is named, :func:`serve` hands the call to our dispatcher: ``auto`` (explaining its choices at
+  debug level) or the backend named through our API (``diffusers.flash.attention.dispatch``). Calls our
+  dispatcher does not take (an attention mask, dropout, causal, grouped query heads under ``auto``, context
+  parallelism, backend-specific keywords) are left to upstream's ``native``, as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import Any, Callable
+
+import torch
+
+from diffusers.flash.attention import dispatch
+
+__all__ = ["serve", "track", "upstream_backend"]
+
+UPSTREAM_MODULE = "diffusers.models.attention_dispatch"
+UPSTREAM_ENV = "DIFFUSERS_ATTN_BACKEND"
+
+
+class _Named(threading.local):
+    explicit = False  # set_active_backend was called (upstream's set_attention_backend, or by hand)
+    depth = 0  # inside upstream's attention_backend() context
+
+
+_named = _Named()
+
+
+def _registry():
+    mod = sys.modules.get(UPSTREAM_MODULE)
+    return getattr(mod, "_AttentionBackendRegistry", None)
+
+
+def upstream_backend() -> str | None:
+    """The upstream backend the user named (its ``attention_backend()`` context, a model's upstream
+    ``set_attention_backend``, ``$DIFFUSERS_ATTN_BACKEND``), as upstream's registry holds it; None where
+    none is named or the release has no upstream dispatcher (before 0.35)."""
+    reg = _registry()
+    if reg is None:
+        return None
+    if _named.depth or _named.explicit or os.environ.get(UPSTREAM_ENV):
+        return reg._active_backend
+    return None
+
+
+def track(context: Callable, registry: type) -> Callable:
+    """Upstream's ``attention_backend`` context manager, telling :func:`upstream_backend` while it is active;
+    also records upstream's ``set_active_backend`` calls (``ModelMixin.set_attention_backend`` makes one)."""
+    setter = registry.__dict__["set_active_backend"].__func__
+
+    def set_active_backend(cls, backend):
+        _named.explicit = True
+        return setter(cls, backend)
+
+    registry.set_active_backend = classmethod(set_active_backend)
+
+    @contextlib.contextmanager
+    def attention_backend(*args, **kwargs):
+        saved = _named.explicit
+        _named.depth += 1
+        try:
+            with context(*args, **kwargs):
+                yield
+        finally:
+            _named.depth -= 1
+            _named.explicit = saved
+
+    attention_backend.__doc__ = context.__doc__
+    attention_backend.__wrapped__ = context
+    return attention_backend
+
+
+def serve(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+          dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
+          attention_kwargs: dict[str, Any] | None, backend: Any, parallel_config: Any) -> torch.Tensor | None:
+    """The call served by our dispatcher (tensors (batch, seq, heads, head dim), upstream's layout), or None
+    where upstream's registry serves it: a backend named upstream's way, context parallelism, keywords for
+    a particular backend, or extras (mask, dropout, causal, GQA) while our choice is ``auto``. A backend
+    named through our API that cannot serve the call raises the reason."""
+    if backend is not None or parallel_config is not None or attention_kwargs or upstream_backend() is not None:
+        return None
+    name = dispatch.current()
+    extras = attn_mask is not None or dropout_p or is_causal or enable_gqa or query.dim() != 4
+    if extras and name == dispatch.AUTO:
+        return None
+    from diffusers.flash.attention import hooks
+
+    out = hooks.sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)
+
+
+def upstream_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                  dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``'s call (tensors (batch, heads, seq, head dim)) run by upstream's
+    ``dispatch_attention_fn`` with the backend named upstream's way (for the UNet's and VAE's processors)."""
+    fn = sys.modules[UPSTREAM_MODULE].dispatch_attention_fn
+    out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)

@@ -1,0 +1,157 @@
+"""On whatever release the tree is at: the UNet's and the VAE's attention go through our dispatcher, and
+(0.35 and later) a backend named through upstream's own API is obeyed instead."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.flash.attention import dispatch, upstream_dispatch  # noqa: E402
+from diffusers.flash.attention.mixin import attention_classes  # noqa: E402
+
+
+def _upstream():
+    """Upstream's dispatcher module (0.35 and later), else skip with the reason."""
+    mod = importlib.import_module("diffusers.models.attention_dispatch")
+    if not hasattr(mod, "_AttentionBackendRegistry"):
+        pytest.skip("this release has no attention backend API of upstream's own (it came in 0.35)")
+    return mod
+
+
+def _unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8).eval()
+
+
+def _vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D")).eval()
+
+
+def _run_unet(unet):
+    with torch.no_grad():
+        out = unet(torch.randn(1, 4, 8, 8), 1, encoder_hidden_states=torch.randn(1, 4, 32))
+    return out.sample if hasattr(out, "sample") else out["sample"]
+
+
+def _run_vae(vae):
+    with torch.no_grad():
+        out = vae(torch.randn(1, 3, 16, 16))
+    return out.sample if hasattr(out, "sample") else out["sample"]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts our dispatcher's calls and the attention modules' calls."""
+    calls = {"ours": 0, "modules": 0}
+    real = dispatch.attention
+
+    def counting(*args, **kwargs):
+        calls["ours"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "attention", counting)
+    return calls
+
+
+def _count_modules(model, calls):
+    def hook(*_):
+        calls["modules"] += 1
+
+    mods = [m for m in model.modules() if isinstance(m, attention_classes())]
+    assert mods, "no attention module found: the models changed shape"
+    for m in mods:
+        m.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("build, run", [(_unet, _run_unet), (_vae, _run_vae)], ids=["unet", "vae"])
+def test_every_attention_call_goes_through_our_dispatcher(spy, build, run):
+    model = build()
+    _count_modules(model, spy)
+    out = run(model)
+    assert torch.isfinite(out).all()
+    assert spy["modules"] > 0 and spy["ours"] == spy["modules"], spy
+
+
+@pytest.mark.parametrize("build, run", [(_unet, _run_unet), (_vae, _run_vae)], ids=["unet", "vae"])
+def test_a_backend_of_ours_that_cannot_serve_on_cpu_refuses(build, run):
+    model = build()
+    with dispatch.attention_backend("sdpa-cudnn"), pytest.raises(dispatch.AttentionBackendError, match="sdpa-cudnn"):
+        run(model)
+    model.set_attention_backend("sdpa-cudnn")
+    assert all(m._attention_backend == "sdpa-cudnn" for m in model.modules() if isinstance(m, attention_classes()))
+    with pytest.raises(dispatch.AttentionBackendError, match="sdpa-cudnn"):
+        run(model)
+    model.set_attention_backend("auto")
+    assert torch.isfinite(run(model)).all()
+
+
+@pytest.fixture
+def upstream(monkeypatch):
+    """Upstream's dispatcher with a counter on its _native_math backend; its state restored afterwards."""
+    mod = _upstream()
+    reg = mod._AttentionBackendRegistry
+    name = mod.AttentionBackendName._NATIVE_MATH
+    calls = {"upstream": 0}
+    real = reg._backends[name]
+
+    def counting(*args, **kwargs):
+        calls["upstream"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(reg._backends, name, counting)
+    monkeypatch.setattr(reg, "_active_backend", reg._active_backend)
+    monkeypatch.setattr(upstream_dispatch._named, "explicit", False)
+    monkeypatch.delenv(upstream_dispatch.UPSTREAM_ENV, raising=False)
+    return mod, calls
+
+
+@pytest.mark.parametrize("build, run", [(_unet, _run_unet), (_vae, _run_vae)], ids=["unet", "vae"])
+def test_a_backend_named_through_upstreams_context_wins(spy, upstream, build, run):
+    mod, calls = upstream
+    model = build()
+    _count_modules(model, spy)
+    with mod.attention_backend("_native_math"):
+        run(model)
+    assert spy["ours"] == 0 and calls["upstream"] == spy["modules"] > 0, (spy, calls)
+    assert upstream_dispatch.upstream_backend() is None  # the context is over: ours again
+    run(model)
+    assert spy["ours"] > 0
+
+
+def test_a_backend_named_through_upstreams_model_method_wins(spy, upstream):
+    mod, calls = upstream
+    unet = _unet()
+    unet.set_attention_backend("_native_math")  # upstream's name: upstream's method
+    assert all(getattr(m, "_attention_backend", None) is None for m in unet.modules()
+               if isinstance(m, attention_classes()))  # no pin of ours
+    _run_unet(unet)
+    assert spy["ours"] == 0 and calls["upstream"] > 0
+    unet.set_attention_backend("math")  # our name: our mixin, through upstream's method
+    assert all(m._attention_backend == "math" for m in unet.modules() if isinstance(m, attention_classes()))
+    with pytest.raises(dispatch.AttentionBackendError, match="unknown attention backend 'no-such-backend'"):
+        unet.set_attention_backend("no-such-backend")  # neither's: refused naming our backends
+
+
+def test_dispatch_attention_fn_is_served_by_auto_unless_upstream_is_named(spy, upstream):
+    mod, calls = upstream
+    q, k, v = (torch.randn(2, 16, 4, 8) for _ in range(3))  # upstream's layout: (batch, seq, heads, head dim)
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2)).transpose(1, 2)
+    got = mod.dispatch_attention_fn(q, k, v)
+    assert spy["ours"] == 1 and calls["upstream"] == 0
+    torch.testing.assert_close(got, want)
+    with mod.attention_backend("_native_math"):
+        got = mod.dispatch_attention_fn(q, k, v)
+    assert spy["ours"] == 1 and calls["upstream"] == 1
+    torch.testing.assert_close(got, want)
+    with dispatch.attention_backend("sdpa-cudnn"), pytest.raises(dispatch.AttentionBackendError):
+        mod.dispatch_attention_fn(q, k, v)  # named ours: ours serves, and says it cannot here
