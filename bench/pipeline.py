@@ -471,6 +471,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     the end), so a run cut short by a time limit still leaves its rows."""
     verdicts = backend_verdicts(args.backends)
     pipe, built = build(args)
+    # pixels per latent as the pipeline counts them: 8 up to 0.9, from 0.10 the VAE's own (the tiny one's 2);
+    # --tiny's default size keeps the same 16x16 latents
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    if args.tiny and getattr(args, "default_size", False) and factor != 8:
+        args.height = args.width = args.height // 8 * factor
     config = {k: v for k, v in vars(args).items() if k not in ("json", "charts", "no_progress", "compile_times")}
     if not args.external_diffusers:  # the inductor options the fast path's compiles ran with
         from diffusers.flash.fastpath import engine as fast_path
@@ -670,6 +675,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     if args.dtype != "fp32" and not cuda:
         raise BenchError(f"--dtype {args.dtype} on {args.device}: half precision needs CUDA (use fp32)")
     size = 128 if args.tiny else 512
+    args.default_size = args.height is None and args.width is None
     args.height, args.width = args.height or size, args.width or size
     if args.height % 8 or args.width % 8 or min(args.height, args.width) < 8:
         raise BenchError(f"--height/--width must be positive multiples of 8, not {args.height}x{args.width}")
