@@ -87,11 +87,13 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     return dispatch.attention(query, key, value, scale, name, None, upcast)
 
 
-def _heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(batch x heads, seq, d) -> (batch, heads, seq, d) as a view; rows not a multiple of ``heads`` (a
-    slice of upstream's sliced processor) become (rows, 1, seq, d)."""
-    n = t.shape[0]
-    return t.unflatten(0, (n // heads, heads)) if heads and n % heads == 0 else t.unsqueeze(1)
+def _heads_view(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple:
+    """(batch x heads, seq, d) -> (batch, heads, seq, d) as views; rows not a multiple of ``heads`` (a slice
+    of upstream's sliced processor), or q and k that would not split alike, become (rows, 1, seq, d)."""
+    n = query.shape[0]
+    if heads and n % heads == 0 and key.shape[0] == n:
+        return tuple(t.unflatten(0, (n // heads, heads)) for t in (query, key, value))
+    return tuple(t.unsqueeze(1) for t in (query, key, value))
 
 
 def bmm_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -111,9 +113,7 @@ def bmm_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
         return torch.bmm(probs, value)
     upcast = bool(getattr(attn, "upcast_attention", False) or getattr(attn, "upcast_softmax", False))
     heads = getattr(attn, "heads", 1)
-    q, k, v = (_heads_view(t, heads) for t in (query, key, value))
-    if q.shape[:2] != k.shape[:2]:
-        q, k, v = (t.unsqueeze(1) for t in (query, key, value))
+    q, k, v = _heads_view(query, key, value, heads)
     out = dispatch.attention(q, k, v, getattr(attn, "scale", None), name, None, upcast)
     return out.flatten(0, 1)
 
@@ -132,9 +132,7 @@ def xformers_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         scores = torch.baddbmm(attn_bias.to(query.dtype).expand(query.shape[0], query.shape[1], key.shape[1]),
                                query, key.transpose(-1, -2), alpha=scale or query.shape[-1] ** -0.5)
         return torch.bmm(scores.float().softmax(-1).to(value.dtype), value)
-    q, k, v = (_heads_view(t, heads) for t in (query, key, value))
-    if q.shape[:2] != k.shape[:2]:
-        q, k, v = (t.unsqueeze(1) for t in (query, key, value))
+    q, k, v = _heads_view(query, key, value, heads)
     return dispatch.attention(q, k, v, scale, name).flatten(0, 1)
 
 
