@@ -36,9 +36,10 @@ GIB = 2 ** 30
 
 # ---------------------------------------------------------------------------------------------- pipelines
 def _local_pipelines_source() -> ModuleType:
-    """src/diffusers/local_pipelines.py loaded by path: its SD 1.x configs and offline tokenizer, usable
+    """src/diffusers/flash/local_pipelines.py loaded by path: its SD 1.x configs and offline tokenizer, usable
     even when the installed diffusers is another release (--external-diffusers)."""
-    spec = importlib.util.spec_from_file_location("_bench_local_pipelines", ROOT / "src/diffusers/local_pipelines.py")
+    path = ROOT / "src/diffusers/flash/local_pipelines.py"
+    spec = importlib.util.spec_from_file_location("_bench_local_pipelines", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,8 +76,9 @@ def external_pipeline(size: str) -> Any:
                  safety_checker=None, feature_extractor=None)
     try:
         return diffusers.StableDiffusionPipeline(**parts, requires_safety_checker=False)
-    except TypeError:  # releases before requires_safety_checker (0.7)
+    except TypeError:  # releases before requires_safety_checker (0.7), which also refuse None for a part
         try:
+            parts.update(safety_checker=_PassThroughSafety(), feature_extractor=_PassThroughFeatures())
             return diffusers.StableDiffusionPipeline(**parts)
         except Exception as e:
             raise BenchError(f"diffusers {diffusers.__version__}: cannot build StableDiffusionPipeline ({e})") from None
@@ -202,10 +204,27 @@ def generate(pipe: Any, images: int, steps: int, height: int, width: int, guidan
     generator = torch.Generator(device=device).manual_seed(seed)
     out = pipe([PROMPT] * images, height=height, width=width, num_inference_steps=steps,
                guidance_scale=guidance_scale, generator=generator, output_type="np")
-    got = tuple((out.images if hasattr(out, "images") else out[0]).shape)
+    pixels = out.images if hasattr(out, "images") else out[0]
+    got = tuple(pixels.shape)
     if got[0] != images or got[-1] != 3:
         raise RuntimeError(f"the pipeline returned images of shape {got} for {images} requested")
+    generate.nonfinite = nonfinite_share(pixels)
     return got
+
+
+generate.nonfinite = None
+
+
+def nonfinite_share(pixels: Any) -> float | None:
+    """The share of pixel values that are inf or NaN (None: not an array). Random weights in fp16 can
+    overflow, and a card runs such data at another speed, so each row reports it."""
+    import numpy as np
+
+    try:
+        values = np.asarray(pixels, dtype=np.float32)
+    except (TypeError, ValueError):
+        return None
+    return float(1.0 - np.isfinite(values).mean()) if values.size else None
 
 
 def time_pipeline(pipe: Any, images: int, *, steps: int = 50, height: int = 512, width: int = 512,
@@ -242,6 +261,7 @@ def time_pipeline(pipe: Any, images: int, *, steps: int = 50, height: int = 512,
         sections.close()
     wall = median([r["wall_s"] for r in runs])
     return dict(img_per_s=images / wall, s_per_img=wall / images, wall_s=wall, warmup_s=warmup_s,
+                nonfinite_share=generate.nonfinite,
                 wall_s_runs=[round(r["wall_s"], 4) for r in runs],
                 unet_step_ms=median([r["unet_step_ms"] for r in runs]), unet_calls=runs[0]["unet_calls"],
                 vae_decode_ms=median([r["vae_decode_ms"] for r in runs]),
@@ -519,6 +539,7 @@ COLUMNS = [
     ("VAE decode ms", "vae_decode_ms", "{:.1f}"), ("text ms", "text_encode_ms", "{:.1f}"),
     ("peak GiB", "peak_mem_gib", "{:.2f}"), ("warm-up s", "warmup_s", "{:.1f}"),
     ("% of floor", lambda r: r.get("floor_share") and 100 * r["floor_share"], "{:.1f}"),
+    ("non-finite %", lambda r: None if r.get("nonfinite_share") is None else 100 * r["nonfinite_share"], "{:.1f}"),
     ("status", lambda r: r["status"] + (f": {r['reason']}" if r.get("reason") else ""), None),
 ]
 
@@ -591,6 +612,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="folder or Hub repo id of real SD 1.x weights (default: random weights)")
+    ap.add_argument("--save-model", metavar="DIR",
+                    help="save the random-weight pipeline (this fork's, or the installed diffusers' with "
+                         "--external-diffusers) to DIR and stop: give both sides --model DIR to time the same "
+                         "weights, hence the same numbers")
     ap.add_argument("--external-diffusers", action="store_true",
                     help="build SD 1.x from the installed diffusers' own classes (e.g. newest upstream) and "
                          "leave its attention as it is (backend 'installed')")
@@ -663,7 +688,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     args.inductor = inductor_options(args.inductor)
     if args.inductor and args.external_diffusers:
         raise BenchError("--inductor sets the fork's fast-path compiles; the peer (--external-diffusers) has none")
-    if not args.tiny and not torch.cuda.is_available() and args.device is None and not args.model:
+    if not args.tiny and not torch.cuda.is_available() and args.device is None and not (args.model or args.save_model):
         print("benchmark: no CUDA device: running the tiny configuration (--tiny)", file=sys.stderr)
         args.tiny = True
     if args.device is None:
@@ -698,9 +723,37 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
                              " and installed+reduce-overhead")
     if args.model and args.tiny:
         raise BenchError("--model and --tiny exclude each other")
+    if args.save_model:
+        if args.model:
+            raise BenchError("--save-model writes random weights; --model loads weights: give one of them")
+        target = Path(args.save_model)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise BenchError(f"--save-model {args.save_model}: exists and is not an empty folder (nothing written)")
     # "installed" first: the others set a backend on the models that would stay behind
     args.backends.sort(key=lambda n: n != "installed")
     return args
+
+
+def save_model(args: argparse.Namespace) -> int:
+    """Write the random-weight pipeline to ``--save-model`` through a temporary folder renamed at the end."""
+    import shutil
+    import tempfile
+
+    target = Path(args.save_model).resolve()
+    size = "tiny" if args.tiny else "sd1"
+    pipe = external_pipeline(size) if args.external_diffusers else fork_pipeline(size)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipe.save_pretrained(str(tmp))
+        if target.exists():
+            target.rmdir()  # empty (checked by parse)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saved the {size} pipeline with random weights (seed 0) to {target}; time it with --model {target}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -711,6 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attention.main(argv[1:])
     args = parse(argv)
     torch.set_grad_enabled(False)
+    if args.save_model:
+        return save_model(args)
     if args.inductor:
         from diffusers.flash.fastpath import engine as fast_path
 

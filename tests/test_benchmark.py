@@ -148,6 +148,46 @@ class _FakePipeline:
         return types.SimpleNamespace(images=torch.zeros(len(prompt), height, width, 3))
 
 
+def test_external_pipeline_is_built_from_the_installed_classes():
+    """--external-diffusers reads the SD configs from our local_pipelines file by path (any installed release)."""
+    import diffusers
+
+    pipe = bench.external_pipeline("tiny")
+    assert type(pipe) is diffusers.StableDiffusionPipeline
+    assert type(pipe.unet) is diffusers.UNet2DConditionModel
+    from diffusers.flash import local_pipelines
+
+    assert pipe.vae.config.block_out_channels == list(local_pipelines.CONFIGS["tiny"]["vae"]["block_out_channels"])
+
+
+def test_saved_random_weights_are_timed_with_model_and_rows_count_nonfinite_pixels(tmp_path, capsys):
+    """--save-model writes the random-weight pipeline once (so that the fork and the peer time the same
+    weights with --model); it refuses a folder with files in it; every row says how many pixels are inf/NaN."""
+    target = tmp_path / "sd"
+    assert bench.main(["--save-model", str(target), "--tiny"]) == 0
+    assert (target / "model_index.json").is_file() and (target / "unet" / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+    with pytest.raises(SystemExit):
+        bench.main(["--save-model", str(target), "--tiny"])
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    out_json = tmp_path / "r.json"
+    assert bench.main(["--model", str(target), "--device", "cpu", "--backends", "auto", "--batch-sizes", "1",
+                       "--steps", "2", "--warmup-steps", "0", "--repeats", "1", "--height", "32", "--width", "32",
+                       "--no-flops", "--no-progress", "--json", str(out_json)]) == 0
+    row = json.loads(out_json.read_text())["rows"][0]
+    assert row["status"] == "ok" and row["nonfinite_share"] == 0.0
+    assert "non-finite %" in capsys.readouterr().out
+
+
+def test_nonfinite_share_counts_inf_and_nan():
+    import numpy as np
+
+    pixels = np.zeros((2, 2, 2, 3), dtype=np.float32)
+    pixels[0, 0, 0] = [np.nan, np.inf, 0.5]
+    assert bench.nonfinite_share(pixels) == pytest.approx(2 / 24)
+    assert bench.nonfinite_share(np.zeros((1, 2, 2, 3))) == 0.0
+
+
 def test_time_pipeline_on_any_pipeline_object():
     pipe = _FakePipeline()
     r = bench.time_pipeline(pipe, 3, steps=4, height=16, width=16, repeats=2, warmup_steps=1, device="cpu")
