@@ -47,6 +47,25 @@ def test_graphed_text_encoder_passes_other_calls_through():
 
 
 
+def test_graphed_decode_takes_the_generator_newer_pipelines_pass():
+    """From 0.2x the pipelines call vae.decode(z, return_dict=False, generator=g): the wrapper takes it (the
+    VAE's decode does not use it) and sends calls it does not serve to the VAE's own decode."""
+    vae = local_pipelines.components("tiny")["vae"].eval()
+    seen = []
+
+    def decode(z, return_dict=True, **kwargs):
+        seen.append(sorted(kwargs))
+        return vae.decode(z, return_dict=return_dict)
+
+    wrapped = fast_path.GraphedDecode(decode)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        got = wrapped(z, return_dict=False, generator=torch.Generator().manual_seed(0))[0]
+        np.testing.assert_array_equal(got.numpy(), vae.decode(z).sample.numpy())
+        wrapped(z)
+    assert seen == [["generator"], []] and wrapped.graphed.graphs == {}
+
+
 @pytest.mark.parametrize("compile,compile_vae", [(False, None), (True, None), ("regional", None), (True, False),
                                                  (True, "regional")])
 @pytest.mark.gpu

@@ -234,11 +234,15 @@ class GraphedDecode:
         self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare,
                                    after=after)
 
-    def __call__(self, z, return_dict: bool = True):
+    def __call__(self, z, return_dict: bool = True, generator=None, **kwargs):
         DecoderOutput = _output_class("DecoderOutput", "vae", "autoencoders.vae")
 
-        if torch.is_grad_enabled() or not z.is_cuda:
-            return self.inner(z, return_dict=return_dict)
+        # newer pipelines pass generator= (AutoencoderKL.decode takes it and does not use it): the captured call
+        # serves it; any other argument set takes the VAE's own decode
+        if torch.is_grad_enabled() or not z.is_cuda or any(v is not None for v in kwargs.values()):
+            if generator is not None:
+                kwargs["generator"] = generator
+            return self.inner(z, return_dict=return_dict, **kwargs)
         dec = self.graphed(z)
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
