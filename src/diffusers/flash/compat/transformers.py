@@ -48,6 +48,18 @@ def clip_image_processor(module=None):
     return image_processor("CLIP", module)
 
 
+def paint_by_example_proj_size(config, proj_size=None) -> int:
+    """PaintByExampleImageEncoder's projection size, written into its CLIP config so that a saved encoder
+    loads back with its own size. Upstream takes it as a constructor argument only; a reload builds the
+    encoder from the config alone, so any size but 768 did not fit the saved weights, which transformers
+    5 and accelerate 1.x refuse (older ones loaded the weights over the wrong shape). Given: that size;
+    not given: the config's, else upstream's 768."""
+    if proj_size is None:
+        proj_size = getattr(config, "proj_size", 768)
+    config.proj_size = proj_size
+    return proj_size
+
+
 def _resolve(module, name):
     try:
         return getattr(module, name)
