@@ -288,6 +288,36 @@ def test_clip_feature_extractor_name_resolves():
         import_library("transformers").NoSuchClassAnywhere  # noqa: B018
 
 
+def test_paint_by_example_projection_size_is_kept_in_the_config():
+    import transformers
+
+    from diffusers.flash.compat.transformers import paint_by_example_proj_size
+
+    config = transformers.CLIPVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    assert paint_by_example_proj_size(config) == 768  # upstream's default when neither says
+    assert paint_by_example_proj_size(config, 32) == 32 and config.to_dict()["proj_size"] == 32
+    assert paint_by_example_proj_size(config) == 32  # a reload builds from the config alone
+
+
+def test_a_saved_paint_by_example_encoder_loads_back_with_its_size(tmp_path):
+    try:
+        from diffusers.pipelines.paint_by_example import PaintByExampleImageEncoder
+    except ImportError:
+        pytest.skip("this release has no paint-by-example pipeline (0.10+)")
+    import torch
+    import transformers
+
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=4, projection_dim=32)
+    encoder = PaintByExampleImageEncoder(config, proj_size=32).eval()
+    encoder.save_pretrained(tmp_path)
+    again = PaintByExampleImageEncoder.from_pretrained(tmp_path).eval()
+    assert again.proj_size == 32
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels)[0], encoder(pixels)[0])
+
+
 def test_too_new_jax_makes_flax_unavailable_with_a_reason():
     from diffusers.flash.compat import flax as flax_compat
 
