@@ -276,7 +276,7 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     assert "FAILED tests/test_fake.py::test_repo_id_quoted_is_a_failure" in out
     assert "EXCLUDED tests/repo_utils/ (1 test file(s)): upstream's repository-maintenance tests" in out
     assert "installing" not in out  # the test extra (pytest) is installed already
-    laid = fork_root / "upstream-tests" / "v9.9.9"
+    laid = fork_root / "upstream-tests" / "v9.9.9" / "diffusers"  # named as upstream's checkout (a test asserts it)
     assert (laid / "hf-internal-testing" / "dummy" / "data.txt").read_text() == "tagged"
     assert not (laid / "src").exists()
     outcomes = json.loads((laid / "outcomes.json").read_text())["outcomes"]

@@ -1,7 +1,7 @@
 """fork.py test-upstream: run upstream Diffusers' own test suite, unmodified, against the installed fork.
 
 Upstream's ``tests/`` and the repo-root fixtures they load by relative path are taken from a git
-clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/``
+clone of upstream at a tag (``git archive``), laid into the git-ignored ``upstream-tests/<tag>/diffusers/``
 and run there with pytest, in a subprocess of this interpreter, offline (``HF_HUB_OFFLINE=1``).
 Our plugin (``forklib.upstream_plugin``) does what the fork needs around upstream's files and
 reports tests that need the Hugging Face Hub as skipped, naming the repo.
@@ -49,7 +49,7 @@ def add_parser(subparsers, root: Path):
     p = subparsers.add_parser(
         "test-upstream", help="run upstream's own test suite against the installed fork",
         description="Take upstream's tests/ (and the fixtures they use) at TAG from a git clone of upstream, "
-                    "lay them into upstream-tests/TAG/ and run them with pytest against the installed fork, "
+                    "lay them into upstream-tests/TAG/diffusers/ and run them with pytest against the installed fork, "
                     "offline. Tests that need the Hugging Face Hub are skipped, naming the repo; any other "
                     "failure is a failure (exit 1). Arguments after -- go to pytest.")
     p.add_argument("--upstream-repo", metavar="URL_OR_PATH",
@@ -115,7 +115,9 @@ def local_repo(root: Path, repo: str, tag: str) -> str:
 
 
 def lay_out(root: Path, repo: str, tag: str) -> Path:
-    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/``."""
+    """Extract upstream's tests and fixtures at ``tag`` into a fresh ``upstream-tests/<tag>/diffusers/``: a
+    folder named as upstream's checkout, whose name a test asserts (0.12+ ``test_deprecate_stacklevel``:
+    the warning is attributed to ``diffusers/tests/test_utils.py``)."""
     present = set(_git("-C", repo, "ls-tree", "--name-only", tag, "--", *FIXTURES).split())
     if REQUIRED not in present:
         raise ForkError(f"upstream tag {tag} in {repo} has no {REQUIRED}/ folder")
@@ -123,9 +125,10 @@ def lay_out(root: Path, repo: str, tag: str) -> Path:
                           capture_output=True)
     if data.returncode != 0:
         raise ForkError(f"git archive {tag} failed in {repo}: {data.stderr.decode(errors='replace').strip()}")
-    dest = Path(root) / OUT_DIR / tag.replace("/", "_")
-    if dest.exists():
-        shutil.rmtree(dest)
+    base = Path(root) / OUT_DIR / tag.replace("/", "_")
+    if base.exists():
+        shutil.rmtree(base)
+    dest = base / "diffusers"
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data.stdout)) as t:
         if hasattr(tarfile, "data_filter"):
