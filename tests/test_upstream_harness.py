@@ -568,6 +568,18 @@ def test_a_changed_test_is_no_longer_excused(pytester, monkeypatch):
     assert outcomes["test_upstream.py::test_defective"][0] == "failed"
 
 
+def test_a_test_whose_source_changed_between_tags_has_an_entry_per_source(pytester, monkeypatch):
+    [(nodeid, entry)] = _defect_entry(pytester, DEFECTIVE, monkeypatch).items()
+    other_tag = ("0" * 16, entry[1], "the other tag's")  # the test's source at another tag: not this one
+    report = pytester.path / "report.json"
+    monkeypatch.setattr(plugin, "KNOWN_DEFECTS", {nodeid: [other_tag, (entry[0], entry[1], "this tag's")]})
+    pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
+    assert json.loads(report.read_text())["outcomes"][nodeid] == ["upstream-defect", "this tag's"]
+    monkeypatch.setattr(plugin, "KNOWN_DEFECTS", {nodeid: [other_tag]})
+    pytester.runpytest("-p", "forklib.upstream_plugin", f"--upstream-report={report}")
+    assert json.loads(report.read_text())["outcomes"][nodeid][0] == "failed"
+
+
 @pytest.mark.parametrize("mode", ["backend", "other-assert"])
 def test_a_listed_defect_failing_otherwise_is_a_plain_failure(pytester, monkeypatch, mode):
     monkeypatch.setattr(plugin, "KNOWN_DEFECTS", _defect_entry(pytester, DEFECTIVE, monkeypatch))

@@ -58,8 +58,13 @@ _SLICE_REASON = ("upstream-vs-today's-stack defect: the expected pixel slice was
                  "amount here (image variation: max 0.0159 and 0.0331 against 1e-3; paint by example: 0.0291 "
                  "against 1e-2, before our post_init for transformers 5)")
 
+_PBE_REASON = ("upstream-vs-today's-stack defect: the expected pixel slice was recorded with Jan-2023's transformers, "
+               "whose random CLIP image-encoder weights differ from today's; at 0.12.1 the slice misses by 0.0242 "
+               "without our post_init for transformers 5 and by 0.0289 with it (against 1e-2), and by the same "
+               "0.0289 with the attention on the math backend (upstream's own computation)")
+
 # Upstream test defects: nodeid -> (fingerprint of the test's source, the failing assertion's source line in
-# the test (stripped), the reason shown).
+# the test (stripped), the reason shown), or a list of such entries where the test's source changed between tags.
 KNOWN_DEFECTS = {
     "tests/test_models_unet.py::UNet2DConditionModelTests::test_gradient_checkpointing": (
         "4224569b6aaf462d",
@@ -103,9 +108,11 @@ KNOWN_DEFECTS = {
         "323e9250adf363e7", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3", _SLICE_REASON,
     ),
     "tests/pipelines/paint_by_example/test_paint_by_example.py::"
-    "PaintByExamplePipelineFastTests::test_paint_by_example_inpaint": (
-        "d609c03cae8e2f3f", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-2", _SLICE_REASON,
-    ),
+    "PaintByExamplePipelineFastTests::test_paint_by_example_inpaint": [
+        ("d609c03cae8e2f3f", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-2", _SLICE_REASON),
+        # 0.12.1 to 0.14.0 (the same source in each)
+        ("e03502a7e0b2e9e7", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-2", _PBE_REASON),
+    ],
 }
 
 
@@ -119,16 +126,18 @@ def fingerprint(source: str) -> str:
 def known_defect(item, exc=None):
     """The reason, when ``item`` is a listed upstream test defect with exactly the listed source and ``exc``
     is an ``AssertionError`` raised from the listed assertion of that test."""
-    entry = KNOWN_DEFECTS.get(item.nodeid)
+    entries = KNOWN_DEFECTS.get(item.nodeid)
     function = getattr(item, "function", None)
-    if entry is None or function is None or not isinstance(exc, AssertionError):
+    if entries is None or function is None or not isinstance(exc, AssertionError):
         return None
     try:
-        if fingerprint(inspect.getsource(function)) != entry[0]:
-            return None
+        finger = fingerprint(inspect.getsource(function))
     except (OSError, TypeError, tokenize.TokenError):
         return None
-    return entry[2] if failing_line(exc, function) == entry[1] else None
+    for entry in entries if isinstance(entries, list) else [entries]:  # one per source the test had
+        if finger == entry[0] and failing_line(exc, function) == entry[1]:
+            return entry[2]
+    return None
 
 
 def failing_line(exc, function) -> str | None:
