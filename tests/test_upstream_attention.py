@@ -155,3 +155,51 @@ def test_dispatch_attention_fn_is_served_by_auto_unless_upstream_is_named(spy, u
     torch.testing.assert_close(got, want)
     with dispatch.attention_backend("sdpa-cudnn"), pytest.raises(dispatch.AttentionBackendError):
         mod.dispatch_attention_fn(q, k, v)  # named ours: ours serves, and says it cannot here
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                  axes_dims_rope=[2, 2, 4]).eval()
+
+
+def _run_flux(model):
+    torch.manual_seed(1)  # the same inputs every call
+    with torch.no_grad():
+        return model(hidden_states=torch.randn(1, 16, 4), encoder_hidden_states=torch.randn(1, 5, 16),
+                     pooled_projections=torch.randn(1, 16), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                     txt_ids=torch.zeros(5, 3)).sample
+
+
+def test_a_backend_of_ours_set_on_a_transformer_model_reaches_upstreams_dispatcher(spy, upstream, monkeypatch):
+    """0.35 and later: a transformer model's processors call upstream's dispatch_attention_fn with their own
+    backend; our set_attention_backend pins ours there, upstream's own names still win."""
+    mod, calls = upstream
+    model = _flux()
+    processors = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    assert processors, "no processor with an upstream backend slot: the model changed shape"
+    seen = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("backend"))
+                        or real(*a, **k))
+    plain = _run_flux(model)  # auto: our dispatcher serves upstream's calls
+    assert seen and set(seen) == {"auto"} and calls["upstream"] == 0, (seen, calls)
+    model.set_attention_backend("math")
+    assert all(p._attention_backend == "math" and isinstance(p._attention_backend, upstream_dispatch.Pinned)
+               for p in processors)
+    seen.clear()
+    torch.testing.assert_close(_run_flux(model), plain)
+    assert seen and set(seen) == {"math"} and calls["upstream"] == 0, (seen, calls)
+    model.set_attention_backend("sdpa-cudnn")
+    with pytest.raises(dispatch.AttentionBackendError, match="sdpa-cudnn"):
+        _run_flux(model)  # named ours: ours serves, and says why it cannot on the CPU
+    model.set_attention_backend("_native_math")  # upstream's name: upstream's method and registry
+    assert all(not isinstance(p._attention_backend, upstream_dispatch.Pinned) for p in processors)
+    seen.clear()
+    _run_flux(model)
+    assert not seen and calls["upstream"] > 0
+    model.set_attention_backend("auto")  # unpins ours only: upstream's own choice stays
+    assert all(p._attention_backend == mod.AttentionBackendName._NATIVE_MATH for p in processors)

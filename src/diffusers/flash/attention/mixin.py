@@ -71,7 +71,22 @@ class AttentionBackendMixin:
             for m in model.modules():
                 if isinstance(m, classes):
                     m._attention_backend = pin
+                _pin_processor(getattr(m, "processor", None), pin)
         return self
+
+
+def _pin_processor(processor, pin: str | None) -> None:
+    """0.35 and later: upstream's processors of the transformer models pass their ``_attention_backend`` to
+    ``dispatch_attention_fn``; ours goes there as a :class:`upstream_dispatch.Pinned` name, which our hook in
+    that function serves. Unpinning clears only a pin of ours (upstream's own choice stays)."""
+    if processor is None or not hasattr(processor, "_attention_backend"):
+        return
+    from diffusers.flash.attention.upstream_dispatch import Pinned
+
+    if pin is not None:
+        processor._attention_backend = Pinned(pin)
+    elif isinstance(processor._attention_backend, Pinned):
+        processor._attention_backend = None
 
 
 def _upstream_method(model):

@@ -28,7 +28,7 @@ import torch
 
 from diffusers.flash.attention import dispatch
 
-__all__ = ["serve", "track", "upstream_backend"]
+__all__ = ["Pinned", "serve", "track", "upstream_backend"]
 
 UPSTREAM_MODULE = "diffusers.models.attention_dispatch"
 UPSTREAM_ENV = "DIFFUSERS_ATTN_BACKEND"
@@ -86,13 +86,44 @@ def track(context: Callable, registry: type) -> Callable:
     return attention_backend
 
 
+class Pinned(str):
+    """A backend of ours pinned on one of upstream's attention processors by our ``set_attention_backend``
+    (0.35 and later: the transformer models' processors, which hand their ``_attention_backend`` to
+    ``dispatch_attention_fn`` as ``backend``). :func:`serve` takes it; upstream's registry never sees it."""
+
+    __slots__ = ()
+
+
+class _For:
+    """Stands for the attention module in :func:`dispatch.current`: its pinned backend."""
+
+    __slots__ = ("_attention_backend",)
+
+    def __init__(self, name: str):
+        self._attention_backend = name
+
+
 def serve(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
           dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool,
           attention_kwargs: dict[str, Any] | None, backend: Any, parallel_config: Any) -> torch.Tensor | None:
     """The call served by our dispatcher (tensors (batch, seq, heads, head dim), upstream's layout), or None
     where upstream's registry serves it: a backend named upstream's way, context parallelism, keywords for
     a particular backend, or extras (mask, dropout, causal, GQA) while our choice is ``auto``. A backend
-    named through our API that cannot serve the call raises the reason."""
+    named through our API that cannot serve the call raises the reason. A backend of ours pinned on the
+    processor (:class:`Pinned`) serves it unless upstream's context names one."""
+    if isinstance(backend, Pinned) and upstream_backend() is None:
+        if parallel_config is not None or attention_kwargs:
+            raise dispatch.AttentionBackendError(
+                f"attention backend {str(backend)!r} (set_attention_backend) cannot serve this call: it has "
+                + ("a context-parallel configuration" if parallel_config is not None else
+                   f"backend-specific keywords {sorted(attention_kwargs)}")
+                + "; name one of upstream's backends for this model")
+        from diffusers.flash.attention import hooks
+
+        out = hooks.sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                         module=_For(str(backend)))
+        return out.transpose(1, 2)
     if backend is not None or parallel_config is not None or attention_kwargs or upstream_backend() is not None:
         return None
     name = dispatch.current()
