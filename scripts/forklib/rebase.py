@@ -630,7 +630,8 @@ def new_pin(old: dict, target: dict) -> dict:
 def write_patches(root: Path, st: dict, texts: dict) -> None:
     """Write the rebased series. A variant that applied unchanged becomes the main patch (its file goes);
     each main patch the rebase replaces is kept as the variant for the release it served, unless the
-    rebase back would make it again byte for byte from its replacement (see ``reproducible``)."""
+    rebase back would make it again byte for byte from its replacement (see ``reproducible``) and it never
+    was a variant file (a variant stays one through any trip of releases)."""
     old, new = st["old_pin"]["version"], st["target"]["version"]
     names = st["names"]
     found = variants.load(root, names)
@@ -651,7 +652,9 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
     for name in names:
         if out[name] == mains[name]:
             continue
-        if name not in again:
+        # a text that was a variant file in this project's history stays one even where the rebase back would
+        # make it again: a later rebase reaches its release from another text (the pin's), which may not
+        if name not in again or history_label(root, name, mains[name]):
             keep = patchfile.parse(mains[name], name)
             label, text = kept_label(root, name, keep, mains[name], old), mains[name]
             if not covers(keep.field("Applies-To"), label):  # a text kept for a release must say it serves it
