@@ -172,6 +172,7 @@ def test_missing_weights_file_names_the_folder_and_both_names(tmp_path):
         UNet2DModel.from_pretrained(tmp_path)
     message = str(err.value)
     assert str(tmp_path) in message and SAFE in message and BIN in message
+    assert message.startswith(f"Error no file named {BIN} found in directory {tmp_path}")  # upstream's wording
     assert isinstance(err.value, FileNotFoundError)
 
 

@@ -55,7 +55,13 @@ class CorruptCheckpointError(CheckpointError):
 
 
 class MissingWeightsError(CheckpointError, FileNotFoundError):
-    """A model folder with neither weights file."""
+    """A model folder with neither weights file. The message begins as upstream's did ("Error no file named
+    <the .bin name> found in directory <folder>"), which code and upstream's tests match on."""
+
+    def __init__(self, path, problem: str, upstream_name: Optional[str] = None):
+        super().__init__(path, problem)
+        if upstream_name:
+            self.args = (f"Error no file named {upstream_name} found in directory {self.path} ({problem})",)
 
 
 class ShapeMismatchError(CheckpointError, RuntimeError):
@@ -90,7 +96,7 @@ def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optiona
             if os.path.isfile(path):
                 return path
     raise MissingWeightsError(
-        folders[-1], f"no weights file: looked for {' and '.join(names)} in {' and '.join(folders)}"
+        folders[-1], f"no weights file: looked for {' and '.join(names)} in {' and '.join(folders)}", names[-1]
     )
 
 
