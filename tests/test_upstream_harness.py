@@ -190,6 +190,17 @@ class CaughtTests(unittest.TestCase):
         assert "Error no file named" in str(caught.exception)
 
 
+def test_hub_file_url_needs_the_hub():
+    import requests  # upstream's load_pt/load_image of a dataset file, offline
+
+    raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='huggingface.co', port=443): Max retries "
+                                              "exceeded with url: /datasets/fake-org/fake-images/resolve/main/x.pt")
+
+
+def test_url_quoted_is_a_failure():
+    raise ValueError("cannot read https://huggingface.co/fake-org/quoted-url/resolve/main/x.pt")
+
+
 def test_repo_id_quoted_is_a_failure():
     def from_pretrained(pretrained_model_name_or_path):
         raise OSError(f"Can't load config for '{pretrained_model_name_or_path}': it is broken")
@@ -282,10 +293,12 @@ def test_harness_runs_a_tagged_upstream_suite_and_counts(fake_upstream, fork_roo
     out = capfd.readouterr().out
     assert rc == 1, out  # there are real failures
     line = next(ln for ln in out.splitlines() if ln.startswith("test-upstream: ") and " passed" in ln)
-    assert re.match(r"test-upstream: 1 passed, 4 failed, 4 skipped for the Hub, 2 skipped by upstream .*"
+    assert re.match(r"test-upstream: 1 passed, 5 failed, 5 skipped for the Hub, 2 skipped by upstream .*"
                     r", 1 folder\(s\) excluded in \d+\.\ds$", line), line
     assert "needs the Hugging Face Hub: fake-org/fake-unet" in out
     assert "needs the Hugging Face Hub: fake-org/fake-wording" in out  # caught by the test, then asserted on
+    assert "needs the Hugging Face Hub: fake-org/fake-images" in out  # a file URL on the Hub, offline
+    assert "FAILED tests/test_fake.py::test_url_quoted_is_a_failure" in out
     assert "FAILED tests/test_fake.py::CaughtTests::test_caught_unrelated_error_fails" in out
     assert "needs the Hugging Face Hub: fake-org/fake-clip" in out
     assert "needs the Hugging Face Hub: fake-org/fake-processor" in out
@@ -308,7 +321,7 @@ def test_harness_exit_zero_when_nothing_fails_and_pytest_args_pass_through(fake_
     rc = upstream_tests.run(fork_root, str(fake_upstream), "v9.9.9", ["-k", "passes or hub or slow"])
     out = capfd.readouterr().out
     assert rc == 0, out
-    assert "test-upstream: 1 passed, 0 failed, 4 skipped for the Hub, 1 skipped by upstream" in out
+    assert "test-upstream: 1 passed, 0 failed, 5 skipped for the Hub, 1 skipped by upstream" in out
 
 
 # ---------------------------------------------------------------- the tag's test extra

@@ -43,6 +43,10 @@ REPO_ARGS = ("repo_id", "path_or_repo_id", "pretrained_model_name_or_path", "pat
 # a Hub repo id: "name" or "owner/name" (no scheme, no spaces)
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 QUOTED_REPO = re.compile(r"'([A-Za-z0-9][\w.-]*/[\w.-]+)'")
+# a file URL on the Hub: https://huggingface.co/[datasets/|spaces/]<owner>/<name>/resolve/...
+# (or urllib3's "host='huggingface.co', port=443): ... url: /<path>")
+HUB_URL = re.compile(r"(?:https://huggingface\.co|host='huggingface\.co'[^/]*?url: )/(?:(?:datasets|spaces)/)?"
+                     r"([A-Za-z0-9][\w.-]*/[\w.-]+)/resolve/")
 # what transformers says when from_pretrained cannot reach the Hub
 OFFLINE_WORDS = ("couldn't connect to 'https://huggingface.co'", "offline mode", "outgoing traffic has been disabled")
 
@@ -213,7 +217,7 @@ def _repo_from_frames(tb):
 
 def _repo_from_message(exc):
     for e in _chain(exc):
-        for candidate in QUOTED_REPO.findall(str(e)):
+        for candidate in QUOTED_REPO.findall(str(e)) + HUB_URL.findall(str(e)):
             if _is_repo_id(candidate):
                 return candidate
     return None
