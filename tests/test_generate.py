@@ -366,7 +366,10 @@ def test_hub_repo_id_offline_and_not_cached(gen, tmp_path, monkeypatch):
 @pytest.mark.slow  # a real subprocess: seconds
 def test_ctrl_c_says_a_rerun_resumes_and_exits_130(gen, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["a red cube", "--out", str(out), *SMALL[:-4], "--num-images-per-prompt", "30", "--device", "cpu"]
+    # 8 steps an image: the run must outlast this process's polling on a loaded machine (at 2 steps the 30
+    # images were done in 3.7 s, before a starved poll saw the second one)
+    args = ["a red cube", "--out", str(out), *SMALL[:4], "--steps", "8", "--num-images-per-prompt", "30",
+            "--device", "cpu"]
     proc = subprocess.Popen(command(*args), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 240
