@@ -72,6 +72,8 @@ _VARIATION_0_10_REASON = ("upstream-vs-today's-stack defect: the expected pixel 
                           "0.0138 and 0.0238 at 0.8.1, 0.0154 and 0.0413 at 0.9.0 and 0.10.2 (against 1e-3), the "
                           "same to 1e-6 with the attention on the math backend (upstream's own computation)")
 
+_SLICE_1E3 = "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3"  # the slice tests' assertion
+
 # Upstream test defects: nodeid -> (fingerprint of the test's source, the failing assertion's source line in
 # the test (stripped), the reason shown), or a list of such entries where the test's source changed between tags.
 KNOWN_DEFECTS = {
@@ -110,22 +112,22 @@ KNOWN_DEFECTS = {
     # 0.11.1: expected 3x3 slices of tiny random-weight pipelines with a CLIP image encoder
     "tests/pipelines/stable_diffusion/test_stable_diffusion_image_variation.py::"
     "StableDiffusionImageVariationPipelineFastTests::test_stable_diffusion_img_variation_default_case": [
-        ("808d18de4c9ec69e", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3", _SLICE_REASON),
-        ("e0233a4f81ea89fa", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("808d18de4c9ec69e", _SLICE_1E3, _SLICE_REASON),
+        ("e0233a4f81ea89fa", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.10.2's source
-        ("2941c4b4611389a8", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("2941c4b4611389a8", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.9.0's
-        ("451e32b6fb12591f", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("451e32b6fb12591f", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.8.0's and 0.8.1's
     ],
     "tests/pipelines/stable_diffusion/test_stable_diffusion_image_variation.py::"
     "StableDiffusionImageVariationPipelineFastTests::test_stable_diffusion_img_variation_multiple_images": [
-        ("323e9250adf363e7", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3", _SLICE_REASON),
-        ("fa30061e75427855", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("323e9250adf363e7", _SLICE_1E3, _SLICE_REASON),
+        ("fa30061e75427855", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.10.2's source
-        ("911c3da17bfca15e", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("911c3da17bfca15e", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.9.0's
-        ("f595cc655604e43d", "assert np.abs(image_slice.flatten() - expected_slice).max() < 1e-3",
+        ("f595cc655604e43d", _SLICE_1E3,
          _VARIATION_0_10_REASON),  # 0.8.0's and 0.8.1's
     ],
     "tests/pipelines/paint_by_example/test_paint_by_example.py::"
