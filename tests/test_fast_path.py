@@ -66,6 +66,67 @@ def test_graphed_decode_takes_the_generator_newer_pipelines_pass():
     assert seen == [["generator"], []] and wrapped.graphed.graphs == {}
 
 
+def test_the_unet_call_keywords_become_graph_inputs_and_come_back():
+    """SDXL's call adds added_cond_kwargs={text_embeds, time_ids} (and timestep_cond where used): tensors on the
+    sample's device become graph inputs, one graph per layout; anything else is not captured."""
+    cpu = torch.device("cpu")
+    emb, ids, cond = torch.randn(2, 32), torch.randn(2, 6), torch.randn(2, 8)
+    kwargs = {"added_cond_kwargs": {"time_ids": ids, "text_embeds": emb}, "timestep_cond": cond,
+              "cross_attention_kwargs": None, "attention_mask": None}
+    layout, tensors = fast_path.split_extra(kwargs, cpu)
+    assert layout == (("added_cond_kwargs", ("text_embeds", "time_ids")), ("timestep_cond", None))
+    assert [t is x for t, x in zip(tensors, (emb, ids, cond))] == [True] * 3
+    back = fast_path.join_extra(layout, tensors)
+    assert back == {"added_cond_kwargs": {"text_embeds": emb, "time_ids": ids}, "timestep_cond": cond}
+    assert fast_path.split_extra({"cross_attention_kwargs": None}, cpu) == ((), ())
+    assert fast_path.split_extra({"cross_attention_kwargs": {"scale": 0.5}}, cpu) is None  # LoRA scale: eager
+    assert fast_path.split_extra({"timestep_cond": cond}, torch.device("meta")) is None  # another device
+
+
+def test_a_pipeline_that_upcasts_its_vae_keeps_the_vae_decode_as_it_is():
+    """SDXL's pipelines cast an fp16 VAE with force_upcast to float32 around each decode: not graphed."""
+    vae = types.SimpleNamespace(config={"force_upcast": True}, dtype=torch.float16)
+    sdxl = types.SimpleNamespace(vae=vae, upcast_vae=lambda: None)
+    assert "force_upcast" in fast_path._vae_upcast(sdxl)
+    assert fast_path._vae_upcast(types.SimpleNamespace(vae=vae)) is None  # SD 1.x's pipelines do not upcast
+    vae.config = {"force_upcast": False}
+    assert fast_path._vae_upcast(sdxl) is None
+    vae.config, vae.dtype = {"force_upcast": True}, torch.float32
+    assert fast_path._vae_upcast(sdxl) is None
+
+
+def _sdxl_or_skip(**kwargs):
+    try:
+        return local_pipelines.stable_diffusion_xl(**kwargs)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("force_upcast,compile,dtype", [(True, False, torch.float16), (False, True, torch.float32)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sdxl_fast_path_gives_the_same_images(force_upcast, compile, dtype):
+    pipe = _sdxl_or_skip(force_upcast=force_upcast).to("cuda", dtype)
+
+    def run(n):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        return pipe(["a lighthouse"] * n, num_inference_steps=4, height=64, width=64, generator=g,
+                    output_type="np").images
+
+    plain = {n: run(n) for n in (1, 2)}
+    assert all(np.isfinite(im).all() for im in plain.values())
+    report = pipe.enable_fast_path(compile=compile)
+    assert report["cuda_graphs"][:1] == ["UNet"] and ("VAE decode" in report["cuda_graphs"]) != force_upcast, report
+    assert any("force_upcast" in why for why in report["reasons"]) == force_upcast, report
+    for n in (1, 2, 1):
+        np.testing.assert_allclose(run(n), plain[n], atol=2 / 255)
+    calls = pipe.unet.forward.calls  # the SDXL call (added_cond_kwargs) was captured, per batch
+    sdxl = [c for layout, c in calls.items() if layout and layout[0][0] == "added_cond_kwargs"]
+    assert len(sdxl) == 1 and len(sdxl[0].graphs) == 2 and sdxl[0].failed is None, calls
+    pipe.disable_fast_path()
+    np.testing.assert_allclose(run(1), plain[1], atol=1e-6)
+
+
 @pytest.mark.parametrize("compile,compile_vae", [(False, None), (True, None), ("regional", None), (True, False),
                                                  (True, "regional")])
 @pytest.mark.gpu

@@ -158,3 +158,44 @@ def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm",
     from diffusers.pipelines import StableDiffusionPipeline
 
     return (pipeline_class or StableDiffusionPipeline)(**components(size, seed, scheduler))
+
+
+def stable_diffusion_xl(seed: int = 0, force_upcast: bool = True):
+    """A tiny StableDiffusionXLPipeline built locally (upstream's fast-test configuration: two CLIP text
+    encoders, the UNet's ``text_time`` added conditioning, Euler), for releases that have SDXL (0.19 on).
+    ``force_upcast``: the VAE config's flag that makes the pipeline decode in float32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import diffusers
+    from diffusers.models import AutoencoderKL, UNet2DConditionModel
+
+    pipeline_class = getattr(diffusers, "StableDiffusionXLPipeline", None)
+    if pipeline_class is None:
+        raise NotImplementedError(f"diffusers {diffusers.__version__} has no StableDiffusionXLPipeline (upstream "
+                                  f"added SDXL in 0.19)")
+    from diffusers.schedulers import EulerDiscreteScheduler
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, sample_size=128, force_upcast=force_upcast)
+    text_config = CLIPTextConfig(vocab_size=max(len(tokenizer), 1000), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 layer_norm_eps=1e-5, hidden_act="gelu", projection_dim=32,
+                                 **CONFIGS["tiny"]["text"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(text_config).eval()
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return pipeline_class(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                          tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)

@@ -176,29 +176,89 @@ class GraphedCall:
         return cap
 
 
+def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | None:
+    """The UNet call's keyword arguments beyond (sample, timestep, encoder_hidden_states) as (layout,
+    tensors) for a graph: None values are left out, a tensor on ``device`` (the sample's) is an input, a dict
+    of such tensors (SDXL's
+    ``added_cond_kwargs``: ``text_embeds``, ``time_ids``) gives one input per entry; ``layout`` names them
+    (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
+    ``cross_attention_kwargs={"scale": 0.5}``, a tensor on another device): that call is not captured."""
+    def here(value):
+        return isinstance(value, torch.Tensor) and value.device == device
+
+    layout, tensors = [], []
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if value is None:
+            continue
+        if here(value):
+            layout.append((name, None))
+            tensors.append(value)
+        elif isinstance(value, dict) and all(here(v) for v in value.values()):
+            layout.append((name, tuple(sorted(value))))
+            tensors.extend(value[k] for k in sorted(value))
+        else:
+            return None
+    return tuple(layout), tuple(tensors)
+
+
+def join_extra(layout: tuple, tensors: tuple) -> dict:
+    """The keyword arguments ``split_extra`` took apart, rebuilt around ``tensors`` (the graph's buffers)."""
+    out, at = {}, 0
+    for name, keys in layout:
+        if keys is None:
+            out[name], at = tensors[at], at + 1
+        else:
+            out[name], at = dict(zip(keys, tensors[at:at + len(keys)])), at + len(keys)
+    return out
+
+
 class GraphedForward:
     """Takes the place of a UNet2DConditionModel's ``forward`` (the UNet object itself stays, so saving,
     ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
-    forward."""
+    forward. Tensor keyword arguments (SDXL's ``added_cond_kwargs``, ``timestep_cond``) are graph inputs:
+    one graph per layout of them (``split_extra``) and per shapes."""
 
     def __init__(self, forward, pool=None, warmup: int = 2, prepare=None, after=None):
         self.inner = forward  # the UNet's own forward, or torch.compile of it
-        self.graphed = GraphedCall(lambda s, t, c: forward(s, t, c).sample, "UNet step", pool, warmup, prepare,
-                                   after)
+        self._args = (pool, warmup, prepare, after)
+        self.calls: dict[tuple, GraphedCall] = {}
+        self.graphed = self._call(())  # SD 1.x/2.x: (sample, timestep, encoder_hidden_states) alone
         self._timesteps = {}
+
+    def _call(self, layout: tuple) -> GraphedCall:
+        call = self.calls.get(layout)
+        if call is None:
+            pool, warmup, prepare, after = self._args
+
+            def taking(fn):  # fn(sample, timestep, states, **kwargs) called with the kwargs as extra tensors
+                if fn is None:
+                    return None
+                return lambda s, t, c, *x: fn(s, t, c, **join_extra(layout, x))
+
+            forward = taking(self.inner)
+            call = self.calls[layout] = GraphedCall(lambda *a: forward(*a).sample, "UNet step", pool, warmup,
+                                                    taking(prepare), taking(after))
+        return call
 
     @property
     def graphs(self):
-        return self.graphed.graphs
+        return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
+
+    @property
+    def capture_s(self) -> float:
+        return sum(call.capture_s for call in self.calls.values())
 
     def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         UNet2DConditionOutput = _output_class("UNet2DConditionOutput", "unet_2d_condition", "unets.unet_2d_condition")
 
-        # newer releases pass more (timestep_cond, cross_attention_kwargs, added_cond_kwargs, ...): a call with
-        # any of them set is not the captured one and takes the UNet's own forward
-        if torch.is_grad_enabled() or not sample.is_cuda or args or any(v is not None for v in kwargs.values()):
+        # newer releases pass more (timestep_cond, cross_attention_kwargs, added_cond_kwargs, ...): tensors are
+        # graph inputs; a call with anything else set is not the captured one and takes the UNet's own forward
+        extra = None if args else split_extra(kwargs, sample.device)
+        if torch.is_grad_enabled() or not sample.is_cuda or extra is None:
             return self.inner(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        out = self.graphed(sample, self._timestep(timestep, sample.device), encoder_hidden_states)
+        layout, tensors = extra
+        out = self._call(layout)(sample, self._timestep(timestep, sample.device), encoder_hidden_states, *tensors)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     def _timestep(self, t, device):
@@ -460,7 +520,11 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
         parts = [("UNet", unet, "forward")]
         if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
-            parts.append(("VAE decode", pipe.vae, "decode"))
+            why = _vae_upcast(pipe)
+            if why:
+                report["reasons"].append(why)
+            else:
+                parts.append(("VAE decode", pipe.vae, "decode"))
         if text_encoder and getattr(pipe, "text_encoder", None) is not None:
             parts.append(("text encoder", pipe.text_encoder, "forward"))
         ahead = None
@@ -475,6 +539,20 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
     for why in report["reasons"]:
         logger.warning(f"fast path: {why}")
     return report
+
+
+def _vae_upcast(pipe) -> str | None:
+    """Why the VAE decode is not graphed, where the pipeline casts the VAE to float32 for each decode and back
+    (SDXL's ``upcast_vae`` where the VAE's config has ``force_upcast``): a graph of the float16 VAE would
+    read weights that are no longer there. None where it can be graphed."""
+    vae = pipe.vae
+    config = getattr(vae, "config", None)
+    force = config.get("force_upcast", False) if isinstance(config, dict) else getattr(config, "force_upcast", False)
+    if hasattr(pipe, "upcast_vae") and force and getattr(vae, "dtype", None) == torch.float16:
+        return ("the VAE decode is left as it is: this pipeline casts the VAE to float32 around each decode "
+                "(force_upcast in the VAE's config), which a graph of the float16 VAE cannot follow; a VAE "
+                "with force_upcast=False (one that is exact in float16) is graphed")
+    return None
 
 
 def _ahead(pipe, parts, modes, report, channels_last, options):
@@ -508,11 +586,11 @@ def _ahead(pipe, parts, modes, report, channels_last, options):
                                                         extra, cache_counts)
 
     def starting(prepare):
-        def run(sample, *args):
+        def run(sample, *args, **kwargs):
             if sample.dim() == 4:
                 n = sample.shape[0]
                 ahead.start((n // 2 if n % 2 == 0 else n, latent_channels, sample.shape[2], sample.shape[3]))
-            return prepare(sample, *args)
+            return prepare(sample, *args, **kwargs)
         return run
 
     def waiting(prepare):
@@ -667,7 +745,7 @@ def warmup_seconds(pipe) -> dict:
         wrapper = getattr(getattr(pipe, name, None), "__dict__", {}).get(attr)
         graphed = getattr(wrapper, "graphed", None)
         if isinstance(graphed, GraphedCall):
-            out[graphed.name] = graphed.capture_s
+            out[graphed.name] = getattr(wrapper, "capture_s", graphed.capture_s)
     return out
 
 
