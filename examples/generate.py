@@ -607,7 +607,15 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
             raise UsageError(f"cannot load --model {args.model}: {first}") from None
     quiet = quiet_fp16_cpu_warning() if dtype == torch.float16 and device.type != "cuda" else contextlib.nullcontext()
     with quiet:
-        pipe = pipe.to(device)
+        try:
+            pipe = pipe.to(device)
+        except ValueError as e:  # 0.4.0's pipelines refuse float16 on the CPU, which later releases run
+            if "float16" not in str(e) or device.type == "cuda":
+                raise
+            for name in ("unet", "vae", "text_encoder", "safety_checker"):
+                module = getattr(pipe, name, None)
+                if isinstance(module, torch.nn.Module):
+                    module.to(device)
     # real models: a bar of denoising steps under the images bar (a 50-step image takes minutes on a CPU)
     pipe.set_progress_bar_config(disable=not show_steps, desc="steps", unit="step", leave=False, position=1)
     return pipe
