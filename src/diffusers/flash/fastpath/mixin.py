@@ -20,8 +20,10 @@ class FastPathMixin:
         while this one compiles the UNet, for a shorter warm-up; ``cache="file"`` keeps torch.compile's work in
         a portable file: loaded before compiling (then no helper), written after a compile it lacked, so that
         a new machine warms up like a second process (a damaged or foreign file is reported and rewritten;
-        it holds pickled code: use only files you wrote). Returns a report of what was applied; what cannot
-        apply is logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
+        it holds pickled code: use only files you wrote). SDXL's pipelines (0.19 on) are served too: their
+        extra UNet inputs are graph inputs, and a VAE the pipeline casts to float32 for each decode
+        (``force_upcast``) is left as it is. Returns a report of what was applied; what cannot apply is
+        logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
         from diffusers.flash.fastpath import engine as fast_path
 
         return fast_path.enable(self, cuda_graphs=cuda_graphs, compile=compile, channels_last=channels_last,
