@@ -650,6 +650,14 @@ def test_tests_needing_a_removed_dist_skip_naming_it_and_other_missing_modules_f
     (tmp_path / "tests" / "test_inside.py").write_text(
         "def test_held():\n    import heldout_mod_f7.ops  # noqa: F401\n\n\n"
         "def test_other():\n    import other_missing_mod_f7  # noqa: F401\n")
+    # upstream's model code guards such imports (if is_torchvision_available(): from torchvision import
+    # transforms), so a test reaching that code meets a NameError: skipped as well; any other NameError fails
+    (tmp_path / "tests" / "guarded_f7.py").write_text(
+        "try:\n    from heldout_mod_f7 import transforms\nexcept ImportError:\n    pass\n\n\n"
+        "def resize():\n    return transforms.resize\n\n\ndef typo():\n    return transfroms.resize  # noqa: F821\n")
+    (tmp_path / "tests" / "test_guarded.py").write_text(
+        "from guarded_f7 import resize, typo\n\n\ndef test_guarded():\n    resize()\n\n\n"
+        "def test_typo():\n    typo()\n")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
 
     def run(held):
@@ -669,7 +677,10 @@ def test_tests_needing_a_removed_dist_skip_naming_it_and_other_missing_modules_f
     assert out["tests/test_module_level.py"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
     assert out["tests/test_inside.py::test_held"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
     assert out["tests/test_inside.py::test_other"][0] == "failed"
+    assert out["tests/test_guarded.py::test_guarded"] == ["skipped", f"needs heldout_mod_f7, not installed: {why}"]
+    assert out["tests/test_guarded.py::test_typo"][0] == "failed"
     out = run({})
+    assert out["tests/test_guarded.py::test_guarded"][0] == "failed"
     assert out["tests/test_module_level.py"][0] == "failed" and out["tests/test_inside.py::test_held"][0] == "failed"
     assert upstream_tests.module_of(why, "heldout-mod-f7") == "heldout_mod_f7"
     assert upstream_tests.module_of("the import check itself failed", "heldout-mod-f7") == "heldout_mod_f7"

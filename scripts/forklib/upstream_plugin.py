@@ -392,6 +392,31 @@ def not_installed(module: str | None) -> str | None:
     return NOT_INSTALLED_REASON.format(module=top, why=held[top]) if top in held else None
 
 
+def guarded_import(exc) -> str | None:
+    """For a NameError raised in a file that imports that name only from a module test-upstream could not
+    install (upstream guards them: ``if is_torchvision_available(): from torchvision import transforms``, so
+    the model's code meets ``transforms`` undefined): that module. None otherwise."""
+    name = getattr(exc, "name", None) if isinstance(exc, NameError) else None
+    tb = exc.__traceback__ if name else None
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    try:
+        with open(tb.tb_frame.f_code.co_filename, encoding="utf-8") as f:
+            source = f.read()
+    except OSError:
+        return None
+    n = re.escape(name)
+    imports = re.compile(rf"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t][^\n]*\b{n}\b"
+                         rf"|import[ \t]+([\w.]+)[ \t]+as[ \t]+{n}\b|import[ \t]+({n})\b)", re.M)
+    for m in imports.finditer(source):
+        module = next(g for g in m.groups() if g)
+        if not_installed(module):
+            return module
+    return None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector):
     """A test module that cannot be imported only because it imports such a module is skipped, naming it."""
@@ -411,7 +436,8 @@ def pytest_runtest_makereport(item, call):
     report = yield
     if report.failed and call.excinfo is not None:
         repo = hub_repo(call.excinfo.value) or caught_hub_repo(call.excinfo.value)
-        missing = call.excinfo.value.name if isinstance(call.excinfo.value, ModuleNotFoundError) else None
+        exc = call.excinfo.value
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else guarded_import(exc)
         if not repo and not_installed(missing):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), (item.location[1] or 0) + 1, not_installed(missing))
