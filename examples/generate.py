@@ -586,6 +586,14 @@ def quiet_fp16_cpu_warning() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def torch_modules(pipe: Any) -> list:
+    """The pipeline's models (UNet, VAE, text encoder, safety checker) that it has."""
+    import torch
+
+    found = (getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "safety_checker"))
+    return [m for m in found if isinstance(m, torch.nn.Module)]
+
+
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, show_steps: bool) -> Any:
     import torch
 
@@ -594,10 +602,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
 
     if args.model is None:
         pipe = local_pipelines.stable_diffusion("tiny")
-        for name in ("unet", "vae", "text_encoder", "safety_checker"):
-            module = getattr(pipe, name, None)
-            if isinstance(module, torch.nn.Module):
-                module.to(dtype)
+        for module in torch_modules(pipe):
+            module.to(dtype)
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(args.model_ref, torch_dtype=dtype,
@@ -612,10 +618,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
         except ValueError as e:  # 0.4.0's pipelines refuse float16 on the CPU, which later releases run
             if "float16" not in str(e) or device.type == "cuda":
                 raise
-            for name in ("unet", "vae", "text_encoder", "safety_checker"):
-                module = getattr(pipe, name, None)
-                if isinstance(module, torch.nn.Module):
-                    module.to(device)
+            for module in torch_modules(pipe):
+                module.to(device)
     # real models: a bar of denoising steps under the images bar (a 50-step image takes minutes on a CPU)
     pipe.set_progress_bar_config(disable=not show_steps, desc="steps", unit="step", leave=False, position=1)
     return pipe
