@@ -32,15 +32,18 @@ class FastPathMixin:
 
     @property
     def _timesteps_device(self):
-        """Where the denoising loop keeps its timesteps (patch 0009): the pipeline's device as upstream, or the
-        host under the fast path, so that the scheduler's per-step arithmetic on the timestep (PNDM indexes a
-        host table with it) does not make the host wait for the GPU at every step; the graphed UNet copies
-        each timestep to the GPU once."""
+        """Where the denoising loop keeps its timesteps (patch 0009): the host whenever the models run on a
+        CUDA device, so that the scheduler's per-step arithmetic on the timestep (PNDM indexes a host table
+        with it) does not make the host wait for the GPU at every step. The UNet gets each timestep on the
+        GPU without a wait: under the fast path the graphed UNet copies it, otherwise a pre-hook on the UNet
+        does (flash/fastpath/host_timesteps.py). Elsewhere the pipeline's device, as upstream."""
         from diffusers.flash.fastpath import engine as fast_path
+        from diffusers.flash.fastpath import host_timesteps
 
         if fast_path.is_enabled(self):
             return "cpu"
-        return getattr(self, "_execution_device", self.device)  # 0.7+: where the models run under offloading
+        device = getattr(self, "_execution_device", self.device)  # 0.7+: where the models run under offloading
+        return host_timesteps.loop_device(self, device)
 
     def disable_fast_path(self):
         from diffusers.flash.fastpath import engine as fast_path
