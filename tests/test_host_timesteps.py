@@ -67,8 +67,8 @@ def test_eager_loop_waits_no_more_per_step_and_gives_the_same_images(monkeypatch
     _run(pipe, "cuda")  # warm-up: first calls allocate and pick kernels
     host4, syncs4 = _syncs(lambda: _run(pipe, "cuda", 4))
     host8, syncs8 = _syncs(lambda: _run(pipe, "cuda", 8))
-    # the waits of a call (text encoder, the image to the host) do not grow with the steps
-    assert len(syncs8) == len(syncs4), f"4 steps: {len(syncs4)} waits, 8 steps: {len(syncs8)}: {sorted(set(syncs8))}"
+    # the waits of a call (text encoder, the image to the host, a first pinned buffer) do not grow with the steps
+    assert len(syncs8) <= len(syncs4), f"4 steps: {len(syncs4)} waits, 8 steps: {len(syncs8)}: {sorted(set(syncs8))}"
 
     # upstream's way, timesteps on the GPU: the same images, and (the check can fail) waits that do grow
     monkeypatch.setattr(host_timesteps, "loop_device", lambda pipe, device: device)

@@ -684,3 +684,43 @@ def test_tests_needing_a_removed_dist_skip_naming_it_and_other_missing_modules_f
     assert out["tests/test_module_level.py"][0] == "failed" and out["tests/test_inside.py::test_held"][0] == "failed"
     assert upstream_tests.module_of(why, "heldout-mod-f7") == "heldout_mod_f7"
     assert upstream_tests.module_of("the import check itself failed", "heldout-mod-f7") == "heldout_mod_f7"
+
+
+# ---------------------------------------------------------------- what this machine's torch cannot do
+def test_what_torch_cannot_do_here_skips_with_the_reason_and_lookalikes_fail(tmp_path):
+    """FlexAttention's backward on the CPU raises NotImplementedError inside torch (v0.40.0's AnyFlowFAR
+    training tests, with upstream's own code too): skipped, naming it. The same error raised anywhere else,
+    or another NotImplementedError from flex attention (3D inputs), stays a failure."""
+    import torch
+    import torch.nn.attention
+
+    if not hasattr(torch.nn.attention, "flex_attention"):
+        pytest.skip(f"torch {torch.__version__} has no flex attention")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.randn(1, 1, 128, 16, requires_grad=True)
+    try:
+        flex_attention(q, q, q)
+    except NotImplementedError:
+        pass
+    else:
+        pytest.skip(f"torch {torch.__version__} has a FlexAttention backward on the CPU: nothing to skip")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_flex.py").write_text(
+        "import torch\nfrom torch.nn.attention.flex_attention import flex_attention\n\n\n"
+        "def test_backward():\n    q = torch.randn(1, 1, 128, 16, requires_grad=True)\n"
+        "    flex_attention(q, q, q).sum().backward()\n\n\n"
+        "def test_lookalike():\n"
+        "    raise NotImplementedError('FlexAttention does not support backward on CPU.')\n\n\n"
+        "def test_other_flex_error():\n    q = torch.randn(1, 1, 128, 16)\n    flex_attention(q[0], q[0], q[0])\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    report = tmp_path / "outcomes.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
+    subprocess.run([sys.executable, "-m", "pytest", "-p", upstream_tests.PLUGIN, "--upstream-report", str(report),
+                    "-c", "pytest.ini", "-p", "no:cacheprovider", "tests"], cwd=tmp_path, env=env,
+                   capture_output=True, text=True)
+    out = json.loads(report.read_text())["outcomes"]
+    assert out["tests/test_flex.py::test_backward"] == [
+        "skipped", f"cannot run here: torch {torch.__version__} has no FlexAttention backward on the CPU"]
+    assert out["tests/test_flex.py::test_lookalike"][0] == "failed"
+    assert out["tests/test_flex.py::test_other_flex_error"][0] == "failed"

@@ -18,6 +18,9 @@ Loaded by ``fork.py test-upstream`` with ``-p forklib.upstream_plugin``; nothing
   evidence, and counted apart; it applies only while the test's source is exactly the listed one (a
   fingerprint of its tokens), so a fixed or changed test runs as any other, and any other failure of it
   (another assertion, an error) is a failure.
+- A test that fails only where this machine's torch cannot do what it asks (``PLATFORM_LIMITS``: the
+  exception type and message, raised in the listed torch file itself, e.g. FlexAttention's backward on the
+  CPU) is skipped with that reason.
 - ``--upstream-report PATH`` writes each test's outcome as JSON (passed / failed / hub / skipped /
   upstream-defect).
 """
@@ -417,6 +420,30 @@ def guarded_import(exc) -> str | None:
     return None
 
 
+# What this machine's torch cannot do, as (exception type, the torch file that raises it, words of its
+# message, the reason): a test that fails only there cannot run here, with upstream's code too.
+PLATFORM_LIMITS = [
+    # v0.40.0: AnyFlowFAR's transformer needs flex attention; its training tests backpropagate on the CPU
+    (NotImplementedError, "torch/nn/attention/flex_attention.py", "does not support backward on CPU",
+     "cannot run here: torch {torch} has no FlexAttention backward on the CPU"),
+]
+
+
+def platform_limit(exc) -> str | None:
+    """The skip reason where ``exc`` is one of ``PLATFORM_LIMITS``: of the listed type and message, raised in
+    the listed torch file itself (the innermost frame). None otherwise."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/") if tb is not None else ""
+    for kind, path, words, reason in PLATFORM_LIMITS:
+        if type(exc) is kind and where.endswith("/" + path) and words in str(exc):
+            import torch
+
+            return reason.format(torch=torch.__version__)
+    return None
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report(collector):
     """A test module that cannot be imported only because it imports such a module is skipped, naming it."""
@@ -445,6 +472,9 @@ def pytest_runtest_makereport(item, call):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), (item.location[1] or 0) + 1, HUB_REASON + repo)  # as pytest.skip
             report.upstream_hub = repo
+        elif platform_limit(exc):
+            report.outcome = "skipped"
+            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, platform_limit(exc))
         elif call.when == "call":
             reason = known_defect(item, call.excinfo.value)
             if reason:
