@@ -31,7 +31,7 @@ def test_the_hook_leaves_host_calls_as_they_are():
     """On the CPU (or for a Python number) the timestep passes untouched, by position or by keyword."""
     pipe = local_pipelines.stable_diffusion("tiny")
     unet = pipe.unet.eval()
-    sample = torch.randn(1, unet.in_channels, 8, 8)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8)
     states = torch.randn(1, 77, unet.config.cross_attention_dim)
     with torch.no_grad():
         before = unet(sample, torch.tensor(10), states).sample
