@@ -17,10 +17,12 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import pickle
 import re
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -244,19 +246,33 @@ def _listed(keys: list) -> str:
 # ---------------------------------------------------------------- which libraries a model folder may name
 def import_library(library: str, entry: str):
     """The library a pipeline folder's ``model_index.json`` names for ``entry`` (``"unet": ["diffusers",
-    "UNet2DConditionModel"]``), imported only if it is one pipelines load components from (diffusers,
+    "UNet2DConditionModel"]``): imported only if it is one pipelines load components from (diffusers,
     transformers). Importing a module runs its code, and a folder could otherwise name a module of its own,
-    found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). Diffusers 0.4
-    loads no component from any other library anyway; custom pipeline code is taken only when the caller
-    names it, through ``from_pretrained(..., custom_pipeline=...)``."""
+    found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). On releases
+    whose loader takes components from other modules (0.27+), a module this process has already imported
+    itself is returned as it is, as upstream does from 0.42.1: nothing of the folder's runs, and
+    ``save_pretrained`` records a component of the caller's own module that way. Custom pipeline code is
+    taken only when the caller names it (``custom_pipeline=``, ``trust_remote_code=True``)."""
     from diffusers.flash.compat.transformers import import_library as _import
 
-    if library not in LOADABLE_LIBRARIES:
-        raise UntrustedLibraryError(
-            f"model_index.json: entry {entry!r} names library {library!r}; pipelines load components only from "
-            f"{' and '.join(LOADABLE_LIBRARIES)}, and importing another module would run its code: refused"
-        )
-    return _import(library)
+    if library in LOADABLE_LIBRARIES:
+        return _import(library)
+    takes_other_modules = _loader_takes_other_modules()
+    if takes_other_modules and library in sys.modules:
+        return sys.modules[library]
+    raise UntrustedLibraryError(
+        f"model_index.json: entry {entry!r} names library {library!r}; pipelines load components only from "
+        f"{' and '.join(LOADABLE_LIBRARIES)}"
+        + (" or from a module this process has imported itself" if takes_other_modules else "")
+        + ", and importing another module would run its code: refused"
+    )
+
+
+def _loader_takes_other_modules() -> bool:
+    """Whether this release loads pipeline components from modules beyond LOADABLE_CLASSES' libraries (its
+    pipelines/pipeline_loading_utils.py, 0.27 on: ALL_IMPORTABLE_CLASSES for them); 0.4-0.14 look the library
+    up in LOADABLE_CLASSES and could not use another module anyway."""
+    return importlib.util.find_spec("diffusers.pipelines.pipeline_loading_utils") is not None
 
 
 # ---------------------------------------------------------------- saving

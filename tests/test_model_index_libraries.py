@@ -1,0 +1,103 @@
+"""Which libraries a model folder's model_index.json may name (patch 0005, safe_loading.import_library):
+diffusers and transformers are imported; no other module is, so a folder cannot run code of its own through
+it; from 0.27 a module this process imported itself is taken as it is (upstream's rule from 0.42.1)."""
+import importlib
+import json
+import sys
+
+import pytest
+
+import diffusers
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+# 0.27+'s loader finds the base classes (SchedulerMixin, ...) in the component's own module: as in upstream's test
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
+
+
+def _hooked(module: str) -> bool:
+    try:
+        loader = importlib.import_module(module)
+    except ImportError:
+        return False
+    return hasattr(loader, "safe_loading") or hasattr(loader, "_flash_safe_loading")
+
+
+# the hook: in pipeline_utils.py (0.4-0.11), pipelines/pipeline_utils.py (0.12-0.14), pipeline_loading_utils.py (0.40)
+if not any(map(_hooked, ("diffusers.pipeline_utils", "diffusers.pipelines.pipeline_utils",
+                         "diffusers.pipelines.pipeline_loading_utils"))):
+    pytest.skip(f"patch 0005 is not applied on diffusers {diffusers.__version__} (upstream since 0.42.1, which "
+                "takes other libraries only from sys.modules itself)", allow_module_level=True)
+from diffusers.flash import local_pipelines  # noqa: E402
+from diffusers.flash.loading import safe_loading as sl  # noqa: E402
+
+
+def _pipeline_folder(path):
+    pipe = local_pipelines.stable_diffusion("tiny", seed=3)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe
+
+
+def test_model_index_naming_a_module_of_its_own_is_refused_and_never_imported(tmp_path, monkeypatch):
+    """A folder whose model_index.json names a module it ships, importable because the folder's parent is
+    on sys.path (python -c, the REPL, notebooks): refused with the entry and library named; nothing runs."""
+    folder = tmp_path / "mymodel"
+    _pipeline_folder(folder)
+    marker = tmp_path / "pwned"
+    hook = folder / "unet" / "hook.py"
+    hook.write_text(f"open({str(marker)!r}, 'w').close()\nfrom diffusers import UNet2DConditionModel\n")
+    for init in (folder / "__init__.py", folder / "unet" / "__init__.py"):
+        init.write_text("")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["mymodel.unet.hook", "UNet2DConditionModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(sl.UntrustedLibraryError) as err:
+        StableDiffusionPipeline.from_pretrained(folder)
+    message = str(err.value)
+    assert "'unet'" in message and "'mymodel.unet.hook'" in message and "refused" in message
+    assert not marker.exists()
+    __import__("mymodel.unet.hook")  # the attack is real: importing that module does run its code
+    assert marker.exists()
+
+
+def test_import_library_allows_the_pipeline_libraries_and_imports_nothing_else():
+    """Other names: refused on releases that load components only from LOADABLE_CLASSES' libraries (0.4-0.14);
+    from 0.27 a module this process imported itself is taken as it is (upstream's rule from 0.42.1), and a
+    module not imported yet is refused, never imported."""
+    assert sl.import_library("diffusers", "unet").UNet2DConditionModel.__name__ == "UNet2DConditionModel"
+    assert sl.import_library("transformers", "tokenizer").CLIPTokenizer.__name__ == "CLIPTokenizer"
+    imported = ("os", "subprocess", "diffusers.utils")
+    assert all(name in sys.modules for name in imported)
+    never = "never_imported_mod_f7"
+    for name in ("transformers.x", "", never):
+        with pytest.raises(sl.UntrustedLibraryError, match="entry 'text_encoder'"):
+            sl.import_library(name, "text_encoder")
+    assert never not in sys.modules
+    for name in imported:
+        if sl._loader_takes_other_modules():
+            assert sl.import_library(name, "text_encoder") is sys.modules[name]
+        else:
+            with pytest.raises(sl.UntrustedLibraryError, match="entry 'text_encoder'"):
+                sl.import_library(name, "text_encoder")
+
+
+class _OwnScheduler(DDIMScheduler):
+    """A component class of the caller's own module (this test file), as upstream's CustomPipelineTests."""
+
+
+def test_a_component_of_the_callers_own_module_loads_back_where_the_release_can(tmp_path):
+    """A folder whose model_index.json names a module this process imported itself (what save_pretrained
+    records for a component of the caller's own module, 0.27+): loaded from that module on releases that can
+    (0.27+), refused in one line on those that cannot."""
+    folder = tmp_path / "own"
+    local_pipelines.stable_diffusion("tiny", seed=3, scheduler="ddim").save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = [__name__, "_OwnScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert sys.modules[__name__]._OwnScheduler is _OwnScheduler
+    if not sl._loader_takes_other_modules():
+        with pytest.raises(sl.UntrustedLibraryError, match=f"entry 'scheduler' names library '{__name__}'"):
+            StableDiffusionPipeline.from_pretrained(folder)
+        return
+    loaded = StableDiffusionPipeline.from_pretrained(folder)
+    assert type(loaded.scheduler) is _OwnScheduler
