@@ -472,9 +472,9 @@ def pytest_runtest_makereport(item, call):
             report.outcome = "skipped"
             report.longrepr = (str(item.path), (item.location[1] or 0) + 1, HUB_REASON + repo)  # as pytest.skip
             report.upstream_hub = repo
-        elif platform_limit(exc):
+        elif (limit := platform_limit(exc)):
             report.outcome = "skipped"
-            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, platform_limit(exc))
+            report.longrepr = (str(item.path), (item.location[1] or 0) + 1, limit)
         elif call.when == "call":
             reason = known_defect(item, call.excinfo.value)
             if reason:

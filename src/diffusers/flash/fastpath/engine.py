@@ -180,8 +180,7 @@ def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | Non
     """The UNet call's keyword arguments beyond (sample, timestep, encoder_hidden_states) as (layout,
     tensors) for a graph: None values are left out, a tensor on ``device`` (the sample's) is an input, a dict
     of such tensors (SDXL's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``) gives one input per entry;
-    ``layout`` names them
-    (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
+    ``layout`` names them (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
     ``cross_attention_kwargs={"scale": 0.5}``, a tensor on another device): that call is not captured."""
     def here(value):
         return isinstance(value, torch.Tensor) and value.device == device

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import os
@@ -268,6 +269,7 @@ def import_library(library: str, entry: str):
     )
 
 
+@functools.cache
 def _loader_takes_other_modules() -> bool:
     """Whether this release loads pipeline components from modules beyond LOADABLE_CLASSES' libraries (its
     pipelines/pipeline_loading_utils.py, 0.27 on: ALL_IMPORTABLE_CLASSES for them); 0.4-0.14 look the library
