@@ -358,7 +358,8 @@ class CompiledOrEager:
 # shape share one compiled graph (since the one-graph fix no shorter a warm-up than the whole model on the
 # H100: BENCHMARKS.md, fourth round)
 # (SpatialTransformer is 0.4-0.6's name of the UNet's attention block, Transformer2DModel 0.7's and later)
-REGIONS = ("ResnetBlock2D", "SpatialTransformer", "Transformer2DModel", "AttentionBlock")
+REGIONS = ("ResnetBlock2D", "SpatialTransformer", "Transformer2DModel", "AttentionBlock",
+           "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")  # SD3's, Flux's
 # compiled graphs per block type (one per shape and batch): dynamo's default of 8 would leave the rest eager
 RECOMPILE_LIMIT = 128
 
@@ -440,6 +441,14 @@ def _compile(fn, what, report, options=None):
 WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder": GraphedTextForward}
 
 
+def _wrapper(what: str):
+    if what == "transformer":  # imported here: denoiser.py imports this module
+        from diffusers.flash.fastpath.denoiser import GraphedDenoiser
+
+        return GraphedDenoiser
+    return WRAPPERS[what]
+
+
 def _report() -> dict:
     return {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
 
@@ -470,7 +479,7 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
     if prepare is not None and hook:
         prepare, after = hook["before"](prepare), hook.get("after")
     if cuda_graphs:
-        fn = WRAPPERS[what](fn, pool, prepare=prepare, after=after)
+        fn = _wrapper(what)(fn, pool, prepare=prepare, after=after)
         report["cuda_graphs"].append(what)
     if fn is not getattr(model, attr):
         setattr(model, attr, fn)
@@ -494,20 +503,21 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
         if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
             raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
-    modes = {"UNet": compile, "VAE decode": compile if compile_vae is None else compile_vae, "text encoder": False}
+    modes = {"UNet": compile, "transformer": compile, "VAE decode": compile if compile_vae is None else compile_vae,
+             "text encoder": False}
     if cache is not None and not (modes["UNet"] or modes["VAE decode"]):
         raise ValueError("cache= keeps torch.compile's work: it needs compile=True or 'regional'")
     options = dict(INDUCTOR_OPTIONS if options is None else options)
     report = _report()
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        report["reasons"].append("the pipeline has no UNet")
+    denoiser, name = _denoiser(pipe)
+    if denoiser is None:
+        report["reasons"].append("the pipeline has no UNet or transformer denoiser")
     elif not torch.cuda.is_available():
         report["reasons"].append("no CUDA device: the pipeline runs as before")
-    elif isinstance(unet.__dict__.get("forward"), GraphedForward):
+    elif is_enabled(pipe):
         report["reasons"].append("already enabled")
-    elif not _on_cuda(unet):
-        report["reasons"].append("the UNet is not on a CUDA device: call pipe.to('cuda') first")
+    elif not _on_cuda(denoiser):
+        report["reasons"].append(f"the {name} is not on a CUDA device: call pipe.to('cuda') first")
     else:
         store = None
         if cache is not None and not hasattr(torch.compiler, "load_cache_artifacts"):
@@ -517,7 +527,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
             store = pipe._fast_path_cache = CompileCache(cache)
             store.load()
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
-        parts = [("UNet", unet, "forward")]
+        parts = [(name, denoiser, "forward")]
         if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
             why = _vae_upcast(pipe)
             if why:
@@ -525,9 +535,13 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
             else:
                 parts.append(("VAE decode", pipe.vae, "decode"))
         if text_encoder and getattr(pipe, "text_encoder", None) is not None:
-            parts.append(("text encoder", pipe.text_encoder, "forward"))
+            if type(pipe.text_encoder).__name__ == "CLIPTextModel":
+                parts.append(("text encoder", pipe.text_encoder, "forward"))
+            else:
+                report["reasons"].append(f"the text encoder ({type(pipe.text_encoder).__name__}) runs as before: "
+                                         f"only a CLIPTextModel's plain call is graphed")
         ahead = None
-        if parallel_compile and cuda_graphs and not (store and store.loaded):
+        if parallel_compile and cuda_graphs and name == "UNet" and not (store and store.loaded):
             ahead = _ahead(pipe, parts, modes, report, channels_last, options)
         for what, model, attr in parts:
             if not _on_cuda(model):
@@ -734,7 +748,7 @@ def cache_status(pipe) -> dict | None:
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
-WRAPPED = (("unet", "forward"), ("vae", "decode"), ("text_encoder", "forward"))
+WRAPPED = (("unet", "forward"), ("transformer", "forward"), ("vae", "decode"), ("text_encoder", "forward"))
 
 
 def warmup_seconds(pipe) -> dict:
@@ -756,9 +770,21 @@ def helper_results(pipe) -> dict:
     return {"x".join(map(str, shape)): why or "compiled" for shape, why in ahead.done.items()}
 
 
-def is_enabled(pipe) -> bool:
+def _denoiser(pipe) -> tuple[Any, str]:
+    """The pipeline's denoiser and its name in the report: its UNet, else its transformer (SD3, Flux, ...)."""
     unet = getattr(pipe, "unet", None)
-    return unet is not None and isinstance(unet.__dict__.get("forward"), GraphedForward)
+    if unet is not None:
+        return unet, "UNet"
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, torch.nn.Module):
+        return transformer, "transformer"
+    return None, "denoiser"
+
+
+def is_enabled(pipe) -> bool:
+    denoiser, _ = _denoiser(pipe)
+    forward = getattr(denoiser, "__dict__", {}).get("forward")
+    return forward is not None and type(forward).__name__ in ("GraphedForward", "GraphedDenoiser")
 
 
 def disable(pipe):
