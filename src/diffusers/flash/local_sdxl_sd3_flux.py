@@ -128,10 +128,17 @@ def _t5(cfg: dict) -> Any:
     return T5EncoderModel(T5Config(**cfg)).eval()
 
 
-def _tokenizer(max_length: int) -> Any:
-    from diffusers.flash.local_pipelines import make_tokenizer
+# where make_tokenizer comes from: diffusers.flash.local_pipelines, or that file loaded by path where the
+# installed diffusers is pristine upstream (the benchmark's other side sets it)
+TOKENIZER_SOURCE: Any = None
 
-    tokenizer = make_tokenizer()
+
+def _tokenizer(max_length: int) -> Any:
+    source = TOKENIZER_SOURCE
+    if source is None:
+        from diffusers.flash import local_pipelines as source
+
+    tokenizer = source.make_tokenizer()
     tokenizer.model_max_length = max_length
     return tokenizer
 

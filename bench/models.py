@@ -1,0 +1,300 @@
+"""``python -m bench models``: today's models (SDXL, SD3, Flux) at full size, one side per process.
+
+Each process times one model on the installed diffusers (the fork at 0.42.1, or pristine upstream) through
+the model's own pipeline, with random weights made on the GPU from one seed (``local_sdxl_sd3_flux``: the
+same numbers on both sides, no checkpoint on disk), and writes one JSON file. Rows:
+
+  eager   the installed diffusers as it comes (the fork: ``auto`` attention; upstream: its default)
+  math    the fork's reference attention (the pixels every row is compared with)
+  graphs  the fork's fast path without compile (CUDA graphs only)
+  fast    the fork's fast path, ``enable_fast_path(compile=True)``
+  best    upstream's own speed recipe (docs/source/en/optimization/fp16.md): inductor flags, channels-last
+          where there are convolutions, ``fuse_qkv_projections()``, the denoiser and ``vae.decode`` compiled
+          with ``mode="max-autotune", fullgraph=True``; ``--best-mode`` names another mode (say so when used)
+
+Per row: seconds per image (median of ``--repeats`` calls after a warm-up call), the denoiser's ms per step,
+the VAE decode's and the text encoders' ms (CUDA events around each call, no host wait), peak GiB, the
+warm-up call's seconds, and the first image as uint8 in ``--images`` for ``python -m bench models compare``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+SETTINGS = {  # steps, guidance, dtype: the issue's settings (SDXL and SD3 with classifier-free guidance)
+    "sdxl": dict(steps=30, guidance_scale=5.0, dtype="fp16"),
+    "sd3": dict(steps=28, guidance_scale=7.0, dtype="fp16"),
+    "flux": dict(steps=28, guidance_scale=3.5, dtype="bf16"),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# upstream's recipe: torch._inductor.config as docs/source/en/optimization/fp16.md sets it
+BEST_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                 "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+
+
+def _load(name: str, relative: str) -> ModuleType:
+    """One of our modules loaded by path: usable whichever diffusers is installed (pristine upstream too)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def builders() -> ModuleType:
+    local = _load("_bench_local_pipelines", "src/diffusers/flash/local_pipelines.py")
+    models = _load("_bench_local_sdxl_sd3_flux", "src/diffusers/flash/local_sdxl_sd3_flux.py")
+    models.TOKENIZER_SOURCE = local
+    return models
+
+
+def is_fork() -> bool:
+    import diffusers
+
+    return "+flash" in diffusers.__version__
+
+
+class Timers:
+    """CUDA events around every call of the pipeline's parts; read after the call has synchronised."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        self.undo: list[Callable[[], None]] = []
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        self._hook(denoiser, "denoiser")
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                self._hook(getattr(pipe, name), "text")
+        vae = pipe.vae
+        decode = vae.decode
+        had = "decode" in vae.__dict__
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = self._start("vae")
+            out = decode(*args, **kwargs)
+            self._end("vae", start)
+            return out
+
+        vae.decode = timed
+        self.undo.append(lambda: setattr(vae, "decode", decode) if had else vae.__dict__.pop("decode", None))
+
+    def _start(self, name: str) -> torch.cuda.Event:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def _end(self, name: str, start: torch.cuda.Event) -> None:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.events.setdefault(name, []).append((start, e))
+
+    def _hook(self, module: torch.nn.Module, name: str) -> None:
+        starts: list[torch.cuda.Event] = []
+        pre = module.register_forward_pre_hook(lambda m, a: starts.append(self._start(name)))
+        post = module.register_forward_hook(lambda m, a, o: self._end(name, starts.pop()))
+        self.undo += [pre.remove, post.remove]
+
+    def reset(self) -> None:
+        self.events = {}
+
+    def ms(self) -> dict[str, float]:
+        torch.cuda.synchronize()
+        return {k: sum(s.elapsed_time(e) for s, e in v) for k, v in self.events.items()} | {
+            f"{k}_calls": len(v) for k, v in self.events.items()}
+
+    def close(self) -> None:
+        for fn in self.undo:
+            fn()
+
+
+def apply_best(pipe: Any, mode: str) -> list[str]:
+    """Upstream's own speed recipe on ``pipe``; returns what was applied."""
+    import torch._inductor.config as config
+
+    done = []
+    for key, value in BEST_INDUCTOR.items():
+        setattr(config, key, value)
+    done.append("inductor flags")
+    if hasattr(pipe, "fuse_qkv_projections"):
+        try:
+            pipe.fuse_qkv_projections()
+            done.append("fuse_qkv_projections")
+        except Exception as e:  # a pipeline whose models cannot fuse: the recipe goes on without
+            done.append(f"no fuse_qkv_projections ({type(e).__name__})")
+    if getattr(pipe, "unet", None) is not None:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+        done.append("channels-last UNet")
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, mode=mode, fullgraph=True)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True)
+    done += ["channels-last VAE", f"denoiser and vae.decode compiled ({mode}, fullgraph)"]
+    return done
+
+
+def call(pipe: Any, model: str, images: int, size: int, seed: int = 0) -> np.ndarray:
+    s = SETTINGS[model]
+    kwargs: dict[str, Any] = dict(prompt=[PROMPT] * images, height=size, width=size,
+                                  num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
+                                  generator=torch.Generator("cuda").manual_seed(seed), output_type="np")
+    if model == "flux":
+        kwargs["max_sequence_length"] = 512
+    out = pipe(**kwargs).images
+    torch.cuda.synchronize()
+    return np.asarray(out)
+
+
+def time_row(pipe: Any, model: str, row: str, images: int, size: int, repeats: int) -> dict[str, Any]:
+    steps = SETTINGS[model]["steps"]
+    t0 = time.perf_counter()
+    first = call(pipe, model, images, size)
+    warm = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    timers = Timers(pipe)
+    walls, parts = [], []
+    try:
+        for _ in range(repeats):
+            timers.reset()
+            t0 = time.perf_counter()
+            pixels = call(pipe, model, images, size)
+            walls.append(time.perf_counter() - t0)
+            parts.append(timers.ms())
+    finally:
+        timers.close()
+    med = statistics.median(walls)
+    part = {k: statistics.median(p.get(k, 0.0) for p in parts) for k in parts[0]}
+    return {
+        "row": row, "images": images, "s_per_call": med, "s_per_image": med / images, "img_per_s": images / med,
+        "calls_s": walls, "warmup_s": warm,
+        "denoiser_ms_per_step": part.get("denoiser", 0.0) / steps,
+        "denoiser_calls": part.get("denoiser_calls"), "vae_ms": part.get("vae", 0.0),
+        "text_ms": part.get("text", 0.0), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "nonfinite": float(np.mean(~np.isfinite(pixels))), "same_as_warmup": bool(np.array_equal(first, pixels)),
+        "_pixels": pixels[0],
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    fork = is_fork()
+    for row in args.rows:
+        if row in ("math", "graphs", "fast") and not fork:
+            raise SystemExit(f"bench models: row {row!r} needs the fork (installed: diffusers {diffusers.__version__})")
+        if row == "best" and fork:
+            raise SystemExit("bench models: the 'best' row is upstream's: run it with pristine diffusers installed")
+    s = SETTINGS[args.model]
+    local = builders()
+    size = local.image_size(args.model, "full")
+    t0 = time.perf_counter()
+    pipe = local.pipeline(args.model, "full", seed=0, device="cuda", dtype=DTYPES[s["dtype"]])
+    build_s = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True)
+    fa4 = importlib.util.find_spec("flash_attn") is not None
+    report: dict[str, Any] = {
+        "model": args.model, "side": "fork" if fork else "upstream", "diffusers": diffusers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "card": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "flash_attn_4_installed": fa4,
+        "size": size, "build_s": build_s, "rows": [], **s,
+    }
+    os.makedirs(args.images, exist_ok=True)
+    for row in args.rows:
+        applied: Any = None
+        if row == "math":
+            from diffusers.flash.attention.dispatch import set_attention_backend
+
+            set_attention_backend("math")
+        elif row in ("graphs", "fast"):
+            from diffusers.flash.attention.dispatch import set_attention_backend
+
+            set_attention_backend(None)
+            applied = pipe.enable_fast_path(compile=row == "fast")
+        elif row == "best":
+            applied = apply_best(pipe, args.best_mode)
+        for images in args.batch:
+            print(f"[{time.strftime('%H:%M:%S')}] {args.model} {report['side']} {row} x{images}", flush=True)
+            try:
+                r = time_row(pipe, args.model, row, images, size, args.repeats)
+            except torch.OutOfMemoryError as e:
+                r = {"row": row, "images": images, "error": f"out of memory: {str(e).splitlines()[0]}"}
+                torch.cuda.empty_cache()
+            pixels = r.pop("_pixels", None)
+            if pixels is not None:
+                np.save(Path(args.images) / f"{args.model}-{report['side']}-{row}-{images}.npy",
+                        (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+            r["applied"] = applied if isinstance(applied, (list, str)) or applied is None else {
+                k: v for k, v in applied.items() if k in ("cuda_graphs", "compile", "reasons")}
+            report["rows"].append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "calls_s"}), flush=True)
+        if row in ("graphs", "fast"):
+            pipe.disable_fast_path()
+    return report
+
+
+def compare(directory: str) -> dict[str, float]:
+    """Largest pixel difference (in 1/255) of every saved first image against the fork's ``math`` image of the
+    same model and batch."""
+    out = {}
+    files = sorted(Path(directory).glob("*.npy"))
+    for f in files:
+        model, side, row, images = f.stem.split("-")
+        ref = Path(directory) / f"{model}-fork-math-{images}.npy"
+        if not ref.exists() or f == ref:
+            continue
+        a, b = np.load(f).astype(np.int16), np.load(ref).astype(np.int16)
+        out[f.stem] = int(np.abs(a - b).max())
+    return out
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench models", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=sorted(SETTINGS), help="which model, or 'compare DIR' for the pixel table")
+    ap.add_argument("--rows", default="eager", help="comma-separated: eager, math, graphs, fast, best")
+    ap.add_argument("--batch", default="1", help="images per call, comma-separated (default 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per row after the warm-up call")
+    ap.add_argument("--best-mode", default="max-autotune", help="torch.compile mode of the 'best' row")
+    ap.add_argument("--images", default="out/bench-models", help="folder for the first image of each row")
+    ap.add_argument("--json", help="write the report here")
+    args = ap.parse_args(argv)
+    args.rows = [r for r in args.rows.split(",") if r]
+    bad = [r for r in args.rows if r not in ("eager", "math", "graphs", "fast", "best")]
+    if bad:
+        ap.error(f"unknown rows: {', '.join(bad)}")
+    try:
+        args.batch = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        ap.error(f"--batch takes whole numbers, not {args.batch!r}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        print(json.dumps(compare(argv[1] if len(argv) > 1 else "out/bench-models"), indent=1))
+        return 0
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        print("bench models: needs a CUDA device (full-size SDXL, SD3 and Flux)", file=sys.stderr)
+        return 2
+    report = run(args)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0

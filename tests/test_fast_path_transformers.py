@@ -1,0 +1,108 @@
+"""The fast path for transformer denoisers (SD3, Flux) and the offline SDXL/SD3/Flux pipelines.
+
+The pipelines exist from upstream 0.19 (SDXL), 0.29 (SD3) and 0.30 (Flux): at the pin these tests skip,
+naming the missing class; after ``fork.py rebase 0.42.1`` (and in CI's run at 0.42.1) they run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffusers
+from diffusers.flash import local_sdxl_sd3_flux as local
+from diffusers.flash.fastpath import denoiser
+from diffusers.flash.fastpath import engine as fast_path
+
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+
+
+def _needs(model: str) -> None:
+    if not hasattr(diffusers, PIPELINES[model]):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {PIPELINES[model]}")
+
+
+def test_split_and_join_keywords_round_trip():
+    device = torch.device("cpu")
+    a, b, c = torch.zeros(2), torch.ones(3), torch.full((1,), 2.0)
+    kwargs = {"hidden_states": a, "timestep": b, "extra": {"y": c}, "return_dict": False, "mask": None}
+    layout, tensors = denoiser.split_keywords(kwargs, device)
+    assert len(tensors) == 3
+    back = denoiser.join_keywords(layout, tensors)
+    assert back["hidden_states"] is a and back["timestep"] is b and back["extra"]["y"] is c
+    assert back["return_dict"] is False and "mask" not in back
+    # a value that cannot be a graph input or part of the layout: that call is not captured
+    assert denoiser.split_keywords({"hidden_states": a, "skip_layers": [7]}, device) is None
+    assert denoiser.split_keywords({"hidden_states": a, "scale": 0.5}, device) is None
+    # a tensor on another device than the sample's is not an input either
+    assert denoiser.split_keywords({"hidden_states": a, "t": torch.zeros(1, device="meta")}, device) is None
+
+
+def test_graphed_denoiser_leaves_cpu_calls_to_the_model():
+    seen = []
+
+    def forward(*args, **kwargs):
+        seen.append((args, kwargs))
+        return ("out",)
+
+    wrapper = denoiser.GraphedDenoiser(forward)
+    x = torch.zeros(1, 4)
+    assert wrapper(hidden_states=x, timestep=torch.ones(1), return_dict=False) == ("out",)
+    assert seen and seen[0][1]["hidden_states"] is x and not wrapper.calls
+
+
+@pytest.mark.parametrize("model", sorted(PIPELINES))
+def test_tiny_pipeline_gives_the_size_asked_for(model):
+    _needs(model)
+    pipe = local.pipeline(model, "tiny")
+    pipe.set_progress_bar_config(disable=True)
+    side = local.image_size(model)
+    out = pipe("a cat", num_inference_steps=2, height=side, width=side, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, side, side, 3)
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_enable_on_the_cpu_says_why_and_changes_nothing(model):
+    _needs(model)
+    if torch.cuda.is_available():
+        pytest.skip("this checks the report where there is no CUDA device")
+    pipe = local.pipeline(model, "tiny")
+    report = fast_path.enable(pipe)
+    assert report["cuda_graphs"] == [] and any("no CUDA" in why for why in report["reasons"])
+    assert "forward" not in pipe.transformer.__dict__ and not fast_path.is_enabled(pipe)
+
+
+def _images(pipe, side, seed=0):
+    return pipe("a cat", num_inference_steps=3, height=side, width=side, output_type="np",
+                generator=torch.Generator("cuda").manual_seed(seed)).images
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled"])
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_transformer_fast_path_gives_the_same_images_and_replays(model, compile):
+    _needs(model)
+    from diffusers.flash.attention.dispatch import attention_backend
+
+    dtype = torch.float16
+    pipe = local.pipeline(model, "tiny", device="cuda", dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    side = local.image_size(model)
+    with attention_backend("math"):
+        reference = _images(pipe, side)
+    report = pipe.enable_fast_path(compile=compile)
+    assert "transformer" in report["cuda_graphs"], report
+    first = _images(pipe, side)
+    wrapper = pipe.transformer.__dict__["forward"]
+    graphs = dict(wrapper.graphs)
+    assert graphs, "the transformer step was not captured"
+    second = _images(pipe, side)
+    assert dict(wrapper.graphs) == graphs, "the second call captured again instead of replaying"
+    np.testing.assert_array_equal(first, second)
+    diff = np.abs((first * 255).round() - (reference * 255).round()).max()
+    print(f"{model} compile={compile}: largest difference against math {diff}/255")
+    assert diff <= 1, f"{diff}/255"
+    pipe.disable_fast_path()
+    assert "forward" not in pipe.transformer.__dict__
