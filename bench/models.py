@@ -5,7 +5,7 @@ the model's own pipeline, with random weights made on the GPU from one seed (``l
 same numbers on both sides, no checkpoint on disk), and writes one JSON file. Rows:
 
   eager   the installed diffusers as it comes (the fork: ``auto`` attention; upstream: its default)
-  math    the fork's reference attention (the pixels every row is compared with)
+  math    the fork's reference attention (the pixels every row is compared with; one timed call)
   graphs  the fork's fast path without compile (CUDA graphs only)
   fast    the fork's fast path, ``enable_fast_path(compile=True)``
   best    upstream's own speed recipe (docs/source/en/optimization/fp16.md): inductor flags, channels-last
@@ -230,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for images in args.batch:
             print(f"[{time.strftime('%H:%M:%S')}] {args.model} {report['side']} {row} x{images}", flush=True)
             try:
-                r = time_row(pipe, args.model, row, images, size, args.repeats)
+                r = time_row(pipe, args.model, row, images, size, 1 if row == "math" else args.repeats)
             except torch.OutOfMemoryError as e:
                 r = {"row": row, "images": images, "error": f"out of memory: {str(e).splitlines()[0]}"}
                 torch.cuda.empty_cache()
