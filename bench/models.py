@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 k: v for k, v in applied.items() if k in ("cuda_graphs", "compile", "reasons")}
             report["rows"].append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "calls_s"}), flush=True)
+            if args.json:  # after every row: a call stopped at its time limit keeps what it measured
+                Path(args.json).write_text(json.dumps(report, indent=1))
         if row in ("graphs", "fast"):
             pipe.disable_fast_path()
     return report
@@ -293,8 +295,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench models: needs a CUDA device (full-size SDXL, SD3 and Flux)", file=sys.stderr)
         return 2
-    report = run(args)
-    text = json.dumps(report, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
+    run(args)
     return 0
