@@ -236,8 +236,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             pixels = r.pop("_pixels", None)
             if pixels is not None:
-                np.save(Path(args.images) / f"{args.model}-{report['side']}-{row}-{images}.npy",
-                        (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8))
+                mine = (np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)
+                np.save(Path(args.images) / f"{args.model}-{report['side']}-{row}-{images}.npy", mine)
+                ref = Path(args.images) / f"{args.model}-fork-math-{images}.npy"
+                if ref.exists():  # the largest pixel difference against the fork's math path, in 1/255
+                    r["max_diff_vs_math"] = int(np.abs(mine.astype(np.int16) - np.load(ref).astype(np.int16)).max())
             r["applied"] = applied if isinstance(applied, (list, str)) or applied is None else {
                 k: v for k, v in applied.items() if k in ("cuda_graphs", "compile", "reasons")}
             report["rows"].append(r)
