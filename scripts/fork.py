@@ -70,7 +70,9 @@ def main(argv=None):
                        description="Checks: the release file matches the pin's sha256; every patch in patches/ is in "
                                    "the series and vice versa; each has a DEP-3 Description and applies with zero fuzz "
                                    "and no offset; src/diffusers/ equals pristine + series byte for byte; no file of "
-                                   "ours shadows an upstream file; PATCHES.md describes each patch. Exit 1 otherwise.")
+                                   "ours shadows an upstream file; every file under src/diffusers/ is laid down, "
+                                   "generated or ours (tracked by git), and none is a symlink; PATCHES.md describes "
+                                   "each patch. Exit 1 otherwise.")
     p.set_defaults(func=cmd_verify)
 
     rebase.add_parser(sub, ROOT)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -132,12 +133,45 @@ def manifest(root: Path) -> dict:
 
 def tracked(root: Path) -> set:
     """Files under src/diffusers that git tracks (ours); empty outside a git checkout."""
+    return git_tracked(root) or set()
+
+
+def git_tracked(root: Path) -> set | None:
+    """Files under src/diffusers that git tracks (ours); None where git cannot tell (not a git checkout)."""
     try:
         out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", PREFIX],
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return set()
+        return None
     return {p for p in out.split("\0") if p}
+
+
+def stray_problems(root: Path, known: set) -> list:
+    """Every file under src/diffusers/ not in ``known`` (laid down, generated or ours), and every symlink there
+    (materialize lays down regular files and refuses to write through a link; a link can lead out of the tree).
+    Python's own caches (``__pycache__``, ``*.pyc``) aside: the build leaves them out."""
+    base = Path(root) / PREFIX
+    if base.is_symlink():
+        return [f"{PREFIX} is a symlink (to {os.readlink(base)}): refused (the package must be a folder here)"]
+    out = []
+
+    def link(p: Path) -> str:
+        return (f"{p.relative_to(root).as_posix()}: a symlink (to {os.readlink(p)}), refused: every file here is a "
+                "regular file (remove it; 'fork.py materialize --force' lays a laid-down file down again)")
+
+    for dirpath, dirnames, filenames in os.walk(base):
+        here = Path(dirpath)
+        out += [link(here / d) for d in sorted(dirnames) if (here / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not (here / d).is_symlink())
+        for name in sorted(filenames):
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out.append(link(p))
+            elif rel not in known and not name.endswith((".pyc", ".pyo")):
+                out.append(f"{rel}: neither laid down, generated nor ours (not tracked by git), and a build would "
+                           "ship it: delete it, or 'git add' it if it is ours")
+    return out
 
 
 def ours(root: Path) -> list:
@@ -434,7 +468,12 @@ def verify(root: Path, docs: bool = True) -> list:
             if _raw(root, rel) != text.encode("utf-8"):
                 problems.append(f"{rel}: not what materialize generates (edited?): run 'fork.py materialize --force'")
     problems += variants.problems(root, names)
-    mine = tracked(root)
+    mine = git_tracked(root)
+    if mine is None:
+        problems.append(f"git cannot list the files it tracks in {root} (not a git checkout?): our files cannot be "
+                        f"told from stray ones in {PREFIX}")
+        mine = set()
+    problems += stray_problems(root, set(man["files"]) | set(files) | set(generated(pin, files)) | mine)
     problems += [f"{p}: a file of ours shadows the upstream file of the same path" for p in sorted(mine & set(base))]
     problems += namespace_problems(mine, base)
     if docs:
