@@ -1191,12 +1191,12 @@ def test_ctrl_c_at_each_stage_says_what_happened_and_leaves_what_abort_or_contin
     root = env["root"]
     before = snapshot(root)
     target = {"replay": (rebase_tool, "replay"), "writing": (release, "save_pin"), "checks": (tree, "verify")}[stage]
-    monkeypatch.setattr(*target, _interrupt)
-    try:
-        code = rebase(env, "1.1.0", "--no-tests")
-    except KeyboardInterrupt:
-        pytest.fail("Ctrl-C gave a KeyboardInterrupt traceback")
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(*target, _interrupt)
+        try:
+            code = rebase(env, "1.1.0", "--no-tests")
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C gave a KeyboardInterrupt traceback")
     err = capsys.readouterr().err
     assert code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, err
     if stage == "replay":

@@ -37,6 +37,10 @@ class ForkError(Exception):
     """Anything the fork tool refuses or cannot do; the message says what and why."""
 
 
+class Interrupted(ForkError):
+    """Ctrl-C: the message says what the command left and how to go on (fork.py exits 130)."""
+
+
 # ---------------------------------------------------------------- paths
 def path_problem(rel: object, under: str = PREFIX) -> str | None:
     """Why ``rel`` (a root-relative path from a patch, a release file or the manifest) is not a plain

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -146,6 +147,22 @@ def git_tracked(root: Path) -> set | None:
     return {p for p in out.split("\0") if p}
 
 
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # fsutil.atomic_write's names (mkstemp's 8 characters)
+
+
+def leftover_temporaries(root: Path, mine: set) -> list:
+    """Temporary files of fsutil.atomic_write under src/diffusers/ that a kill left (untracked, regular)."""
+    base = Path(root) / PREFIX
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if _TEMPORARY.match(name) and not p.is_symlink() and p.relative_to(root).as_posix() not in mine:
+                found.append(p.relative_to(root).as_posix())
+    return sorted(found)
+
+
 def stray_problems(root: Path, known: set) -> list:
     """Every file under src/diffusers/ not in ``known`` (laid down, generated or ours), and every symlink there
     (materialize lays down regular files and refuses to write through a link; a link can lead out of the tree).
@@ -272,6 +289,9 @@ def _materialize(root: Path, force: bool, log) -> dict:
             + "\n  keep them as patches with 'fork.py refresh', or discard them with 'materialize --force'"
         )
     changed = 0
+    for rel in leftover_temporaries(root, mine):
+        (root / rel).unlink()
+        log(f"removed {rel}, a temporary file a killed write left")
     for rel in sorted(set(old["files"]) - set(files)):  # left over from another pin or series
         changed += remove(root, rel)
     for rel, text in sorted(files.items()):
