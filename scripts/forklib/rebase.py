@@ -575,7 +575,7 @@ def source_line(t: dict) -> str:
         f"; commit {t['commit'][:12]} as pinned before in this project's history" if t.get("commit") else "")
 
 
-def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
+def proceed(root, st, start, new_before, texts, patches, old_states, options: dict | None = None) -> int:
     old, new = st["old_pin"]["version"], st["target"]["version"]
     more, results, stop = replay(patches, old_states, new_before, start, old, new,
                                  found_variants=variants.load(root, st["names"]))
@@ -585,7 +585,7 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
         print_result(res)
     if stop:
         return stopped(root, st, texts, *stop)
-    return finish(root, st, texts)
+    return finish(root, st, texts, options or st["options"])
 
 
 def print_result(res: dict) -> None:
@@ -653,15 +653,16 @@ def cmd_continue(args) -> int:
     root = Path(args.root)
     st = load_state(root)
     old, new = st["old_pin"]["version"], st["target"]["version"]
+    # this --continue's own --no-tests/--test-cmd, for the checks at its end (the state keeps the rebase's)
+    options = {**st["options"], **({"tests": False} if args.no_tests else {}),
+               **({"test_cmd": args.test_cmd} if args.test_cmd else {})}
     if st["finished"]:
         if st.get("stage", "checking") == "writing":
             raise ForkError(f"the rebase onto {new} was interrupted while writing the rebased series, so the tree may "
                             f"be half way between {old} and {new}: 'fork.py rebase --abort' restores {old}, then start "
                             "again")
-        options = {"tests": st["options"].get("tests", True) and not args.no_tests,
-                   "test_cmd": args.test_cmd or st["options"].get("test_cmd")}
         say(f"the rebased series onto {new} is in place: checking it"
-            + ("" if options["tests"] else " (without the tests: --no-tests)"))
+            + ("" if options.get("tests", True) else " (without the tests: --no-tests)"))
         return run_checks(root, st, options)
     check_clean(root)
     if fingerprint(root) != st["fingerprint"]:
@@ -690,7 +691,7 @@ def cmd_continue(args) -> int:
     st["results"][k]["status"] = "resolved"
     hand = [c["path"][len(PREFIX):] for c in st["results"][k]["conflicts"]]
     print(f"  {name:<34} resolved   by hand in {', '.join(hand)}; the patch now touches {len(edited)} file(s)")
-    return proceed(root, st, k + 1, after, texts, patches, old_states)
+    return proceed(root, st, k + 1, after, texts, patches, old_states, options)
 
 
 def changed(before: dict, after: dict) -> set:
@@ -771,7 +772,7 @@ def interrupted(root: Path, what: str) -> str:
 
 
 # ---------------------------------------------------------------- finishing
-def finish(root: Path, st: dict, texts: dict) -> int:
+def finish(root: Path, st: dict, texts: dict, options: dict) -> int:
     target, old = st["target"], st["old_pin"]
     say(f"writing the rebased series, {release.PIN_FILE} and PATCHES.md, and laying {target['version']} down in "
         f"{PREFIX} (the series as it was is kept in {WORK}/backup/ until the checks pass)")
@@ -794,7 +795,7 @@ def finish(root: Path, st: dict, texts: dict) -> int:
         if inexact else "hunks not applied exactly: none (every hunk clean or at an offset)")
     if inexact:
         say("\n".join(inexact))
-    return run_checks(root, st, st["options"])
+    return run_checks(root, st, options)
 
 
 def run_checks(root: Path, st: dict, options: dict) -> int:
@@ -1017,6 +1018,8 @@ def run_tests(root: Path, options: dict, src: Path | None = None, stream: bool =
         return None, "not run" + ("" if not options.get("tests", True) else " (no tests/ folder)")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(src or Path(root) / "src"), os.environ.get("PYTHONPATH")])))
+    if stream:
+        env["PYTHONUNBUFFERED"] = "1"  # its progress as it comes, not a pipe's buffer at a time
     if not stream:
         res = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
         rc, output = res.returncode, res.stdout + res.stderr
