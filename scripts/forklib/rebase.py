@@ -1047,6 +1047,10 @@ def _streamed(cmd: str, cwd: Path, env: dict) -> tuple[int, str]:
         return proc.wait(), tail
     except BaseException:
         _stop(proc)
+        if tail and not tail.endswith("\n"):  # pytest's dots end mid-line: the message goes on a line of its own
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
         raise
     finally:
         proc.stdout.close()
