@@ -784,7 +784,7 @@ def finish(root: Path, st: dict, texts: dict, options: dict) -> int:
         release.save_pin(root, new_pin(old, target))
         tree.write_patches_doc(root)
         tree.materialize(root)
-    except ForkError as e:
+    except (ForkError, OSError) as e:  # OSError: a full disk, a file that cannot be written
         raise ForkError(f"{e}\n  the rebase is half done: 'fork.py rebase --abort' restores {old['version']}") from None
     st["stage"] = "checking"
     save_state(root, st)
