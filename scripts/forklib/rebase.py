@@ -1295,14 +1295,16 @@ def add_parser(sub, root: Path) -> None:
                    help="release to rebase onto (0.5.1 or v0.5.1); with --check, releases or ranges (0.4.0..0.14.0)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--continue", dest="cont", action="store_true",
-                      help=f"go on after resolving the conflict in {WORK}/tree/")
+                      help=f"go on after resolving the conflict in {WORK}/tree/; or, once the rebased series is "
+                           "written, run its checks again (after a failure or a Ctrl-C)")
     mode.add_argument("--abort", action="store_true", help="drop the rebase in progress; restore everything")
     mode.add_argument("--check", action="store_true",
                       help="apply the series to each release in a scratch folder and print a table; changes nothing")
     p.add_argument("--upstream-repo", metavar="PATH_OR_URL",
                    help="read releases from this upstream git clone's tags instead of the index's release files "
                         "(a rebase still pins the release file, which must hold the same files)")
-    p.add_argument("--no-tests", action="store_true", help="rebase: do not run the project's tests afterwards")
+    p.add_argument("--no-tests", action="store_true",
+                   help="rebase, --continue: do not run the project's tests afterwards (about 10 min on 2 cores)")
     p.add_argument("--tests", action="store_true", help="--check: run the project's tests on each release (slow)")
     p.add_argument("--no-import", action="store_true", help="--check: skip the import check")
     p.add_argument("--test-cmd", metavar="CMD",
