@@ -17,7 +17,7 @@ from forklib import release, tree  # noqa: E402
 PIN = release.load_pin(ROOT)
 try:
     tree.materialize(ROOT, log=lambda msg: print(f"diffusers-flash: {msg}", file=sys.stderr))
-except release.ForkError as e:
+except (release.ForkError, OSError) as e:  # OSError: a read-only checkout, a full disk
     sys.exit(f"diffusers-flash: cannot lay down upstream diffusers {PIN['version']}: {e}")
 
 extras = {

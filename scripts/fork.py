@@ -17,6 +17,13 @@ from forklib import fsutil, rebase, tree, upstream_tests
 from forklib.patchfile import PatchError
 from forklib.release import ForkError
 
+AFTER_CTRL_C = {  # what a command stopped by Ctrl-C leaves (rebase says it itself)
+    "materialize": "; each file is written whole, then renamed into place: run it again to finish",
+    "refresh": "; each file is written whole, then renamed into place: run it again to finish",
+    "verify": "; verify changes nothing",
+    "test-upstream": "; what pip installed so far stays installed",
+}
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,7 +77,9 @@ def main(argv=None):
                        description="Checks: the release file matches the pin's sha256; every patch in patches/ is in "
                                    "the series and vice versa; each has a DEP-3 Description and applies with zero fuzz "
                                    "and no offset; src/diffusers/ equals pristine + series byte for byte; no file of "
-                                   "ours shadows an upstream file; PATCHES.md describes each patch. Exit 1 otherwise.")
+                                   "ours shadows an upstream file; every file under src/diffusers/ is laid down, "
+                                   "generated or ours (tracked by git), and none is a symlink; PATCHES.md describes "
+                                   "each patch. Exit 1 otherwise.")
     p.set_defaults(func=cmd_verify)
 
     rebase.add_parser(sub, ROOT)
@@ -83,6 +92,12 @@ def main(argv=None):
             with fsutil.locked(Path(getattr(args, "root", ROOT)), "fork.py " + " ".join(argv)):
                 return args.func(args)
         return args.func(args)
+    except fsutil.Interrupted as e:
+        print(f"fork.py {args.cmd}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"fork.py {args.cmd}: interrupted (Ctrl-C){AFTER_CTRL_C.get(args.cmd, '')}", file=sys.stderr)
+        return 130
     except (ForkError, PatchError) as e:
         print(f"fork.py {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -376,3 +376,64 @@ def test_materialize_lays_the_alias_down_git_ignored_and_verify_keeps_the_namesp
     res = fork_py(fork, "verify")
     assert res.returncode != 0
     assert "src/diffusers/fast_path.py: a file of ours outside src/diffusers/flash/" in res.stdout + res.stderr
+
+
+READ_ONLY = '''"""Run a script as on a read-only file system under READ_ONLY_ROOT: every write there fails with EROFS
+(the tests run as root here, where permission bits bind nothing)."""
+import builtins, errno, io, os, runpy, sys
+
+RO = os.path.realpath(os.environ["READ_ONLY_ROOT"])
+
+
+def inside(path):
+    try:
+        p = os.path.realpath(os.fsdecode(path))
+    except (TypeError, ValueError):
+        return False
+    return p == RO or p.startswith(RO + os.sep)
+
+
+def refuse(path):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+
+def guard(real, writes=lambda *a, **k: True):
+    def wrapped(path, *args, **kwargs):
+        if isinstance(path, (str, bytes, os.PathLike)) and inside(path) and writes(*args, **kwargs):
+            refuse(path)
+        return real(path, *args, **kwargs)
+    return wrapped
+
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+os.open = guard(os.open, lambda flags, *a, **k: bool(flags & WRITE_FLAGS))
+io.open = builtins.open = guard(io.open, lambda mode="r", *a, **k: any(c in mode for c in "wax+"))
+for name in ("mkdir", "unlink", "remove", "rmdir", "chmod", "utime"):
+    setattr(os, name, guard(getattr(os, name)))
+for name in ("replace", "rename"):
+    real = getattr(os, name)
+    setattr(os, name, lambda src, dst, *a, _real=real, **k: refuse(dst) if inside(dst) or inside(src)
+            else _real(src, dst, *a, **k))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_setup_py_on_a_read_only_checkout_gives_one_line(fork, tmp_path):
+    shutil.copy(ROOT / "setup.py", fork / "setup.py")
+    (tmp_path / "read_only.py").write_text(READ_ONLY)
+
+    def setup_py(*args):
+        return subprocess.run([sys.executable, str(tmp_path / "read_only.py"), str(fork / "setup.py"), *args],
+                              capture_output=True, text=True, cwd=fork, env=dict(os.environ, READ_ONLY_ROOT=str(fork)))
+
+    res = setup_py("--version")  # everything laid down: nothing to write, so nothing fails
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == release.fork_version(PIN)
+    for rel in [*tree.manifest(fork)["files"], *tree.GENERATED]:  # a fresh checkout: all must be written
+        (fork / rel).unlink()
+    res = setup_py("--version")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("diffusers-flash: cannot lay down") and "Read-only" in lines[0], \
+        res.stderr

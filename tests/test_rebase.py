@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from forklib import release, tree
+from forklib import rebase as rebase_tool
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 _spec = importlib.util.spec_from_file_location("fork_cli", SCRIPTS / "fork.py")
@@ -67,9 +68,10 @@ def git(cwd, *args):
 
 
 def snapshot(root):
-    """Every file of the project except git's and the work folder's, byte for byte."""
+    """Every file of the project except git's and the work folder's (and its trash), byte for byte."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not {".git", ".rebase", "__pycache__"} & set(p.relative_to(root).parts)}
+            if p.is_file() and not {".git", "__pycache__"} & set(p.relative_to(root).parts)
+            and not p.relative_to(root).parts[0].startswith(".rebase")}
 
 
 @pytest.fixture
@@ -341,7 +343,7 @@ def test_check_table(env, capsys, source):
     assert rows["1.2.0"][1] == "0001 three-way: a.py hunk 1"
     assert rows["1.3.0"][1] == "0001-ours-in-a.patch: a.py"
     assert rows["1.3.0"][2] == "0002 clean" and rows["1.2.0"][2] == "-"  # how the later patches fare
-    assert rows["1.0.0"][3] == "ok" and rows["1.3.0"][3] == "-"
+    assert rows["1.0.0"][3] == "ok (no pipeline classes)" and rows["1.3.0"][3] == "-"
     assert rows["1.4.0"][3] == "FAIL: ImportError: broken 1.4.0"
     assert rows["1.0.0"][4] == "not run"
     assert snapshot(env["root"]) == before and not (env["root"] / ".rebase").exists()
@@ -721,7 +723,7 @@ def test_verify_checks_upstream_since(env):
 KILLER = '''"""Run a script, killed (SIGKILL) halfway through the first write whose data holds KILL_MARK."""
 import builtins, io, os, runpy, signal, sys
 
-MARK = os.environ["KILL_MARK"].encode()
+MARK = os.environ.get("KILL_MARK", "").encode()
 real_open = io.open
 
 
@@ -731,7 +733,7 @@ class Killing:
 
     def write(self, data):
         raw = data.encode() if isinstance(data, str) else bytes(data)
-        if MARK in raw:
+        if MARK and MARK in raw:
             self._f.write(data[: len(data) // 2])
             self._f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -753,23 +755,43 @@ def hooked(file, mode="r", *args, **kwargs):
 
 
 io.open = builtins.open = hooked
+
+UNLINKS = int(os.environ.get("KILL_UNLINK", "0"))  # SIGKILL at the Nth file removed by an rmtree of .rebase*
+if UNLINKS:
+    import shutil
+
+    real_rmtree, real_unlink, state = shutil.rmtree, os.unlink, {"on": False, "n": 0}
+
+    def rmtree(path, *args, **kwargs):
+        state["on"] = state["on"] or os.path.basename(os.fspath(path)).startswith(".rebase")
+        return real_rmtree(path, *args, **kwargs)
+
+    def unlink(path, *args, **kwargs):
+        if state["on"]:
+            state["n"] += 1
+            if state["n"] == UNLINKS:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_unlink(path, *args, **kwargs)
+
+    shutil.rmtree, os.unlink = rmtree, unlink
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def cli(env, *args, kill_at=None, popen=False):
+def cli(env, *args, kill_at=None, kill_unlink=None, popen=False):
     """``python <project>/scripts/fork.py ARGS`` on the env project (its own copy of the tool, so that ROOT is
-    the project); ``kill_at``: SIGKILLed halfway through the first write of data holding that text."""
+    the project); ``kill_at``: SIGKILLed halfway through the first write of data holding that text;
+    ``kill_unlink``: SIGKILLed at that file removed by the clean-up of the work folder."""
     root = env["root"]
     if not (root / "scripts").exists():
         shutil.copytree(SCRIPTS, root / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
         (root / "scripts" / "killer.py").write_text(KILLER)
     cmd = [PY, str(root / "scripts" / "fork.py"), *args]
     run_env = dict(os.environ, DIFFUSERS_FLASH_LOCK_WAIT="0.2")
-    if kill_at:
+    if kill_at or kill_unlink:
         cmd = [PY, str(root / "scripts" / "killer.py"), *cmd[1:]]
-        run_env["KILL_MARK"] = kill_at
+        run_env.update(KILL_MARK=kill_at or "", KILL_UNLINK=str(kill_unlink or 0))
     if popen:
         return subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
@@ -1002,3 +1024,215 @@ def test_a_damaged_rebase_state_says_how_to_recover(env, finished):
     assert cli(env, "rebase", "--abort").returncode == 0  # the way out it names
     assert snapshot(root) == before and not (root / ".rebase").exists()
     assert cli(env, "verify").returncode == 0
+
+
+# ---------------------------------------------------------------- round 3: nothing lost, nothing followed (issue 32)
+def restart(env, before):
+    """Back to the committed project on 1.0.0 after a rebase that went through."""
+    root = env["root"]
+    git(root, "checkout", "-q", "--", ".")
+    git(root, "clean", "-fdq", "--", "patches")
+    assert cli(env, "materialize", "--force").returncode == 0
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_a_kill_during_the_final_clean_up_loses_no_tracked_file(env, n):
+    root = env["root"]
+    cli(env, "verify")
+    before = snapshot(root)
+    assert cli(env, "rebase", "1.1.0", "--no-tests").returncode == 0
+    after = snapshot(root)
+    restart(env, before)
+    res = cli(env, "rebase", "1.1.0", "--no-tests", kill_unlink=n)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr  # killed while .rebase/ is deleted
+    res = cli(env, "rebase", "--abort")
+    assert "Traceback" not in res.stderr, res.stderr
+    now = snapshot(root)
+    assert now in (before, after), sorted(set(before) ^ set(now))
+    assert cli(env, "verify").returncode == 0
+    assert cli(env, "rebase", "1.2.0", "--no-tests").returncode == (0 if now == before else 2)  # dirty if after
+
+
+@pytest.mark.parametrize("damage", ["no backup", "backup lacks a patch", "backup lacks a patch, no state"])
+def test_abort_never_deletes_what_it_cannot_restore(env, damage):
+    root = env["root"]
+    cli(env, "verify")
+    assert cli(env, "rebase", "1.1.0", "--test-cmd", f"{PY} -c 'raise SystemExit(3)'").returncode == 1
+    after = snapshot(root)
+    backup = root / ".rebase" / "backup"
+    if damage == "no backup":
+        shutil.rmtree(backup)
+    else:
+        (backup / "patches" / "0002-late-line.patch").unlink()
+    if damage.endswith("no state"):
+        (root / ".rebase" / "state.json").unlink()
+    one_line_error(cli(env, "rebase", "--abort"), "backup", "nothing")
+    assert snapshot(root) == after  # every tracked file as the rebase left it
+
+
+def test_a_planted_lock_symlink_or_hard_link_is_never_written_through(env, tmp_path):
+    root, victim, lock = env["root"], tmp_path / "victim.txt", env["root"] / ".fork.lock"
+    victim.write_text("precious\n")
+    for plant in ("symlink", "dangling symlink", "hard link"):
+        if lock.is_symlink() or lock.exists():
+            lock.unlink()
+        if plant == "symlink":
+            lock.symlink_to(victim)
+        elif plant == "dangling symlink":
+            lock.symlink_to(tmp_path / "created-by-the-lock")
+        else:
+            os.link(victim, lock)
+        one_line_error(cli(env, "materialize"), ".fork.lock")
+        with pytest.raises(release.ForkError, match="fork.lock"):
+            tree.materialize(root, log=lambda m: None)  # what setup.py runs
+        assert victim.read_text() == "precious\n" and not (tmp_path / "created-by-the-lock").exists(), plant
+    lock.unlink()
+    assert cli(env, "materialize").returncode == 0 and victim.read_text() == "precious\n"
+
+
+def test_verify_reports_every_stray_file_and_refuses_symlinks(env, tmp_path):
+    root = env["root"]
+    assert cli(env, "verify").returncode == 0
+    extra = root / "src" / "diffusers" / "models" / "extra.py"  # neither laid down, generated nor ours
+    extra.parent.mkdir()
+    extra.write_text("x = 1\n")
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "src/diffusers/models/extra.py" in res.stdout and "OK" not in res.stdout
+    shutil.rmtree(extra.parent)
+    assert cli(env, "verify").returncode == 0
+    laid_b = root / "src" / "diffusers" / "b.py"  # a laid-down file, now a link to a copy out of the tree
+    (tmp_path / "b.py").write_bytes(laid_b.read_bytes())
+    laid_b.unlink()
+    laid_b.symlink_to(tmp_path / "b.py")
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "src/diffusers/b.py" in res.stdout and "symlink" in res.stdout, res.stdout
+    laid_b.unlink()
+    (root / "src" / "diffusers" / "sub").symlink_to(tmp_path, target_is_directory=True)  # a folder linked out
+    res = cli(env, "verify")
+    assert res.returncode == 1 and "src/diffusers/sub" in res.stdout and "symlink" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_state_with_wrong_types_gets_one_line_and_abort_recovers(env, finished):
+    root = env["root"]
+    cli(env, "verify")
+    before = snapshot(root)
+    if finished:
+        assert cli(env, "rebase", "1.1.0", "--test-cmd", f"{PY} -c 'raise SystemExit(3)'").returncode == 1
+    else:
+        assert cli(env, "rebase", "1.3.0").returncode == 1
+    state = root / ".rebase" / "state.json"
+    st = {k: None for k in json.loads(state.read_text())}
+    state.write_text(json.dumps({**st, "old_pin": "1.0.0"}))
+    one_line_error(cli(env, "rebase", "--continue"), ".rebase/state.json is damaged", "rebase --abort")
+    res = cli(env, "rebase", "--abort")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert snapshot(root) == before and not (root / ".rebase").exists()
+
+
+# ---------------------------------------------------------------- a rebase that talks (issue 33)
+def test_rebase_says_what_it_does_and_the_tests_show_their_progress(env):
+    cmd = f"{PY} -c \"print('progress-of-the-tests-f9', flush=True)\""
+    res = cli(env, "rebase", "1.1.0", "--test-cmd", cmd)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    for stage in ("reading diffusers 1.1.0", "writing the rebased series", "verify: OK", "import: ok",
+                  "running the tests", "--no-tests", "progress-of-the-tests-f9", "tests: passed"):
+        assert stage in out, (stage, out)
+    assert out.index("running the tests") < out.index("progress-of-the-tests-f9") < out.index("tests: passed")
+    assert "not committed" in out and "refuses" in out  # the changes are left to commit
+
+
+def test_the_test_run_is_announced_with_its_expected_length(env, tmp_path):
+    root = env["root"]
+    options = {"tests": True, "test_cmd": None}
+    assert rebase_tool.tests_announcement(root, options) is None  # no tests/ folder: nothing runs
+    (root / "tests").mkdir()
+    text = rebase_tool.tests_announcement(root, options)
+    assert "about 10 min" in text and "--no-tests" in text and "Ctrl-C" in text, text
+    rebase_tool.record_test_time(root, rebase_tool.tests_command(root, options), 450.0)
+    assert "the last run here took 7.5 min" in rebase_tool.tests_announcement(root, options)
+    text = rebase_tool.tests_announcement(root, {"tests": True, "test_cmd": "make check"})
+    assert "make check" in text and "--no-tests" in text
+
+
+def test_ctrl_c_during_the_tests_gives_one_line_and_continue_finishes(env, tmp_path):
+    root, started = env["root"], tmp_path / "tests-started"
+    cli(env, "verify")
+    cmd = f"{PY} -c \"import pathlib, time; pathlib.Path('{started}').touch(); time.sleep(60)\""
+    first = cli(env, "rebase", "1.1.0", "--test-cmd", cmd, popen=True)
+    try:
+        wait_for(started.exists, "the tests to start")
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C sends: the terminal's foreground process group
+        out, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, (first.returncode, out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and "rebase --continue" in err and "rebase --abort" in err, err
+    assert "1.1.0" in err and "in place" in err
+    res = cli(env, "rebase", "--continue", "--no-tests")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "finished already" not in res.stdout + res.stderr and "verify: OK" in res.stdout
+    assert "tests: not run" in res.stdout
+    assert not (root / ".rebase").exists() and release.load_pin(root)["version"] == "1.1.0"
+    assert cli(env, "verify").returncode == 0
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stage", ["replay", "writing", "checks"])
+def test_ctrl_c_at_each_stage_says_what_happened_and_leaves_what_abort_or_continue_takes(env, capsys, monkeypatch,
+                                                                                         stage):
+    root = env["root"]
+    before = snapshot(root)
+    target = {"replay": (rebase_tool, "replay"), "writing": (release, "save_pin"), "checks": (tree, "verify")}[stage]
+    with monkeypatch.context() as patched:
+        patched.setattr(*target, _interrupt)
+        try:
+            code = rebase(env, "1.1.0", "--no-tests")
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C gave a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+    if stage == "replay":
+        assert "nothing outside .rebase/ changed" in err and snapshot(root) == before
+        assert rebase(env, "1.1.0", "--no-tests") == 0  # simply start again
+    elif stage == "writing":
+        assert "while writing" in err and "rebase --abort" in err
+        assert rebase(env, "--continue") == 2
+        assert "rebase --abort" in capsys.readouterr().err
+        assert rebase(env, "--abort") == 0 and snapshot(root) == before
+    else:
+        assert "in place" in err and "rebase --continue" in err
+        assert rebase(env, "--continue", "--no-tests") == 0
+        assert "verify: OK" in capsys.readouterr().out and not (root / ".rebase").exists()
+
+
+# ---------------------------------------------------------------- the import check (issue 29)
+def test_the_import_check_imports_every_pipeline_class_the_release_exports(tmp_path):
+    pkg = tmp_path / "src" / "diffusers"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "__all__ = ['GoodPipeline', 'HttpxPipeline', 'BrokenPipeline', 'helper']\n"
+        "from .good import GoodPipeline\n\n\n"
+        "def helper():\n    return 1\n\n\n"
+        "def __getattr__(name):\n"
+        "    if name == 'HttpxPipeline':\n        import httpx_not_installed_f9  # noqa\n"
+        "    if name == 'BrokenPipeline':\n        raise RuntimeError('broken on purpose')\n"
+        "    raise AttributeError(name)\n")
+    (pkg / "good.py").write_text("class GoodPipeline:\n    pass\n")
+    cell = rebase_tool.import_check(tmp_path / "src")
+    assert cell.startswith("FAIL: 2 of 3 pipeline classes"), cell
+    assert "HttpxPipeline: ModuleNotFoundError: No module named 'httpx_not_installed_f9'" in cell, cell
+    assert "BrokenPipeline: RuntimeError: broken on purpose" in cell, cell
+    result = rebase_tool.import_pipelines(tmp_path / "src")
+    block = rebase_tool.import_lines(result)
+    assert block[0].startswith("import: FAILED: 2 of 3 pipeline classes")
+    assert "  HttpxPipeline: ModuleNotFoundError: No module named 'httpx_not_installed_f9'" in block
+    (pkg / "__init__.py").write_text("__all__ = ['GoodPipeline']\nfrom .good import GoodPipeline\n")
+    assert rebase_tool.import_check(tmp_path / "src") == "ok (1 pipeline class)"

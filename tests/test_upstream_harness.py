@@ -3,6 +3,7 @@ run on a tiny synthetic 'upstream' git repository (offline, CPU)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -724,3 +725,77 @@ def test_what_torch_cannot_do_here_skips_with_the_reason_and_lookalikes_fail(tmp
         "skipped", f"cannot run here: torch {torch.__version__} has no FlexAttention backward on the CPU"]
     assert out["tests/test_flex.py::test_lookalike"][0] == "failed"
     assert out["tests/test_flex.py::test_other_flex_error"][0] == "failed"
+
+
+# ---------------------------------------------------------------- which repository, which code (issues 32, 29)
+def _tagged_repo(tmp_path, name, marker):
+    repo = tmp_path / name
+    repo.mkdir()
+    git(repo, "init", "-q")
+    commit_tree(repo, marker)
+    git(repo, "tag", "v9.9.9")
+    return repo
+
+
+def _fixture_at_tag(repo):
+    return subprocess.run(["git", "-C", repo, "show", "v9.9.9:hf-internal-testing/dummy/data.txt"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_each_repository_url_has_its_own_cache_and_its_tag_is_checked_each_run(tmp_path, fork_root, monkeypatch,
+                                                                              capsys):
+    """A run against one repository executed another's conftest.py: one cache held every URL's tags."""
+    monkeypatch.setenv("DIFFUSERS_FLASH_CACHE", str(tmp_path / "cache"))
+    a, b = _tagged_repo(tmp_path, "a", "from-a"), _tagged_repo(tmp_path, "b", "from-b")
+    got_a = upstream_tests.local_repo(fork_root, a.as_uri(), "v9.9.9")
+    assert _fixture_at_tag(got_a) == "from-a"
+    got_b = upstream_tests.local_repo(fork_root, b.as_uri(), "v9.9.9")
+    assert _fixture_at_tag(got_b) == "from-b" and got_b != got_a
+    assert _fixture_at_tag(upstream_tests.local_repo(fork_root, a.as_uri(), "v9.9.9")) == "from-a"
+    commit_tree(a, "moved")  # the tag moves in that repository: fetched again, not the cached one
+    git(a, "tag", "-f", "v9.9.9")
+    assert _fixture_at_tag(upstream_tests.local_repo(fork_root, a.as_uri(), "v9.9.9")) == "moved"
+    shutil.rmtree(a)  # unreachable: the copy fetched from it before, said so
+    capsys.readouterr()
+    assert _fixture_at_tag(upstream_tests.local_repo(fork_root, a.as_uri(), "v9.9.9")) == "moved"
+    assert "could not check" in capsys.readouterr().err
+    with pytest.raises(ForkError, match="cannot fetch tag v9.9.8"):
+        upstream_tests.local_repo(fork_root, a.as_uri(), "v9.9.8")
+
+
+def test_help_says_the_repository_must_be_trusted():
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "fork.py"), "test-upstream", "--help"],
+                         capture_output=True, text=True)
+    text = " ".join(res.stdout.split())
+    assert res.returncode == 0 and "trust" in text and "conftest.py" in text, text
+    assert "trust" in (ROOT / "docs" / "maintaining.md").read_text()
+
+
+def test_a_distribution_that_imports_is_never_removed(tmp_path, monkeypatch):
+    """sentencepiece's top_level.txt names 'sentencepiece/__init__': imported as a module name, it failed, and a
+    working sentencepiece was uninstalled."""
+    site = tmp_path / "site"
+    (site / "fakepiece_f9").mkdir(parents=True)
+    (site / "fakepiece_f9" / "__init__.py").write_text("from ._version import v  # noqa\n")
+    (site / "fakepiece_f9" / "_version.py").write_text("v = 1\n")
+    info = site / "fakepiece_f9-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakepiece-f9\nVersion: 1.0\n")
+    (info / "top_level.txt").write_text("fakepiece_f9/__init__\nfakepiece_f9/_version\n")
+    (info / "RECORD").write_text("fakepiece_f9/__init__.py,,\nfakepiece_f9/_version.py,,\n")
+    _fake_dist(site, "broken-dist-f9", module="broken_module_f9", source="raise RuntimeError('nms')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    assert upstream_tests.broken_imports({"fakepiece-f9", "broken-dist-f9"}) == \
+        {"broken-dist-f9": "import broken_module_f9: RuntimeError: nms"}
+
+
+def test_the_report_names_the_code_under_test(tmp_path, monkeypatch):
+    """After a rebase to 0.40.0 the header said 'diffusers 0.4.2+flash.1', the installed metadata's version."""
+    pkg = tmp_path / "site" / "diffusers"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise SystemExit('not imported')\n")
+    (pkg / "_fork_version.py").write_text('# generated\n__version__ = "9.8.7+flash.3"\n')
+    (pkg / ".upstream-manifest.json").write_text(json.dumps({"upstream": "9.8.7", "files": {}}))
+    monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
+    got = upstream_tests.fork_under_test()
+    assert got.startswith("diffusers 9.8.7+flash.3 (upstream 9.8.7") and str(pkg) in got, got

@@ -8,14 +8,17 @@
   fsynced before the rename.
 - One command at a time: the commands that write hold ``.fork.lock`` at the project root
   (``fcntl.flock``, released by the kernel when the holder dies); a second one waits briefly, then
-  refuses, naming the first.
+  refuses, naming the first. The lock is opened with ``O_NOFOLLOW`` and must be a regular file of one
+  link: a planted symlink or hard link there is refused, never written through.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -32,6 +35,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class ForkError(Exception):
     """Anything the fork tool refuses or cannot do; the message says what and why."""
+
+
+class Interrupted(ForkError):
+    """Ctrl-C: the message says what the command left and how to go on (fork.py exits 130)."""
 
 
 # ---------------------------------------------------------------- paths
@@ -162,11 +169,34 @@ def lock_wait() -> float:
         return 2.0
 
 
+def _open_lock(path: Path) -> int | None:
+    """The lock file, opened for writing: a regular file of one link, never followed through a symlink (a
+    planted ``.fork.lock`` link or hard link would make the lock write into its target). None where the project
+    folder cannot be written (a read-only checkout): nothing can be written there, so nothing needs the lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise ForkError(f"{path} is a symlink (to {os.readlink(path)}): the lock is never written through one; "
+                            "remove it and run again") from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not path.exists():
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # 0 links: its holder removed it as we opened it
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise ForkError(f"{path} is {what}: the lock is never written into another file; remove it and run again")
+    return fd
+
+
 @contextlib.contextmanager
 def locked(root: Path, command: str) -> Iterator[None]:
     """Hold the project's lock (``.fork.lock`` at ``root``) while a command writes. Re-entrant within a
     process. Another process holding it: wait up to DIFFUSERS_FLASH_LOCK_WAIT seconds (2), then ForkError
-    naming its pid and command. A holder that dies releases it (flock)."""
+    naming its pid and command. A holder that dies releases it (flock). A ``.fork.lock`` that is a symlink or
+    a hard link is refused (ForkError), never written through. Where the project folder is read-only the
+    command runs without the lock: it can write nothing there, and says so at its first write."""
     key = str(Path(root).resolve())
     if key in _held:
         _held[key] += 1
@@ -178,7 +208,14 @@ def locked(root: Path, command: str) -> Iterator[None]:
     path = Path(key) / LOCK_FILE
     deadline = time.monotonic() + lock_wait()
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
+        if fd is None:  # read-only: nothing will be written, by this command or (on a read-only mount) any other
+            _held[key] = 1
+            try:
+                yield
+            finally:
+                _held.pop(key, None)
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -190,7 +227,8 @@ def locked(root: Path, command: str) -> Iterator[None]:
             time.sleep(0.05)
             continue
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            now = os.lstat(path)
+            same = now.st_ino == os.fstat(fd).st_ino and now.st_dev == os.fstat(fd).st_dev
         except FileNotFoundError:
             same = False
         if same:  # else the holder removed the file as we opened it: take the new one

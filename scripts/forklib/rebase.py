@@ -19,25 +19,37 @@ byte, for the releases before X, where a rebase back applies it again.
 
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
 against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
-not make again is kept as the variant for the old release, the pin and PATCHES.md follow, and
-``verify`` and the project's tests run.
+not make again is kept as the variant for the old release, the pin and PATCHES.md follow, and the
+checks run: ``verify``, the import of every pipeline class the release exports, and the project's
+tests (about 10 minutes on 2 CPU cores, their progress shown; ``--no-tests`` skips them). The result is
+left uncommitted: review ``git diff`` and commit it (the next rebase refuses a dirty tree).
+
+Ctrl-C at any stage prints one line saying what it left: nothing changed (start again), a rebase
+still stopped at its conflict, a series half written (``--abort``), or the rebased tree in place with
+its checks unfinished (``--continue`` runs them again, ``--continue --no-tests`` without the tests).
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import datetime
 import difflib
 import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import fsutil, patchfile, release, tree, variants
+from .fsutil import Interrupted
 from .release import PREFIX, ForkError
 from .variants import vkey
 
@@ -341,6 +353,58 @@ class StateDamaged(ForkError):
 
 
 STATE_KEYS = ("target", "old_pin", "names", "fingerprint", "results", "finished", "options")
+STAGES = ("writing", "checking")  # a finished rebase: writing the new series, or checking the written one
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def state_problem(st) -> str | None:
+    """What is wrong with a loaded state (a field missing or of the wrong type), or None."""
+    if not isinstance(st, dict):
+        return "not a JSON object"
+    missing = [k for k in STATE_KEYS if k not in st]
+    if missing:
+        return f"field(s) missing: {', '.join(missing)}"
+    for key in ("target", "old_pin"):
+        rel = st[key]
+        if not isinstance(rel, dict) or not all(isinstance(rel.get(k), str) for k in ("version", "file", "tag")):
+            return f'"{key}" is {_shown(rel)}, not a release'
+    if st["target"].get("source") not in ("pypi", "git"):
+        return f'"target" has source {_shown(st["target"].get("source"))}'
+    if not isinstance(st["names"], list) or not all(isinstance(n, str) and fsutil.PATCH_NAME.match(n)
+                                                    for n in st["names"]):
+        return f'"names" is {_shown(st["names"])}, not a list of patch names'
+    if not isinstance(st["fingerprint"], str):
+        return f'"fingerprint" is {_shown(st["fingerprint"])}'
+    if not isinstance(st["finished"], bool):
+        return f'"finished" is {_shown(st["finished"])}, not true or false'
+    options = st["options"]
+    if not isinstance(options, dict) or not isinstance(options.get("tests", True), bool) \
+            or not isinstance(options.get("test_cmd"), (str, type(None))):
+        return f'"options" is {_shown(options)}'
+    results = st["results"]
+    if not isinstance(results, list) or not all(_result_ok(r) for r in results):
+        return f'"results" is {_shown(results)}, not a list of patch results'
+    if st["finished"]:
+        if st.get("stage", "checking") not in STAGES:
+            return f'"stage" is {_shown(st.get("stage"))}'
+    else:
+        k = st.get("stopped_at")
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < min(len(st["names"]), len(results)):
+            return f'"stopped_at" is {_shown(k)}, not the index of a patch'
+    return None
+
+
+def _result_ok(res) -> bool:
+    return (isinstance(res, dict) and isinstance(res.get("name"), str) and isinstance(res.get("status"), str)
+            and isinstance(res.get("hunks"), list) and isinstance(res.get("conflicts"), list)
+            and all(isinstance(h, dict) and isinstance(h.get("path"), str) and isinstance(h.get("how"), str)
+                    for h in res["hunks"])
+            and all(isinstance(c, dict) and isinstance(c.get("path"), str) and isinstance(c.get("kind"), str)
+                    for c in res["conflicts"]))
 
 
 def load_state(root: Path) -> dict:
@@ -349,8 +413,9 @@ def load_state(root: Path) -> dict:
         raise ForkError(f"no rebase in progress (no {WORK}/state.json)")
     try:
         st = json.loads(fsutil.read_text(path, f"{WORK}/state.json"))
-        if not isinstance(st, dict) or any(k not in st for k in STATE_KEYS):
-            raise ValueError("fields missing")
+        problem = state_problem(st)
+        if problem:
+            raise ValueError(problem)
     except (ValueError, ForkError) as e:
         raise StateDamaged(f"{WORK}/state.json is damaged ({str(e).splitlines()[0][:100]}): 'fork.py rebase --abort' "
                            "drops the rebase and restores the series as it was before it") from None
@@ -376,6 +441,73 @@ def write_tree(dest: Path, files: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+TRASH = WORK + ".trash-"  # .rebase/ renamed on its way out: a kill while it is deleted leaves no part of it
+BACKUP_LIST = ".backup-files.json"  # in backup/: each file it holds with its sha256, written with it
+
+
+def drop_work(root: Path) -> None:
+    """Remove .rebase/ so that no kill leaves a part of it (a partial backup --abort would restore from, a
+    state without its backup): renamed to a trash name in one step, then deleted."""
+    w = work(root)
+    if w.exists() or w.is_symlink():
+        trash = Path(root) / f"{TRASH}{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(w, trash)
+        with contextlib.suppress(OSError):
+            dfd = os.open(root, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    clear_trash(root)
+
+
+def clear_trash(root: Path) -> None:
+    """Delete what a killed clean-up left of an earlier .rebase/ (under its trash name)."""
+    for t in Path(root).glob(TRASH + "*"):
+        if t.is_dir() and not t.is_symlink():
+            shutil.rmtree(t, ignore_errors=True)
+        else:
+            t.unlink(missing_ok=True)
+
+
+def backup_files(root: Path) -> dict:
+    """What a rebase changes outside .rebase/ and --abort restores: the pin, PATCHES.md, patches/."""
+    keep = [release.PIN_FILE, "PATCHES.md", *patch_files(root)]
+    return {rel: text for rel in keep if (text := tree.read(root, rel)) is not None}
+
+
+def write_backup(root: Path) -> None:
+    """The series as it is, into .rebase/backup/, whole or not at all, with the list of its files (sha256)."""
+    files = backup_files(root)
+    listing = {rel: hashlib.sha256(text.encode()).hexdigest() for rel, text in sorted(files.items())}
+    write_tree(work(root) / "backup", {**files, BACKUP_LIST: json.dumps(listing, indent=1) + "\n"})
+
+
+def read_backup(root: Path) -> tuple[dict | None, str]:
+    """(the backup's files, "") where .rebase/backup/ holds every file its list names, unchanged; else (None,
+    what is wrong)."""
+    backup = work(root) / "backup"
+    if not backup.is_dir() or backup.is_symlink():
+        return None, f"there is no {WORK}/backup/"
+    try:
+        listing = json.loads(fsutil.read_text(backup / BACKUP_LIST, f"{WORK}/backup/{BACKUP_LIST}"))
+        if not isinstance(listing, dict) or not all(isinstance(v, str) for v in listing.values()):
+            raise ValueError("not a list of files")
+        for rel in listing:
+            if rel not in (release.PIN_FILE, "PATCHES.md"):
+                fsutil.check_path(rel, "patches/", f"{WORK}/backup/{BACKUP_LIST}: file")
+    except (OSError, ValueError, ForkError) as e:
+        return None, f"{WORK}/backup/ has no readable list of its files ({str(e).splitlines()[0][:80]})"
+    saved = {rel: text for rel, text in read_tree(backup).items() if rel != BACKUP_LIST}
+    bad = [rel for rel, digest in listing.items()
+           if rel not in saved or hashlib.sha256(saved[rel].encode()).hexdigest() != digest]
+    bad += [rel for rel in saved if rel not in listing]
+    if bad:
+        return None, f"{WORK}/backup/ is incomplete ({len(bad)} of its {len(listing)} files missing or changed: " \
+                     f"{', '.join(sorted(bad)[:3])})"
+    return saved, ""
 
 
 def read_tree(src: Path) -> dict:
@@ -405,6 +537,11 @@ def cmd_rebase(args) -> int:
     if (work(root) / "state.json").exists():
         raise ForkError(f"a rebase is in progress ({WORK}/): 'fork.py rebase --continue' or 'fork.py rebase --abort'")
     check_clean(root)
+    clear_trash(root)
+    version = parse_target(args.target[0])[0]
+    say(f"reading diffusers {version} ("
+        + (f"tag of {args.upstream_repo}" if args.upstream_repo else "its release file from the index, sha256 checked")
+        + ") and the series as it stands")
     repo = upstream_repo(root, args.upstream_repo)
     target = resolve(root, args.target[0], repo, for_pin=True)
     patches, old_states, pin = old_series(root)
@@ -418,12 +555,17 @@ def cmd_rebase(args) -> int:
         raise ForkError(f"{target['version']} has file(s) where we keep our own: {', '.join(shadows)}; "
                         "rename ours first")
     if work(root).exists():
-        shutil.rmtree(work(root))  # leftovers of no rebase in progress
+        drop_work(root)  # leftovers of no rebase in progress
     st = {"target": target, "old_pin": pin, "names": [n for n, _ in patches], "fingerprint": fingerprint(root),
           "results": [], "finished": False, "options": {"tests": not args.no_tests, "test_cmd": args.test_cmd}}
-    print(f"rebasing {len(patches)} patches from {pin['version']} onto {target['version']} "
-          f"({source_line(target)})")
+    say(f"rebasing {len(patches)} patches from {pin['version']} onto {target['version']} "
+        f"({source_line(target)})")
     return proceed(root, st, 0, new_base, {}, patches, old_states)
+
+
+def say(line: str) -> None:
+    """A line of progress, shown at once (stdout may be a pipe)."""
+    print(line, flush=True)
 
 
 def source_line(t: dict) -> str:
@@ -433,7 +575,7 @@ def source_line(t: dict) -> str:
         f"; commit {t['commit'][:12]} as pinned before in this project's history" if t.get("commit") else "")
 
 
-def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
+def proceed(root, st, start, new_before, texts, patches, old_states, options: dict | None = None) -> int:
     old, new = st["old_pin"]["version"], st["target"]["version"]
     more, results, stop = replay(patches, old_states, new_before, start, old, new,
                                  found_variants=variants.load(root, st["names"]))
@@ -443,7 +585,7 @@ def proceed(root, st, start, new_before, texts, patches, old_states) -> int:
         print_result(res)
     if stop:
         return stopped(root, st, texts, *stop)
-    return finish(root, st, texts)
+    return finish(root, st, texts, options or st["options"])
 
 
 def print_result(res: dict) -> None:
@@ -453,7 +595,7 @@ def print_result(res: dict) -> None:
     hows = [how for how in ("offset", "three-way", "fuzz", "conflict") if any(h["how"] == how for h in res["hunks"])]
     detail = "; ".join((f"{how}: " if len(hows) > 1 else "") + describe_hunks(res, how) for how in hows)
     print(f"  {res['name']:<34} {res['status']:<10} {detail}{moves(res)}"
-          + (f" (from patches/{res['variant']})" if res.get("variant") else ""))
+          + (f" (from patches/{res['variant']})" if res.get("variant") else ""), flush=True)
 
 
 def inexact_hunks(results: list) -> list[str]:
@@ -510,9 +652,18 @@ def stopped(root, st, texts, k, before, after) -> int:
 def cmd_continue(args) -> int:
     root = Path(args.root)
     st = load_state(root)
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    # this --continue's own --no-tests/--test-cmd, for the checks at its end (the state keeps the rebase's)
+    options = {**st["options"], **({"tests": False} if args.no_tests else {}),
+               **({"test_cmd": args.test_cmd} if args.test_cmd else {})}
     if st["finished"]:
-        raise ForkError("the rebase finished already (verify or the tests failed): keep the result by deleting "
-                        f"{WORK}/, or go back with 'fork.py rebase --abort'")
+        if st.get("stage", "checking") == "writing":
+            raise ForkError(f"the rebase onto {new} was interrupted while writing the rebased series, so the tree may "
+                            f"be half way between {old} and {new}: 'fork.py rebase --abort' restores {old}, then start "
+                            "again")
+        say(f"the rebased series onto {new} is in place: checking it"
+            + ("" if options.get("tests", True) else " (without the tests: --no-tests)"))
+        return run_checks(root, st, options)
     check_clean(root)
     if fingerprint(root) != st["fingerprint"]:
         raise ForkError("upstream.json, PATCHES.md or patches/ changed since the rebase started: "
@@ -540,7 +691,7 @@ def cmd_continue(args) -> int:
     st["results"][k]["status"] = "resolved"
     hand = [c["path"][len(PREFIX):] for c in st["results"][k]["conflicts"]]
     print(f"  {name:<34} resolved   by hand in {', '.join(hand)}; the patch now touches {len(edited)} file(s)")
-    return proceed(root, st, k + 1, after, texts, patches, old_states)
+    return proceed(root, st, k + 1, after, texts, patches, old_states, options)
 
 
 def changed(before: dict, after: dict) -> set:
@@ -554,10 +705,11 @@ def has_markers(text: str) -> bool:
 def cmd_abort(args) -> int:
     """Drop the rebase. Where it finished (its backup of the series is in .rebase/backup/), restore the series
     and lay the tree down again. A damaged or missing state is no obstacle: the backup is made whole (renamed
-    into place) before anything outside .rebase/ changes, so where there is one it is restored, and where
-    there is none nothing outside .rebase/ changed."""
+    into place, with the list of its files) before anything outside .rebase/ changes, so where there is one it
+    is restored, and where there is none nothing outside .rebase/ changed. A backup that is not whole (or none
+    where the state says the rebase finished) is refused: nothing is deleted that cannot be restored."""
     root = Path(args.root)
-    backup = work(root) / "backup"
+    clear_trash(root)
     try:
         st = load_state(root)
     except StateDamaged as e:
@@ -567,54 +719,111 @@ def cmd_abort(args) -> int:
         if not work(root).exists():
             raise
         st = None  # a rebase stopped before it saved its state: only .rebase/ holds anything of it
-    if (st["finished"] if st else backup.is_dir()):
-        saved = read_tree(backup)
-        for rel in patch_files(root):
-            if rel not in saved:
-                (root / rel).unlink()
-        for rel, text in saved.items():
-            tree.write(root, rel, text)
-        prune_variants(root)
-        tree.materialize(root, force=True)
-    shutil.rmtree(work(root))
-    old = st["old_pin"]["version"] if st else release.load_pin(root)["version"]
-    print(f"rebase aborted: the series is on {old} as before")
+    if not (st["finished"] if st else (work(root) / "backup").exists()):
+        drop_work(root)
+        old = st["old_pin"]["version"] if st else release.load_pin(root)["version"]
+        say(f"rebase aborted: nothing outside {WORK}/ had changed; the series is on {old} as before")
+        return 0
+    saved, why = read_backup(root)
+    if saved is None:
+        raise ForkError(f"cannot restore the series as it was before the rebase: {why}; nothing is restored or "
+                        "deleted. Git has it (the rebase started from a clean tree): 'git checkout HEAD -- "
+                        f"{release.PIN_FILE} PATCHES.md patches', 'git clean -n patches' for files the rebase added, "
+                        f"'fork.py materialize --force', then delete {WORK}/")
+    for rel in patch_files(root):
+        if rel not in saved:  # added by the rebase: the backup, whole, is the series before it
+            (root / rel).unlink()
+    for rel, text in saved.items():
+        tree.write(root, rel, text)
+    prune_variants(root)
+    tree.materialize(root, force=True)
+    drop_work(root)
+    say(f"rebase aborted: the series is on {release.load_pin(root)['version']} as before the rebase "
+        f"(restored from {WORK}/backup/)")
     return 0
 
 
+def interrupted(root: Path, what: str) -> str:
+    """One line for Ctrl-C during ``rebase``/``--continue``/``--abort``: what it left, and how to go on."""
+    head = f"interrupted (Ctrl-C) during 'rebase {what}'"
+    try:
+        st = load_state(root)
+    except StateDamaged:
+        return f"{head}; {WORK}/state.json is damaged: 'fork.py rebase --abort' drops the rebase, restores the series"
+    except ForkError:  # no state
+        if what == "--abort" and not work(root).exists():
+            return f"{head}; the abort had finished: the series is on {release.load_pin(root)['version']}"
+        if what == "--abort" or (work(root) / "backup").exists():
+            return f"{head}; {WORK}/ is still there: run 'fork.py rebase --abort' (again) to drop it"
+        return (f"{head}; nothing outside {WORK}/ changed: start again with 'fork.py rebase TARGET' "
+                f"(it clears {WORK}/)")
+    old, new = st["old_pin"]["version"], st["target"]["version"]
+    if what == "--abort":
+        return f"{head}; the abort is not finished: run 'fork.py rebase --abort' again to restore {old}"
+    if not st["finished"]:
+        name = st["names"][st["stopped_at"]]
+        return (f"{head}; the rebase onto {new} is still stopped at {name}, as before: resolve in {WORK}/tree/ and "
+                "'fork.py rebase --continue', or 'fork.py rebase --abort'")
+    if st.get("stage", "checking") == "writing":
+        return (f"{head} while writing the rebased series: the tree may be half way between {old} and {new}: "
+                f"'fork.py rebase --abort' restores {old}")
+    return (f"{head}: the rebased tree onto {new} is in place, its checks not finished: 'fork.py rebase --continue' "
+            f"runs them again ('--continue --no-tests' without the tests), 'fork.py rebase --abort' restores {old}")
+
+
 # ---------------------------------------------------------------- finishing
-def finish(root: Path, st: dict, texts: dict) -> int:
+def finish(root: Path, st: dict, texts: dict, options: dict) -> int:
     target, old = st["target"], st["old_pin"]
-    keep = [release.PIN_FILE, "PATCHES.md", *patch_files(root)]
-    write_tree(work(root) / "backup", {rel: tree.read(root, rel) for rel in keep if tree.read(root, rel) is not None})
-    st["finished"] = True  # from here on the tree outside .rebase/ changes: --abort restores the backup
+    say(f"writing the rebased series, {release.PIN_FILE} and PATCHES.md, and laying {target['version']} down in "
+        f"{PREFIX} (the series as it was is kept in {WORK}/backup/ until the checks pass)")
+    write_backup(root)
+    st.update(finished=True, stage="writing")  # from here on the tree outside .rebase/ changes: --abort restores
     save_state(root, st)
     try:
         write_patches(root, st, texts)
         release.save_pin(root, new_pin(old, target))
         tree.write_patches_doc(root)
         tree.materialize(root)
-    except ForkError as e:
+    except (ForkError, OSError) as e:  # OSError: a full disk, a file that cannot be written
         raise ForkError(f"{e}\n  the rebase is half done: 'fork.py rebase --abort' restores {old['version']}") from None
-    print(f"rebased onto {target['version']}: patches rewritten with zero fuzz against it; "
-          f"upstream.json {old['version']} -> {target['version']}; PATCHES.md updated")
+    st["stage"] = "checking"
+    save_state(root, st)
+    say(f"rebased onto {target['version']}: patches rewritten with zero fuzz against it; "
+        f"upstream.json {old['version']} -> {target['version']}; PATCHES.md updated")
     inexact = inexact_hunks(st["results"])
-    print(f"hunks not applied exactly ({len(inexact)}): read these in the rebased tree"
-          if inexact else "hunks not applied exactly: none (every hunk clean or at an offset)")
+    say(f"hunks not applied exactly ({len(inexact)}): read these in the rebased tree"
+        if inexact else "hunks not applied exactly: none (every hunk clean or at an offset)")
     if inexact:
-        print("\n".join(inexact))
+        say("\n".join(inexact))
+    return run_checks(root, st, options)
+
+
+def run_checks(root: Path, st: dict, options: dict) -> int:
+    """verify, the import of every pipeline class, the tests, on the rebased tree in place. Where all pass,
+    .rebase/ goes; else it stays (with what failed), for --continue to check again or --abort to restore."""
+    old, new = st["old_pin"]["version"], st["target"]["version"]
     problems = tree.verify(root)
-    print("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
-    imported = import_check(root / "src")
-    print(f"import: {imported}")
-    ok, summary = run_tests(root, st["options"])
-    print(f"tests: {summary}")
-    if problems or ok is False or imported != "ok":
-        print(f"the rebased tree is in place; fix it and commit (then delete {WORK}/), "
-              f"or 'fork.py rebase --abort' to restore {old['version']}", file=sys.stderr)
+    say("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
+    say("import: importing diffusers and each pipeline class it exports, in a subprocess ...")
+    imported = import_pipelines(root / "src")
+    say("\n".join(import_lines(imported)))
+    announce = tests_announcement(root, options)
+    if announce:
+        say(announce)
+    ok, summary = run_tests(root, options, stream=True)
+    say(f"tests: {summary}")
+    failed = [what for what, bad in (("verify", problems), ("the import check", not import_ok(imported)),
+                                     ("the tests", ok is False)) if bad]
+    if failed:
+        st["failed"] = failed
+        save_state(root, st)
+        print(f"the rebased tree onto {new} is in place, but {' and '.join(failed)} failed: fix it, then "
+              f"'fork.py rebase --continue' checks it again (or commit it and delete {WORK}/); "
+              f"or 'fork.py rebase --abort' restores {old}", file=sys.stderr)
         return 1
-    shutil.rmtree(work(root))
-    print("done: review 'git diff' and commit")
+    drop_work(root)
+    say(f"done: the series is on {new}, not committed: review 'git diff' and commit it "
+        "(the next 'fork.py rebase' refuses a tree with uncommitted changes)")
     return 0
 
 
@@ -799,18 +1008,100 @@ def tests_command(root: Path, options: dict) -> str | None:
     return f"{shlex.quote(sys.executable)} -m pytest -q -x tests" if (Path(root) / "tests").is_dir() else None
 
 
-def run_tests(root: Path, options: dict, src: Path | None = None) -> tuple[bool | None, str]:
+def run_tests(root: Path, options: dict, src: Path | None = None, stream: bool = False) -> tuple[bool | None, str]:
     """(passed, one-line summary); None: not run. ``src`` (default root/src) comes first on PYTHONPATH, so
-    the tree under test is the one imported even where another checkout is installed."""
+    the tree under test is the one imported even where another checkout is installed. ``stream``: the
+    command's output is shown as it comes (pytest's progress); it runs in its own process group, which
+    Ctrl-C here stops (its output then dropped) before the KeyboardInterrupt goes on."""
     cmd = tests_command(root, options)
     if cmd is None:
         return None, "not run" + ("" if not options.get("tests", True) else " (no tests/ folder)")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(src or Path(root) / "src"), os.environ.get("PYTHONPATH")])))
-    res = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
-    last = ([ln for ln in (res.stdout + res.stderr).splitlines() if ln.strip()] or [""])[-1].strip()
-    verdict = "passed" if res.returncode == 0 else f"FAILED (exit {res.returncode})"
-    return res.returncode == 0, f"{verdict}: {cmd}" + (f": {last[:100]}" if last else "")
+    if stream:
+        env["PYTHONUNBUFFERED"] = "1"  # its progress as it comes, not a pipe's buffer at a time
+    if not stream:
+        res = subprocess.run(cmd, shell=True, cwd=root, env=env, capture_output=True, text=True)
+        rc, output = res.returncode, res.stdout + res.stderr
+    else:
+        start = time.monotonic()
+        rc, output = _streamed(cmd, root, env)
+        if rc == 0 and not options.get("test_cmd"):
+            record_test_time(root, cmd, time.monotonic() - start)
+    last = ([ln for ln in output.splitlines() if ln.strip()] or [""])[-1].strip()
+    verdict = "passed" if rc == 0 else f"FAILED (exit {rc})"
+    return rc == 0, f"{verdict}: {cmd}" + (f": {last[:100]}" if last else "")
+
+
+def _streamed(cmd: str, cwd: Path, env: dict) -> tuple[int, str]:
+    """Run ``cmd``, copying its output to ours as it comes; (exit status, the last 8 kB of its output)."""
+    proc = subprocess.Popen(cmd, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            text = decoder.decode(chunk)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            tail = (tail + text)[-8192:]
+        return proc.wait(), tail
+    except BaseException:
+        _stop(proc)
+        if tail and not tail.endswith("\n"):  # pytest's dots end mid-line: the message goes on a line of its own
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        raise
+    finally:
+        proc.stdout.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a command started in its own process group: SIGINT (pytest ends cleanly), SIGKILL after 5 s."""
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.stdout.close()
+        proc.wait(timeout=5)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+TESTS_TIME = "rebase-tests.json"  # in the cache: how long the project's suite took the last time it passed
+SUITE_MINUTES = 10  # the project's whole suite on 2 CPU cores (docs/maintaining.md: 8 to 11 minutes)
+
+
+def record_test_time(root: Path, cmd: str, seconds: float) -> None:
+    with contextlib.suppress(OSError):
+        fsutil.atomic_write(release.cache_dir(root) / TESTS_TIME,
+                            json.dumps({"cmd": cmd, "seconds": round(seconds, 1)}).encode())
+
+
+def last_test_time(root: Path, cmd: str) -> float | None:
+    try:
+        got = json.loads((release.cache_dir(root) / TESTS_TIME).read_text())
+        seconds = got["seconds"] if got.get("cmd") == cmd else None
+        return float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
+def tests_announcement(root: Path, options: dict) -> str | None:
+    """What the test step is about to run and for about how long, and how to skip or stop it; None: no tests."""
+    cmd = tests_command(root, options)
+    if cmd is None:
+        return None
+    if options.get("test_cmd"):
+        length = "how long it takes is up to the --test-cmd"
+    else:
+        last = last_test_time(root, cmd)
+        length = (f"the last run here took {last / 60:.1f} min" if last
+                  else f"about {SUITE_MINUTES} min on 2 CPU cores, longer under load")
+    return (f"running the tests on the rebased tree: {cmd}\n"
+            f"  {length}; their progress follows. --no-tests skips them; Ctrl-C stops them and keeps the rebase "
+            "('fork.py rebase --continue --no-tests' then finishes it without them)")
 
 
 # ---------------------------------------------------------------- --check
@@ -891,6 +1182,7 @@ def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
             tree.write(Path(d), rel, tree.read(root, rel))
         tree.write(Path(d), tree.VERSION_FILE, tree.version_file(pin))
         imported = "not run" if args.no_import else import_check(Path(d) / "src")
+        imported = imported if len(imported) <= 300 else imported[:297] + "..."
         tests = "not run"
         if args.tests:
             options = {"tests": True, "test_cmd": args.test_cmd}
@@ -911,14 +1203,87 @@ def tests_cell(test_cmd: str | None, cmd: str, ok: bool, summary: str) -> str:
     return f"{what}: " + ("" if ok else "FAIL: ") + (counts or last or ("passed" if ok else "no output"))
 
 
-def import_check(src: Path) -> str:
-    code = f"import {release.PACKAGE} as m; print(m.__file__)"
+IMPORT_PIPELINES = r"""
+import json, sys
+
+
+def why(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
+
+
+out = {"file": None, "error": None, "pipelines": [], "placeholders": [], "failed": {}}
+try:
+    import diffusers as m
+    out["file"] = m.__file__
+except BaseException as e:
+    out["error"] = why(e)
+else:
+    exported = {n for n in (getattr(m, "__all__", None) or ()) if isinstance(n, str)} | set(dir(m))
+    for name in sorted(n for n in exported if "Pipeline" in n and n[:1].isupper()):
+        try:
+            obj = getattr(m, name)
+        except BaseException as e:
+            out["failed"][name] = why(e)
+            continue
+        out["pipelines"].append(name)
+        if type(obj).__name__ == "DummyObject":  # a placeholder for a backend not installed (flax, onnx)
+            out["placeholders"].append(name)
+print()
+print(json.dumps(out))
+"""
+
+
+def import_pipelines(src: Path) -> dict:
+    """Import ``diffusers`` from ``src`` in a subprocess, then every pipeline class it exports (``__all__`` and
+    ``dir()``: a lazy module imports each on access). {"src", "file", "error", "pipelines", "placeholders",
+    "failed": {name: why}}."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=src)
-    if res.returncode:
-        last = ([ln for ln in res.stderr.splitlines() if ln.strip()] or ["?"])[-1]
-        return "FAIL: " + last.strip()[:120].replace("|", "/")
-    return "ok" if res.stdout.strip().startswith(str(src)) else f"FAIL: imported {res.stdout.strip()} instead"
+    res = subprocess.run([sys.executable, "-c", IMPORT_PIPELINES], capture_output=True, text=True, env=env, cwd=src)
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        last = ([ln for ln in res.stderr.splitlines() if ln.strip()] or [f"exit {res.returncode}"])[-1]
+        out = {"file": None, "error": last.strip()[:200], "pipelines": [], "placeholders": [], "failed": {}}
+    return {**out, "src": str(src)}
+
+
+def import_ok(result: dict) -> bool:
+    return not result["error"] and not result["failed"] and str(result["file"]).startswith(result["src"])
+
+
+def _counted(n: int) -> str:
+    return "no pipeline classes" if n == 0 else f"{n} pipeline class" + ("es" if n > 1 else "")
+
+
+def import_check(src: Path) -> str:
+    """One cell: 'ok (N pipeline classes)', or 'FAIL: ...' naming each class that does not import."""
+    r = import_pipelines(src)
+    if r["error"]:
+        return "FAIL: " + r["error"][:120].replace("|", "/")
+    if not str(r["file"]).startswith(r["src"]):
+        return f"FAIL: imported {r['file']} instead"
+    total = len(r["pipelines"]) + len(r["failed"])
+    if r["failed"]:
+        return (f"FAIL: {len(r['failed'])} of {_counted(total)} do not import: "
+                + "; ".join(f"{n}: {w}" for n, w in sorted(r["failed"].items()))).replace("|", "/")
+    return f"ok ({_counted(total)}" + (f", {len(r['placeholders'])} placeholders for backends not installed"
+                                        if r["placeholders"] else "") + ")"
+
+
+def import_lines(result: dict) -> list[str]:
+    """The import check's report: one line where it passed, else the failures in one block."""
+    r, total = result, len(result["pipelines"]) + len(result["failed"])
+    if r["error"]:
+        return [f"import: FAILED: import diffusers: {r['error']}"]
+    if not str(r["file"]).startswith(r["src"]):
+        return [f"import: FAILED: diffusers came from {r['file']}, not from {r['src']}"]
+    if r["failed"]:
+        return ([f"import: FAILED: {len(r['failed'])} of {_counted(total)} the release exports do not import:"]
+                + [f"  {n}: {w}" for n, w in sorted(r["failed"].items())])
+    held = (f" ({len(r['placeholders'])} placeholders for backends not installed: {', '.join(r['placeholders'])})"
+            if r["placeholders"] else "")
+    return [f"import: ok: diffusers and its {_counted(total)}{held}" if total
+            else "import: ok: diffusers (it exports no pipeline classes)"]
 
 
 # ---------------------------------------------------------------- command line
@@ -930,14 +1295,16 @@ def add_parser(sub, root: Path) -> None:
                    help="release to rebase onto (0.5.1 or v0.5.1); with --check, releases or ranges (0.4.0..0.14.0)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--continue", dest="cont", action="store_true",
-                      help=f"go on after resolving the conflict in {WORK}/tree/")
+                      help=f"go on after resolving the conflict in {WORK}/tree/; or, once the rebased series is "
+                           "written, run its checks again (after a failure or a Ctrl-C)")
     mode.add_argument("--abort", action="store_true", help="drop the rebase in progress; restore everything")
     mode.add_argument("--check", action="store_true",
                       help="apply the series to each release in a scratch folder and print a table; changes nothing")
     p.add_argument("--upstream-repo", metavar="PATH_OR_URL",
                    help="read releases from this upstream git clone's tags instead of the index's release files "
                         "(a rebase still pins the release file, which must hold the same files)")
-    p.add_argument("--no-tests", action="store_true", help="rebase: do not run the project's tests afterwards")
+    p.add_argument("--no-tests", action="store_true",
+                   help="rebase, --continue: do not run the project's tests afterwards (about 10 min on 2 cores)")
     p.add_argument("--tests", action="store_true", help="--check: run the project's tests on each release (slow)")
     p.add_argument("--no-import", action="store_true", help="--check: skip the import check")
     p.add_argument("--test-cmd", metavar="CMD",
@@ -951,14 +1318,27 @@ def dispatch(args) -> int:
     if args.cont or args.abort:
         if args.target:
             raise ForkError(f"--{'continue' if args.cont else 'abort'} takes no TARGET")
-        with fsutil.locked(args.root, f"rebase --{'continue' if args.cont else 'abort'}"):
+        what = "--continue" if args.cont else "--abort"
+        with fsutil.locked(args.root, f"rebase {what}"), on_ctrl_c(args.root, what):
             return cmd_continue(args) if args.cont else cmd_abort(args)
     if args.check:
         if not args.target:
             raise ForkError("--check needs releases: e.g. 'rebase --check 0.4.0..0.14.0' or "
                             "'rebase --check 0.5.1 0.6.0'")
-        return cmd_check(args)
+        try:
+            return cmd_check(args)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted (Ctrl-C) during 'rebase --check', which changes nothing") from None
     if len(args.target) != 1:
         raise ForkError("name one TARGET release (e.g. 'rebase 0.5.1'); several are for --check")
-    with fsutil.locked(args.root, f"rebase {args.target[0]}"):
+    with fsutil.locked(args.root, f"rebase {args.target[0]}"), on_ctrl_c(args.root, args.target[0]):
         return cmd_rebase(args)
+
+
+@contextlib.contextmanager
+def on_ctrl_c(root, what: str):
+    """Ctrl-C: Interrupted, its one line saying what the command left and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(Path(root), what)) from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -132,12 +134,61 @@ def manifest(root: Path) -> dict:
 
 def tracked(root: Path) -> set:
     """Files under src/diffusers that git tracks (ours); empty outside a git checkout."""
+    return git_tracked(root) or set()
+
+
+def git_tracked(root: Path) -> set | None:
+    """Files under src/diffusers that git tracks (ours); None where git cannot tell (not a git checkout)."""
     try:
         out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--", PREFIX],
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return set()
+        return None
     return {p for p in out.split("\0") if p}
+
+
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # fsutil.atomic_write's names (mkstemp's 8 characters)
+
+
+def leftover_temporaries(root: Path, mine: set) -> list:
+    """Temporary files of fsutil.atomic_write under src/diffusers/ that a kill left (untracked, regular)."""
+    base = Path(root) / PREFIX
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if _TEMPORARY.match(name) and not p.is_symlink() and p.relative_to(root).as_posix() not in mine:
+                found.append(p.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def stray_problems(root: Path, known: set) -> list:
+    """Every file under src/diffusers/ not in ``known`` (laid down, generated or ours), and every symlink there
+    (materialize lays down regular files and refuses to write through a link; a link can lead out of the tree).
+    Python's own caches (``__pycache__``, ``*.pyc``) aside: the build leaves them out."""
+    base = Path(root) / PREFIX
+    if base.is_symlink():
+        return [f"{PREFIX} is a symlink (to {os.readlink(base)}): refused (the package must be a folder here)"]
+    out = []
+
+    def link(p: Path) -> str:
+        return (f"{p.relative_to(root).as_posix()}: a symlink (to {os.readlink(p)}), refused: every file here is a "
+                "regular file (remove it; 'fork.py materialize --force' lays a laid-down file down again)")
+
+    for dirpath, dirnames, filenames in os.walk(base):
+        here = Path(dirpath)
+        out += [link(here / d) for d in sorted(dirnames) if (here / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not (here / d).is_symlink())
+        for name in sorted(filenames):
+            p = here / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out.append(link(p))
+            elif rel not in known and not name.endswith((".pyc", ".pyo")):
+                out.append(f"{rel}: neither laid down, generated nor ours (not tracked by git), and a build would "
+                           "ship it: delete it, or 'git add' it if it is ours")
+    return out
 
 
 def ours(root: Path) -> list:
@@ -238,6 +289,9 @@ def _materialize(root: Path, force: bool, log) -> dict:
             + "\n  keep them as patches with 'fork.py refresh', or discard them with 'materialize --force'"
         )
     changed = 0
+    for rel in leftover_temporaries(root, mine):
+        (root / rel).unlink()
+        log(f"removed {rel}, a temporary file a killed write left")
     for rel in sorted(set(old["files"]) - set(files)):  # left over from another pin or series
         changed += remove(root, rel)
     for rel, text in sorted(files.items()):
@@ -434,7 +488,12 @@ def verify(root: Path, docs: bool = True) -> list:
             if _raw(root, rel) != text.encode("utf-8"):
                 problems.append(f"{rel}: not what materialize generates (edited?): run 'fork.py materialize --force'")
     problems += variants.problems(root, names)
-    mine = tracked(root)
+    mine = git_tracked(root)
+    if mine is None:
+        problems.append(f"git cannot list the files it tracks in {root} (not a git checkout?): our files cannot be "
+                        f"told from stray ones in {PREFIX}")
+        mine = set()
+    problems += stray_problems(root, set(man["files"]) | set(files) | set(generated(pin, files)) | mine)
     problems += [f"{p}: a file of ours shadows the upstream file of the same path" for p in sorted(mine & set(base))]
     problems += namespace_problems(mine, base)
     if docs:

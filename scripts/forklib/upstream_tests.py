@@ -11,10 +11,16 @@ Before the run, what the tag's ``setup.py`` lists in its test extra (``extras["t
 every installed distribution held at its version (``--no-install``: refuse instead, naming the pip
 command). Upstream's repository-maintenance tests (``EXCLUDED``) are left out, each with its reason
 in the report.
+
+The repository given must be trusted: its ``conftest.py`` and tests run in this interpreter with the
+user's rights, and its test extra is pip-installed. A URL gets a bare cache of its own
+(``upstream-git-<sha256 of the URL>``), and its tag is checked against the repository on every run
+(``git ls-remote``), fetched again where it moved.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -51,10 +57,13 @@ def add_parser(subparsers, root: Path):
         description="Take upstream's tests/ (and the fixtures they use) at TAG from a git clone of upstream, "
                     "lay them into upstream-tests/TAG/diffusers/ and run them with pytest against the installed fork, "
                     "offline. Tests that need the Hugging Face Hub are skipped, naming the repo; any other "
-                    "failure is a failure (exit 1). Arguments after -- go to pytest.")
+                    "failure is a failure (exit 1). Arguments after -- go to pytest. "
+                    "Use only a repository you trust: its conftest.py and test code run here with your rights, and "
+                    "the packages its setup.py lists in its test extra are pip-installed. A URL is fetched into a "
+                    "cache of its own, and the tag is checked against the repository on every run.")
     p.add_argument("--upstream-repo", metavar="URL_OR_PATH",
                    help="a git clone or bare mirror of upstream (local path), or a URL to clone shallow into "
-                        "the cache (default: the pin's repo)")
+                        "the cache (default: the pin's repo); it must be a repository you trust (its code runs)")
     p.add_argument("--tag", help="upstream tag whose tests to run (default: the pin's tag)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only (torch.use_deterministic_algorithms, warn_only; cuDNN "
@@ -91,8 +100,36 @@ def _has_tag(repo: str, tag: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _tag_commit(repo: str, tag: str) -> str | None:
+    r = subprocess.run(["git", "-C", repo, "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def remote_tag_commit(url: str, tag: str) -> tuple[bool, str | None]:
+    """(reached, the commit ``tag`` names in the repository at ``url``, None where it has no such tag)."""
+    try:
+        r = subprocess.run(["git", "ls-remote", "--tags", url, f"refs/tags/{tag}", f"refs/tags/{tag}^{{}}"],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, GIT_TERMINAL_PROMPT="0"))
+    except (OSError, subprocess.TimeoutExpired):
+        return False, None
+    if r.returncode != 0:
+        return False, None
+    refs = dict(reversed(line.split("\t", 1)) for line in r.stdout.splitlines() if "\t" in line)
+    return True, refs.get(f"refs/tags/{tag}^{{}}") or refs.get(f"refs/tags/{tag}")
+
+
+def repo_cache(root: Path, url: str) -> Path:
+    """The bare repository that holds what was fetched from ``url``: one per URL (a tag of one repository must
+    never stand in for another's)."""
+    return cache_dir(root) / f"upstream-git-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
 def local_repo(root: Path, repo: str, tag: str) -> str:
-    """A local git repository holding ``tag``: ``repo`` itself, or a shallow clone of the URL in the cache."""
+    """A local git repository holding ``tag``: ``repo`` itself, or a shallow clone of the URL in a cache of
+    its own. A tag in the cache is checked against the repository each run (``git ls-remote``) and fetched
+    again where it names another commit there; where the repository cannot be reached, the copy fetched from
+    it before is used, and that is said."""
     if not _is_url(repo):
         if not Path(repo).exists():
             raise ForkError(f"upstream repo {repo} does not exist (give a git clone, a bare mirror or a URL)")
@@ -101,17 +138,48 @@ def local_repo(root: Path, repo: str, tag: str) -> str:
         if not _has_tag(repo, tag):
             raise ForkError(f"upstream repo {repo} has no tag {tag}")
         return repo
-    clone = cache_dir(root) / "upstream-git"
+    clone = repo_cache(root, repo)
+    if (clone / "HEAD").exists() and _config(clone, "diffusers-flash.url") != repo:
+        shutil.rmtree(clone)  # not what this URL's cache must hold (made by hand, or half made)
     if not (clone / "HEAD").exists():
-        _git("init", "-q", "--bare", str(clone))
-    if not _has_tag(str(clone), tag):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{clone.name}.", dir=clone.parent if clone.parent.exists()
+                                    else _mkdir(clone.parent)))
+        _git("init", "-q", "--bare", str(tmp))
+        _git("-C", str(tmp), "config", "diffusers-flash.url", repo)
+        os.replace(tmp, clone)
+    cached = _tag_commit(str(clone), tag)
+    reached, remote = remote_tag_commit(repo, tag)
+    if not reached:
+        if cached is None:
+            raise ForkError(f"cannot fetch tag {tag} from {repo} (not reachable); offline, pass --upstream-repo "
+                            "with a local clone or mirror of upstream")
+        print(f"test-upstream: could not check tag {tag} in {repo} (not reachable): using the copy fetched from it "
+              f"before (commit {cached[:12]}) in {clone}", file=sys.stderr)
+        return str(clone)
+    if remote is None:
+        raise ForkError(f"cannot fetch tag {tag} from {repo}: it has no such tag")
+    if cached != remote:
         print(f"test-upstream: fetching tag {tag} from {repo} (shallow) into {clone}", file=sys.stderr)
         try:
-            _git("-C", str(clone), "fetch", "-q", "--depth", "1", repo, f"refs/tags/{tag}:refs/tags/{tag}")
+            _git("-C", str(clone), "fetch", "-q", "--force", "--depth", "1", repo,
+                 f"+refs/tags/{tag}:refs/tags/{tag}")
         except ForkError as e:
             raise ForkError(f"cannot fetch tag {tag} from {repo} ({e}); offline, pass --upstream-repo "
                             "with a local clone or mirror of upstream") from None
+        if _tag_commit(str(clone), tag) != remote:
+            raise ForkError(f"tag {tag} fetched from {repo} is not the commit it names there ({remote[:12]}): "
+                            "refused (did the tag move during the fetch? run again)")
     return str(clone)
+
+
+def _config(repo: Path, key: str) -> str | None:
+    r = subprocess.run(["git", "-C", str(repo), "config", "--get", key], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def lay_out(root: Path, repo: str, tag: str) -> Path:
@@ -225,18 +293,27 @@ IMPORT_CHECK = r"""
 import importlib, importlib.metadata as m, json, re, sys
 wanted = set(sys.argv[1:])
 modules = {}
-for module, dists in m.packages_distributions().items():
-    if module.startswith("_") or module in ("test", "tests", "docs", "examples", "benchmarks"):
+for entry, dists in m.packages_distributions().items():
+    # a top_level.txt may name files ('sentencepiece/__init__'): the module is the first part of the path
+    module = re.split(r"[/\\]", entry)[0]
+    module = module[:-3] if module.endswith(".py") else module
+    if not module.isidentifier() or module.startswith("_") or module in ("test", "tests", "docs", "examples",
+                                                                          "benchmarks"):
         continue
     for dist in dists:
         name = re.sub(r"[-_.]+", "-", dist).lower()
-        if name in wanted:
+        if name in wanted and module not in modules.get(name, []):
             modules.setdefault(name, []).append(module)
 broken = {}
 for name in sorted(modules):
     for module in sorted(modules[name]):
         try:
             importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # the name is no module at all (a data folder, a stray entry): says nothing
+                continue
+            broken[name] = f"import {module}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
+            break
         except BaseException as e:
             broken[name] = f"import {module}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
             break
@@ -246,7 +323,9 @@ print(json.dumps(broken))
 
 def broken_imports(dists) -> dict[str, str]:
     """Of the installed distributions ``dists``, those whose top-level modules do not import in this
-    interpreter: name -> the first failing import and its error."""
+    interpreter: name -> the first failing import and its error. A module name read from a distribution's
+    metadata is the first part of the path it gives; a name that is no module at all (its import finds
+    nothing by that name) is passed over: a distribution that imports is never taken for broken."""
     if not dists:
         return {}
     r = subprocess.run([sys.executable, "-c", IMPORT_CHECK, *sorted(dists)], capture_output=True, text=True,
@@ -319,16 +398,48 @@ def pip_error(res: subprocess.CompletedProcess) -> str:
 
 
 # ---------------------------------------------------------------- running them
+FORK_UNDER_TEST = r"""
+import importlib.metadata as m, importlib.util as u, json, os
+s = u.find_spec("diffusers")
+try:
+    installed = m.version("diffusers")
+except m.PackageNotFoundError:
+    installed = None
+print(json.dumps({"dir": os.path.dirname(s.origin) if s and s.origin else None, "installed": installed}))
+"""
+
+
 def fork_under_test() -> str:
-    """``diffusers <version> (<path>)`` as this interpreter would import it (without importing it)."""
-    code = ("import importlib.metadata as m, importlib.util as u, os; s = u.find_spec('diffusers'); "
-            "print(m.version('diffusers'), os.path.dirname(s.origin))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
-    if r.returncode != 0:
+    """``diffusers <version> (upstream <release> laid down; <path>)`` for the code this interpreter would
+    import (found, not imported): the version its generated ``_fork_version.py`` holds and the release its
+    manifest records, which follow a rebase; the installed metadata's version only where those are absent
+    (and named where it differs: metadata is written at install time)."""
+    r = subprocess.run([sys.executable, "-c", FORK_UNDER_TEST], capture_output=True, text=True, cwd="/")
+    try:
+        found = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        found = {"dir": None}
+    if r.returncode != 0 or not found.get("dir"):
         raise ForkError(f"diffusers is not installed for {sys.executable}: install the fork first "
                         "(pip install -e . from this repository)")
-    version, path = r.stdout.split(maxsplit=1)
-    return f"diffusers {version} ({path.strip()})"
+    where = Path(found["dir"])
+    m = re.search(r'^__version__ = "([^"]+)"', _text(where / "_fork_version.py") or "", re.MULTILINE)
+    version = m.group(1) if m else found["installed"] or "(version unknown)"
+    try:
+        laid = json.loads(_text(where / ".upstream-manifest.json") or "{}").get("upstream")
+    except (ValueError, AttributeError):
+        laid = None
+    parts = [f"upstream {laid} laid down" if isinstance(laid, str) else None, str(where)]
+    if found["installed"] and found["installed"] != version:
+        parts.append(f"the installed metadata says {found['installed']}: 'pip install -e .' again refreshes it")
+    return f"diffusers {version} ({'; '.join(p for p in parts if p)})"
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def test_env() -> dict:
