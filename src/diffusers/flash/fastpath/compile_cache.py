@@ -33,8 +33,6 @@ import secrets
 import stat
 import tempfile
 import zlib
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -400,20 +398,3 @@ def cache_status(pipe) -> dict | None:
     if store is None:
         return None
     return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written}
-
-
-class AfterNewInputs:
-    """``fn``, with ``then()`` called after each call whose tensor inputs (shapes, dtypes, devices) are new:
-    the calls where torch.compile compiles (the fast path updates the cache there)."""
-
-    def __init__(self, fn: Callable, then: Callable[[], Any]):
-        self.fn, self.then, self.seen = fn, then, set()
-
-    def __call__(self, *args, **kwargs):
-        out = self.fn(*args, **kwargs)
-        key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in list(enumerate(args)) + sorted(kwargs.items())
-                    if isinstance(v, torch.Tensor))
-        if key not in self.seen:
-            self.seen.add(key)
-            self.then()
-        return out

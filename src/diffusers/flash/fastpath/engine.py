@@ -17,19 +17,20 @@ dispatcher has planned every shape and torch.compile traces one graph without br
 mode, fused QKV projections and inductor freezing were measured and left out (BENCHMARKS.md, third and
 fourth rounds). ``cache="file"`` keeps torch.compile's work in a portable file (compile_cache.py: loading
 it runs code from it, so only a file this user wrote and signed, or one they said to trust, is loaded).
-Whatever cannot apply
-(no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
-that part runs as before.
+Whatever cannot apply (no CUDA, a model that is not on the GPU, a compile or capture failure) is logged
+with the reason and that part runs as before.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from diffusers.flash.fastpath.compile_cache import CACHE_MAGIC, AfterNewInputs, CompileCache, cache_status  # noqa: F401
+from diffusers.flash.fastpath.compile_cache import CACHE_MAGIC, CompileCache, cache_status  # noqa: F401
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -625,6 +626,24 @@ def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
     inner = getattr(fn, "inner", fn)
     inner = getattr(inner, "fn", inner) if isinstance(inner, AfterNewInputs) else inner
     return inner.failed if isinstance(inner, CompiledOrEager) else None
+
+
+# ------------------------------------------------------------------ the portable compile cache
+class AfterNewInputs:
+    """``fn``, with ``then()`` called after each call whose tensor inputs (shapes, dtypes, devices) are new:
+    the calls where torch.compile compiles."""
+
+    def __init__(self, fn: Callable, then: Callable[[], Any]):
+        self.fn, self.then, self.seen = fn, then, set()
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in list(enumerate(args)) + sorted(kwargs.items())
+                    if isinstance(v, torch.Tensor))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.then()
+        return out
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
