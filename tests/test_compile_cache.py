@@ -399,6 +399,8 @@ def test_the_compile_cache_is_written_when_it_lacks_something_and_loaded_back(ho
     fake.keys = ["b", "c"]  # a new shape compiled here, one of the file's unused
     again.update()
     assert again.written == 1 and "1 of the earlier file's, not used in this process, are not kept" in log.text
+    assert "1 compiled artifacts of this process are not in the loaded file" in log.text
+    assert "(its compiles missed it: inductor c)" in log.text
     assert fast_path.CompileCache(path).load() and fake.loaded[-1] == ["b", "c"]
     assert sorted(os.listdir(path.parent)) == ["compiled.bin"]  # no temporary file left
 
@@ -444,7 +446,6 @@ def test_a_cache_torch_cannot_read_or_a_folder_that_cannot_be_written_is_reporte
 
 CACHE_RUN = """
 import json, sys, torch
-from torch._dynamo.utils import counters
 from diffusers.flash.fastpath import engine as fast_path
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1)).eval()
@@ -456,9 +457,10 @@ fast_path.apply_to(model, "VAE decode", "forward", True, report, channels_last=F
 with torch.no_grad():
     out = model(torch.ones(1, 4, 8, 8))
     model(torch.ones(1, 4, 8, 8))  # the same shape: no compile, no update
+hits, misses = fast_path.cache_counts()
 print(json.dumps({"compile": report["compile"], "failed": model.forward.fn.failed, "loaded": store.loaded,
                   "problem": store.problem, "written": store.written, "sum": float(out.sum()),
-                  "inductor": dict(counters["inductor"]), "aot_autograd": dict(counters["aot_autograd"])}))
+                  "hits": hits, "misses": misses}))
 """
 
 
@@ -483,10 +485,9 @@ def test_a_cache_file_serves_the_compile_in_a_new_process_with_an_empty_inductor
 
     first = run("machine-1")
     assert first["compile"] == ["VAE decode"] and first["failed"] is None, first
-    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not first["loaded"] and first["written"] == 1
+    assert first["misses"] >= 1 and not first["loaded"] and first["written"] == 1, first
     assert path.read_bytes().startswith(fast_path.CACHE_MAGIC)
     second = run("machine-2")
     assert second["loaded"] and second["problem"] is None and second["failed"] is None, second
-    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1, second
-    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second
+    assert second["hits"] >= 1 and second["misses"] == 0, second
     assert second["written"] == 0 and second["sum"] == pytest.approx(first["sum"], rel=1e-5)

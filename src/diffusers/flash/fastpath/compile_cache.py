@@ -375,7 +375,12 @@ class CompileCache:
                 self.blocked = why
             logger.warning(f"fast path: the compile cache {self.path} is not written ({why})")
             return
-        dropped = len(self.keys - keys)
+        dropped, new = len(self.keys - keys), sorted(keys - self.keys)
+        if self.loaded and not self.written:  # the file was used, yet something compiled here was not in it
+            logger.warning(f"fast path: {len(new)} compiled artifacts of this process are not in the loaded "
+                           f"file {self.path} (its compiles missed it: {', '.join(map(' '.join, new[:4]))}"
+                           f"{', ...' if len(new) > 4 else ''}); TORCH_LOGS=+torch._inductor.codecache logs what "
+                           f"each key is made of, to compare with the process that wrote the file")
         self.keys, self.written = keys, self.written + 1
         logger.info(f"fast path: wrote {len(keys)} compiled artifacts ({len(data) / 2**20:.1f} MiB) to {self.path}"
                     + (f"; {dropped} of the earlier file's, not used in this process, are not kept" if dropped else ""))
