@@ -294,7 +294,7 @@ class CompileCache:
                            f"usual, and {then}")
             return False
         self.keys, self.loaded = _artifact_set(info), True
-        trusted = " (trusted by trust_cache, not by your key)" if self._trusted(data) else ""
+        trusted = " (on trust_cache's word)" if self._trusted(data) else ""
         logger.info(f"fast path: loaded {sum(map(len, kinds.values()))} compiled artifacts from {self.path}{trusted}")
         return True
 
@@ -337,11 +337,13 @@ class CompileCache:
             raise Refused("damaged: its header cannot be read")
         if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise Refused(f"damaged: {len(payload)} bytes whose checksum does not match its header's")
-        if isinstance(self.trust, str) and not self._trusted(data):
-            raise Refused(f"its sha256 is {hashlib.sha256(data).hexdigest()}, not the one trust_cache names")
         if not self._trusted(data):
             mac = header.get("hmac_sha256")
-            if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(user_key(), header, payload)):
+            if not (isinstance(mac, str) and mac.isascii()
+                    and hmac.compare_digest(mac, _mac(user_key(), header, payload))):
+                if isinstance(self.trust, str):
+                    raise Refused(f"not written with your key, and its sha256 {hashlib.sha256(data).hexdigest()} "
+                                  f"is not the one trust_cache names")
                 raise Refused(f"not written with your key (another user's or machine's file, or a planted one; "
                               f"loading it would run code from it): if you trust it like code, pass "
                               f"trust_cache=True, or copy the writer's {key_path()}")
