@@ -403,7 +403,10 @@ def test_the_compile_cache_is_written_when_it_lacks_something_and_loaded_back(ho
     again.update()
     assert again.written == 1 and "1 of the earlier file's, not used in this process, are not kept" in log.text
     assert "1 compiled artifacts of this process are not in the loaded file" in log.text
-    assert "(its compiles missed it: inductor c)" in log.text
+    assert "(its compiles missed it: inductor c)" in log.text and again.missed == ["inductor c"]
+    pipe = types.SimpleNamespace(_fast_path_cache=again)
+    assert fast_path.cache_status(pipe) == {"path": str(path), "loaded": True, "problem": None, "written": 1,
+                                            "missed": ["inductor c"]}
     assert fast_path.CompileCache(path).load() and fake.loaded[-1] == ["b", "c"]
     assert sorted(os.listdir(path.parent)) == ["compiled.bin"]  # no temporary file left
 

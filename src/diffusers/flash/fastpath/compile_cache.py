@@ -268,6 +268,7 @@ class CompileCache:
         self.keys = set()  # the artifacts the file holds, as loaded or last written
         self.loaded, self.problem, self.written = False, None, 0
         self.blocked = None  # why the file is neither loaded nor written (its place), if so
+        self.missed = []  # "kind key" of what this process compiled that the loaded file did not hold
 
     def load(self) -> bool:
         """Hand the file's compiled artifacts to torch; False (and the reason logged) where it cannot."""
@@ -379,6 +380,7 @@ class CompileCache:
             return
         dropped, new = len(self.keys - keys), sorted(keys - self.keys)
         if self.loaded and not self.written:  # the file was used, yet something compiled here was not in it
+            self.missed = [" ".join(k) for k in new]
             logger.warning(f"fast path: {len(new)} compiled artifacts of this process are not in the loaded "
                            f"file {self.path} (its compiles missed it: {', '.join(map(' '.join, new[:4]))}"
                            f"{', ...' if len(new) > 4 else ''}); TORCH_LOGS=+torch._inductor.codecache logs what "
@@ -400,8 +402,10 @@ class CompileCache:
 
 
 def cache_status(pipe) -> dict | None:
-    """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written."""
+    """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written,
+    and the artifacts compiled here that a loaded file did not hold."""
     store = getattr(pipe, "__dict__", {}).get("_fast_path_cache")
     if store is None:
         return None
-    return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written}
+    return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written,
+            "missed": list(store.missed)}
