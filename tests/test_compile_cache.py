@@ -71,14 +71,15 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def log(caplog):
     """The fast path's log lines (diffusers' logger does not propagate to pytest's handler by default)."""
-    from diffusers.utils import logging as diffusers_logging
+    import logging
 
-    diffusers_logging.enable_propagation()
+    root = logging.getLogger("diffusers")
+    before, root.propagate = root.propagate, True
     try:
         with caplog.at_level("INFO", logger="diffusers"):
             yield caplog
     finally:
-        diffusers_logging.disable_propagation()
+        root.propagate = before
 
 
 def _refused(store, log, why, loaded=None):
