@@ -6,8 +6,9 @@ Loading a compile cache runs code from it (torch's artifacts contain pickles, un
 and when a compile finds them), so use only files you wrote or trust like code. What this module loads:
 
 - a regular file (not a symbolic link), owned by the user running Python and not writable by group or others,
-  in a folder that others cannot write unless it has the sticky bit (as /tmp has). A file that fails this is
-  neither loaded nor replaced, and the reason is logged.
+  in a folder that others cannot write unless it has the sticky bit (as /tmp has). A symbolic link, or a file
+  in such a folder, is neither loaded nor replaced; a file of another user, or one others can write, is not
+  loaded and is replaced by this user's own after the next compile.
 - signed with this user's key: an HMAC-SHA256 over the header and torch's artifacts, with a 32-byte random
   key kept in ``$XDG_CACHE_HOME/diffusers-flash/cache-key`` (``~/.cache/...`` by default; created on first
   use, mode 0600; refused if it is a symbolic link, not the user's, or readable by others). A file written
@@ -48,7 +49,7 @@ TORCH_FORMAT = 1  # the version of torch.compiler.save_cache_artifacts' byte for
 # an artifact key that torch joins to its cache folder as one name: no separator, not "." or ".."
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 _PGO_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,254}")  # torch turns ':' into '_' for the file name
-# artifact types torch 2.7-2.13 write, and how many path components their keys may have below torch's folder
+# the artifact types torch (2.13) writes, and how many path components their keys may have below its folder
 _KEY_PARTS = {"inductor": 1, "aot_autograd": 1, "precompile": 1, "pgo": 1, "autotune": 3}
 
 
