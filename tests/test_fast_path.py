@@ -1,6 +1,7 @@
 """The fast path: on the CPU it says why it does not apply and changes nothing; on CUDA the graphed UNet,
 VAE decode and text encoder (and the compiled path) give the same images as the plain pipeline, the
 denoising loop keeps its timesteps on the host, and a new batch captures new graphs."""
+import logging
 import types
 
 import numpy as np
@@ -11,6 +12,15 @@ from diffusers.flash.fastpath import engine as fast_path
 from diffusers.flash import local_pipelines
 from test_compile_ahead import _no_cpp_compiler
 from diffusers import UNet2DConditionModel
+
+
+@pytest.fixture(autouse=True)
+def _log_reaches_caplog():
+    """diffusers' logger does not propagate by default, so caplog would see nothing: on during each test."""
+    root = logging.getLogger("diffusers")
+    before, root.propagate = root.propagate, True
+    yield
+    root.propagate = before
 
 
 def _run(pipe, device, n=1, seed=0):
