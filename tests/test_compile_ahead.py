@@ -20,6 +20,15 @@ SHAPE = (1, 4, 8, 8)
 TARGET = "diffusers.flash.fastpath.engine:compile_in_helper"
 
 
+@pytest.fixture(autouse=True)
+def _log_reaches_caplog():
+    """diffusers' logger does not propagate by default, so caplog would see nothing: on during each test."""
+    root = pylogging.getLogger("diffusers")
+    before, root.propagate = root.propagate, True
+    yield
+    root.propagate = before
+
+
 def _vae():
     return local_pipelines.components("tiny")["vae"].eval()
 

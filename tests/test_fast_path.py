@@ -1,10 +1,7 @@
 """The fast path: on the CPU it says why it does not apply and changes nothing; on CUDA the graphed UNet,
 VAE decode and text encoder (and the compiled path) give the same images as the plain pipeline, the
 denoising loop keeps its timesteps on the host, and a new batch captures new graphs."""
-import json
-import os
-import subprocess
-import sys
+import logging
 import types
 
 import numpy as np
@@ -15,6 +12,15 @@ from diffusers.flash.fastpath import engine as fast_path
 from diffusers.flash import local_pipelines
 from test_compile_ahead import _no_cpp_compiler
 from diffusers import UNet2DConditionModel
+
+
+@pytest.fixture(autouse=True)
+def _log_reaches_caplog():
+    """diffusers' logger does not propagate by default, so caplog would see nothing: on during each test."""
+    root = logging.getLogger("diffusers")
+    before, root.propagate = root.propagate, True
+    yield
+    root.propagate = before
 
 
 def _run(pipe, device, n=1, seed=0):
@@ -318,141 +324,3 @@ def test_the_fast_path_compile_options_keep_the_unet_output():
     assert report["compile"] == ["UNet"]
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     assert not torch.equal(out, torch.zeros_like(out))
-
-
-def test_cache_needs_a_compile_and_a_path():
-    pipe = local_pipelines.stable_diffusion("tiny")
-    with pytest.raises(ValueError, match="cache= keeps torch.compile's work"):
-        pipe.enable_fast_path(cache="x.bin")
-    with pytest.raises(ValueError, match="file path"):
-        fast_path.CompileCache(3)
-
-
-class _FakeArtifacts:
-    """torch.compiler's save/load of cache artifacts, recorded: what was saved is what a load hands back."""
-
-    def __init__(self, monkeypatch, keys):
-        self.keys, self.loaded = keys, []
-        monkeypatch.setattr(torch.compiler, "save_cache_artifacts", self.save)
-        monkeypatch.setattr(torch.compiler, "load_cache_artifacts", self.load)
-
-    def _info(self, keys):
-        return types.SimpleNamespace(artifacts={"inductor": list(keys)})
-
-    def save(self):
-        return (("|".join(self.keys)).encode(), self._info(self.keys)) if self.keys else None
-
-    def load(self, data):
-        self.loaded.append(data)
-        return self._info(data.decode().split("|"))
-
-
-def test_the_compile_cache_is_written_when_it_lacks_something_and_loaded_back(tmp_path, monkeypatch, caplog):
-    path = tmp_path / "compiled.bin"
-    fake = _FakeArtifacts(monkeypatch, [])
-    store = fast_path.CompileCache(path)
-    assert store.load() is False and store.problem is None  # absent: nothing to say but that
-    store.update()  # nothing compiled yet: nothing written
-    assert not path.exists()
-    fake.keys = ["a", "b"]
-    store.update()
-    assert path.read_bytes().startswith(fast_path.CACHE_MAGIC) and store.written == 1
-    store.update()  # nothing new: not written again
-    assert store.written == 1
-    again = fast_path.CompileCache(str(path))
-    assert again.load() is True and fake.loaded == [b"a|b"] and again.keys == {("inductor", "a"), ("inductor", "b")}
-    fake.keys = ["a", "b"]  # all read from the file (hits are recorded too): not rewritten
-    again.update()
-    assert again.written == 0
-    fake.keys = ["b", "c"]  # a new shape compiled here, one of the file's unused
-    with caplog.at_level("INFO", logger="diffusers"):
-        again.update()
-    assert again.written == 1 and "1 of the earlier file's, not used in this process, are not kept" in caplog.text
-    assert fast_path.CompileCache(path).load() and fake.loaded[-1] == b"b|c"
-    assert sorted(os.listdir(tmp_path)) == ["compiled.bin"]  # no temporary file left
-
-
-@pytest.mark.parametrize("damage,why", [
-    (lambda b: b"PK\x03\x04" + b, "not a diffusers-flash compile cache file"),
-    (lambda b: b[:-1], "damaged: 2 bytes whose checksum does not match"),
-    (lambda b: b[:-1] + b"x", "damaged: 3 bytes whose checksum"),
-    (lambda b: b.replace(b'"torch": "', b'"torch": "1.0+'), "written by torch 1.0+"),
-    (lambda b: fast_path.CACHE_MAGIC + b"{not json\n", "damaged: its header cannot be read"),
-])
-def test_a_damaged_cache_is_reported_compiled_as_usual_and_rewritten(tmp_path, monkeypatch, caplog, damage, why):
-    path = tmp_path / "compiled.bin"
-    fake = _FakeArtifacts(monkeypatch, ["a", "b"])
-    store = fast_path.CompileCache(path)
-    store.update()
-    path.write_bytes(damage(path.read_bytes()))
-    fake.loaded.clear()
-    store = fast_path.CompileCache(path)
-    with caplog.at_level("WARNING", logger="diffusers"):
-        assert store.load() is False
-    assert why in store.problem and fake.loaded == [], store.problem
-    assert f"the compile cache {path} is not used ({why}" in caplog.text
-    store.update()  # the first compile: written again, whole
-    assert store.written == 1 and fast_path.CompileCache(path).load()
-
-
-def test_a_cache_torch_cannot_read_or_a_folder_that_cannot_be_written_is_reported(tmp_path, monkeypatch, caplog):
-    path = tmp_path / "compiled.bin"
-    fake = _FakeArtifacts(monkeypatch, ["a"])
-    fast_path.CompileCache(path).update()
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: None)
-    store = fast_path.CompileCache(path)
-    assert store.load() is False and "torch could not read its artifacts" in store.problem
-    fake.keys = ["a"]
-    missing = fast_path.CompileCache(tmp_path / "no-such-folder" / "compiled.bin")
-    with caplog.at_level("WARNING", logger="diffusers"):
-        missing.update()
-    assert missing.written == 0 and "is not written (FileNotFoundError" in caplog.text
-
-
-CACHE_RUN = """
-import json, sys, torch
-from torch._dynamo.utils import counters
-from diffusers.flash.fastpath import engine as fast_path
-torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1)).eval()
-store = fast_path.CompileCache(sys.argv[1])
-store.load()
-report = fast_path._report()
-fast_path.apply_to(model, "VAE decode", "forward", True, report, channels_last=False, cuda_graphs=False,
-                   cache=store)
-with torch.no_grad():
-    out = model(torch.ones(1, 4, 8, 8))
-    model(torch.ones(1, 4, 8, 8))  # the same shape: no compile, no update
-print(json.dumps({"compile": report["compile"], "failed": model.forward.fn.failed, "loaded": store.loaded,
-                  "problem": store.problem, "written": store.written, "sum": float(out.sum()),
-                  "inductor": dict(counters["inductor"]), "aot_autograd": dict(counters["aot_autograd"])}))
-"""
-
-
-@pytest.mark.slow
-def test_a_cache_file_serves_the_compile_in_a_new_process_with_an_empty_inductor_cache(tmp_path):
-    """Process 1 (fresh inductor cache) compiles with cache=file and writes it; process 2 (another empty
-    inductor cache) loads it: its compile is a cache hit with no miss, and the file is not rewritten."""
-
-    reason = _no_cpp_compiler()
-    if reason:
-        pytest.skip(reason)
-    path = tmp_path / "compiled.bin"
-
-    def run(name):
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / name), OMP_NUM_THREADS="1",
-                   CUDA_VISIBLE_DEVICES="")
-        proc = subprocess.run([sys.executable, "-c", CACHE_RUN, str(path)], capture_output=True, text=True,
-                              env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    first = run("inductor-1")
-    assert first["compile"] == ["VAE decode"] and first["failed"] is None, first
-    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1 and not first["loaded"] and first["written"] == 1
-    assert path.read_bytes().startswith(fast_path.CACHE_MAGIC)
-    second = run("inductor-2")
-    assert second["loaded"] and second["problem"] is None and second["failed"] is None, second
-    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1, second
-    assert second["inductor"].get("fxgraph_cache_miss", 0) == 0, second
-    assert second["written"] == 0 and second["sum"] == pytest.approx(first["sum"], rel=1e-5)

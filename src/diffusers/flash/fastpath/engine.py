@@ -15,14 +15,13 @@ decoder while this one compiles the UNet (compile_ahead.py), so a fresh warm-up 
 alone. Before each capture the model runs once uncompiled, so the attention
 dispatcher has planned every shape and torch.compile traces one graph without breaks. cuDNN's benchmark
 mode, fused QKV projections and inductor freezing were measured and left out (BENCHMARKS.md, third and
-fourth rounds). ``cache="file"`` keeps torch.compile's work in a portable file (``CompileCache``): loaded
-before compiling, written after a compile that did not come from it. Whatever cannot apply
-(no CUDA, a model that is not on the GPU, a compile or capture failure) is logged with the reason and
-that part runs as before.
+fourth rounds). ``cache="file"`` keeps torch.compile's work in a portable file (compile_cache.py: loading
+it runs code from it, so only a file this user wrote and signed, or one they said to trust, is loaded).
+Whatever cannot apply (no CUDA, a model that is not on the GPU, a compile or capture failure) is logged
+with the reason and that part runs as before.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from diffusers.flash import fsio
+from diffusers.flash.fastpath.compile_cache import CACHE_MAGIC, CompileCache, cache_status  # noqa: F401
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -489,7 +488,7 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
 def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
            vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
            parallel_compile: bool = True, cache: str | os.PathLike | None = None,
-           options: dict | None = None) -> dict:
+           options: dict | None = None, trust_cache: bool | str = False) -> dict:
     """Apply the fast path to ``pipe``; returns what was applied and, for what was not, why.
 
     ``compile``: False, True (torch.compile of the UNet's forward and the VAE's decode: fastest), or
@@ -499,7 +498,9 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
     ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only;
     ``parallel_compile``: when both are compiled, a helper process compiles the VAE decoder while this one
     compiles the UNet (``compile_ahead``; not where ``cache`` was loaded); ``cache``: a file for
-    ``CompileCache``; ``options``: inductor options (default ``INDUCTOR_OPTIONS``)."""
+    ``CompileCache`` (loading it runs code from it: use only files you wrote or trust like code);
+    ``trust_cache``: ``CompileCache``'s ``trust``; ``options``: inductor options (default
+    ``INDUCTOR_OPTIONS``)."""
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
         if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
             raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
@@ -507,6 +508,8 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
              "text encoder": False}
     if cache is not None and not (modes["UNet"] or modes["VAE decode"]):
         raise ValueError("cache= keeps torch.compile's work: it needs compile=True or 'regional'")
+    if trust_cache is not False and cache is None:
+        raise ValueError("trust_cache= names the cache file to trust: it needs cache=")
     options = dict(INDUCTOR_OPTIONS if options is None else options)
     report = _report()
     denoiser, name = _denoiser(pipe)
@@ -524,7 +527,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
             report["reasons"].append(f"cache= not used: torch {torch.__version__} has no portable compile cache "
                                      f"(torch.compiler.save_cache_artifacts, torch 2.7 on)")
         elif cache is not None:
-            store = pipe._fast_path_cache = CompileCache(cache)
+            store = pipe._fast_path_cache = CompileCache(cache, trust=trust_cache)
             store.load()
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
         parts = [(name, denoiser, "forward")]
@@ -655,96 +658,6 @@ class AfterNewInputs:
             self.seen.add(key)
             self.then()
         return out
-
-
-CACHE_MAGIC = b"diffusers-flash compile cache 1\n"
-
-
-def _artifact_keys(info) -> set:
-    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
-
-
-class CompileCache:
-    """torch.compile's work in one portable file (``enable_fast_path(cache=path)``), so that a new machine
-    or an empty inductor cache warms up like a second process: ``load()`` before compiling hands the file's
-    artifacts to torch (``torch.compiler.load_cache_artifacts``); ``update()``, after each compile, writes
-    the file (``torch.compiler.save_cache_artifacts``: what this process compiled or read from a cache)
-    where this process has artifacts the file lacks: absent, damaged, another torch, or new shapes. Written
-    atomically (a temporary name in the same folder, flushed, renamed), with a header (torch version, size,
-    sha256) checked before loading; a file that fails it is reported and replaced. The file holds pickled
-    code: load only files you wrote, as with a pickle."""
-
-    def __init__(self, path: str | os.PathLike):
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"cache must be a file path, not {path!r}")
-        self.path = os.fspath(path)
-        self.keys = set()  # the artifacts the file holds, as loaded or last written
-        self.loaded, self.problem, self.written = False, None, 0
-
-    def load(self) -> bool:
-        """Hand the file's compiled artifacts to torch; False (and the reason logged) where it cannot."""
-        if not os.path.exists(self.path):
-            logger.info(f"fast path: no compile cache at {self.path} yet: written after the first compile")
-            return False
-        try:
-            with open(self.path, "rb") as f:
-                info = torch.compiler.load_cache_artifacts(self._payload(f.read()))
-            if info is None:
-                raise ValueError("torch could not read its artifacts (its log says why)")
-        except Exception as e:
-            self.problem = str(e) if isinstance(e, ValueError) else _reason(e)
-            logger.warning(f"fast path: the compile cache {self.path} is not used ({self.problem}): compiling as "
-                           f"usual, and the file is written again after the first compile")
-            return False
-        self.keys, self.loaded = _artifact_keys(info), True
-        logger.info(f"fast path: loaded {len(self.keys)} compiled artifacts from {self.path}")
-        return True
-
-    @staticmethod
-    def _payload(data: bytes) -> bytes:
-        if not data.startswith(CACHE_MAGIC):
-            raise ValueError("not a diffusers-flash compile cache file")
-        head, newline, payload = data[len(CACHE_MAGIC):].partition(b"\n")
-        try:
-            header = json.loads(head)
-        except ValueError:
-            header = None
-        if not newline or not isinstance(header, dict):
-            raise ValueError("damaged: its header cannot be read")
-        if header.get("torch") != torch.__version__:
-            raise ValueError(f"written by torch {header.get('torch')}, this is torch {torch.__version__}")
-        if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            raise ValueError(f"damaged: {len(payload)} bytes whose checksum does not match its header's")
-        return payload
-
-    def update(self) -> None:
-        """After a call that may have compiled: write the file if this process has artifacts it lacks."""
-        try:
-            got = torch.compiler.save_cache_artifacts()
-        except Exception as e:
-            logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
-            return
-        if got is None or _artifact_keys(got[1]) <= self.keys:
-            return
-        data, keys = got[0], _artifact_keys(got[1])
-        header = {"torch": torch.__version__, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        try:
-            fsio.atomic_write(self.path, CACHE_MAGIC + json.dumps(header).encode() + b"\n" + data)
-        except OSError as e:
-            logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
-            return
-        dropped = len(self.keys - keys)
-        self.keys, self.written = keys, self.written + 1
-        logger.info(f"fast path: wrote {len(keys)} compiled artifacts ({len(data) / 2**20:.1f} MiB) to {self.path}"
-                    + (f"; {dropped} of the earlier file's, not used in this process, are not kept" if dropped else ""))
-
-
-def cache_status(pipe) -> dict | None:
-    """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written."""
-    store = getattr(pipe, "__dict__", {}).get("_fast_path_cache")
-    if store is None:
-        return None
-    return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written}
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
