@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffusers.flash.fastpath.engine import GraphedCall
+from diffusers.flash.fastpath.graphs import GraphedCall
 
 # values that may be part of a layout: a graph per value (anything else is not captured)
 _STATIC = (bool, str)

@@ -1,0 +1,238 @@
+# diffusers-flash: CUDA graphs for the fast path: a model's call captured once per input signature and
+# replayed, and the wrappers that take the place of a UNet's forward, a VAE's decode and a text encoder's.
+"""Graph capture and replay for the fast path (engine.py applies them)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def reason(e: Exception) -> str:
+    """An exception as one line for the log: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class _Captured:
+    __slots__ = ("graph", "inputs", "out")
+
+
+class GraphedCall:
+    """``fn(*tensors)`` (returning a tensor or a tuple of tensors) captured as a CUDA graph once per input
+    signature, with static input buffers; later calls copy their inputs in, replay, and get clones of the
+    outputs (callers such as PNDM keep past outputs: the static buffers are never handed out). A capture
+    that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
+
+    def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None, after=None):
+        # prepare: called with the same inputs once before a capture's warm-up, its result unused; after:
+        # called with them once the warm-up (where torch.compile compiles) is done, before the capture
+        self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
+        self.after = after
+        self.graphs = {}
+        self.failed = None  # the reason capture was given up, if it was
+        self.capture_s = 0.0  # seconds spent capturing, compiles included (the warm-up this model costs)
+
+    def __call__(self, *tensors):
+        if self.failed is not None:
+            return self.fn(*tensors)
+        key = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        cap = self.graphs.get(key)
+        if cap is None:
+            try:
+                cap = self.graphs[key] = self._capture(tensors)
+            except Exception as e:  # e.g. a model that syncs with the host inside its forward
+                self.failed = reason(e)
+                logger.warning(f"fast path: the {self.name} is not captured as a CUDA graph and runs as before "
+                               f"({self.failed})")
+                torch.cuda.synchronize()
+                return self.fn(*tensors)
+        for buf, t in zip(cap.inputs, tensors):
+            buf.copy_(t)
+        cap.graph.replay()
+        out = tuple(o.clone() for o in cap.out)
+        return out if len(out) > 1 else out[0]
+
+    def _capture(self, tensors):
+        start = time.perf_counter()
+        cap = _Captured()
+        # contiguous static buffers whatever the caller's layout (copy_ converts): the compiled code then
+        # sees one layout per shape (the helper process compiles for that one)
+        cap.inputs = tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if self.prepare is not None:  # an uncompiled run first: the attention dispatcher plans each shape
+                self.prepare(*cap.inputs)  # eagerly, so torch.compile then traces no planning code (no graph breaks)
+            for _ in range(self.warmup):  # compiles, kernels pick algorithms and attention plans are made here
+                self.fn(*cap.inputs)
+            if self.after is not None:
+                self.after(*cap.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        cap.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cap.graph, pool=self.pool):
+            out = self.fn(*cap.inputs)
+        cap.out = out if isinstance(out, tuple) else (out,)
+        torch.cuda.synchronize()
+        took = time.perf_counter() - start
+        self.capture_s += took
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        logger.info(f"fast path: captured the {self.name} for {shapes} in {took:.1f} s")
+        return cap
+
+
+def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | None:
+    """The UNet call's keyword arguments beyond (sample, timestep, encoder_hidden_states) as (layout,
+    tensors) for a graph: None values are left out, a tensor on ``device`` (the sample's) is an input, a dict
+    of such tensors (SDXL's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``) gives one input per entry;
+    ``layout`` names them (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
+    ``cross_attention_kwargs={"scale": 0.5}``, a tensor on another device): that call is not captured."""
+    def here(value):
+        return isinstance(value, torch.Tensor) and value.device == device
+
+    layout, tensors = [], []
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if value is None:
+            continue
+        if here(value):
+            layout.append((name, None))
+            tensors.append(value)
+        elif isinstance(value, dict) and all(here(v) for v in value.values()):
+            layout.append((name, tuple(sorted(value))))
+            tensors.extend(value[k] for k in sorted(value))
+        else:
+            return None
+    return tuple(layout), tuple(tensors)
+
+
+def join_extra(layout: tuple, tensors: tuple) -> dict:
+    """The keyword arguments ``split_extra`` took apart, rebuilt around ``tensors`` (the graph's buffers)."""
+    out, at = {}, 0
+    for name, keys in layout:
+        if keys is None:
+            out[name], at = tensors[at], at + 1
+        else:
+            out[name], at = dict(zip(keys, tensors[at:at + len(keys)])), at + len(keys)
+    return out
+
+
+class GraphedForward:
+    """Takes the place of a UNet2DConditionModel's ``forward`` (the UNet object itself stays, so saving,
+    ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
+    forward. Tensor keyword arguments (SDXL's ``added_cond_kwargs``, ``timestep_cond``) are graph inputs:
+    one graph per layout of them (``split_extra``) and per shapes."""
+
+    def __init__(self, forward, pool=None, warmup: int = 2, prepare=None, after=None):
+        self.inner = forward  # the UNet's own forward, or torch.compile of it
+        self._args = (pool, warmup, prepare, after)
+        self.calls: dict[tuple, GraphedCall] = {}
+        self.graphed = self._call(())  # SD 1.x/2.x: (sample, timestep, encoder_hidden_states) alone
+        self._timesteps = {}
+
+    def _call(self, layout: tuple) -> GraphedCall:
+        call = self.calls.get(layout)
+        if call is None:
+            pool, warmup, prepare, after = self._args
+
+            def taking(fn):  # fn(sample, timestep, states, **kwargs) called with the kwargs as extra tensors
+                if fn is None:
+                    return None
+                return lambda s, t, c, *x: fn(s, t, c, **join_extra(layout, x))
+
+            forward = taking(self.inner)
+            call = self.calls[layout] = GraphedCall(lambda *a: forward(*a).sample, "UNet step", pool, warmup,
+                                                    taking(prepare), taking(after))
+        return call
+
+    @property
+    def graphs(self):
+        return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
+
+    @property
+    def capture_s(self) -> float:
+        return sum(call.capture_s for call in self.calls.values())
+
+    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        UNet2DConditionOutput = _output_class("UNet2DConditionOutput", "unet_2d_condition", "unets.unet_2d_condition")
+
+        # newer releases pass more (timestep_cond, cross_attention_kwargs, added_cond_kwargs, ...): tensors are
+        # graph inputs; a call with anything else set is not the captured one and takes the UNet's own forward
+        extra = None if args else split_extra(kwargs, sample.device)
+        if torch.is_grad_enabled() or not sample.is_cuda or extra is None:
+            return self.inner(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        layout, tensors = extra
+        out = self._call(layout)(sample, self._timestep(timestep, sample.device), encoder_hidden_states, *tensors)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _timestep(self, t, device):
+        if isinstance(t, torch.Tensor) and t.device == device:
+            return t.reshape(())
+        # a Python number or a CPU tensor: copied to the GPU once per value (a copy per step would make the
+        # host wait for the GPU at every step)
+        t = torch.as_tensor(t)
+        key = (t.item(), t.dtype)
+        if key not in self._timesteps:
+            self._timesteps[key] = t.reshape(()).to(device)
+        return self._timesteps[key]
+
+
+def _output_class(name: str, *modules: str) -> type:
+    """Upstream's output dataclass ``name`` from the first of ``diffusers.models.<module>`` that has it (it
+    moved between releases: unet_2d_condition -> unets.unet_2d_condition, vae -> autoencoders.vae)."""
+    import importlib
+
+    for mod in modules:
+        try:
+            return getattr(importlib.import_module(f"diffusers.models.{mod}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"no diffusers.models module of {', '.join(modules)} has {name}")
+
+
+class GraphedDecode:
+    """Takes the place of an AutoencoderKL's ``decode``."""
+
+    def __init__(self, decode, pool=None, prepare=None, after=None):
+        self.inner = decode
+        self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare,
+                                   after=after)
+
+    def __call__(self, z, return_dict: bool = True, generator=None, **kwargs):
+        DecoderOutput = _output_class("DecoderOutput", "vae", "autoencoders.vae")
+
+        # newer pipelines pass generator= (AutoencoderKL.decode takes it and does not use it): the captured call
+        # serves it; any other argument set takes the VAE's own decode
+        if torch.is_grad_enabled() or not z.is_cuda or any(v is not None for v in kwargs.values()):
+            if generator is not None:
+                kwargs["generator"] = generator
+            return self.inner(z, return_dict=return_dict, **kwargs)
+        dec = self.graphed(z)
+        return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+
+class GraphedTextForward:
+    """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
+    any other call (masks, hidden states, grad) takes the model's own forward."""
+
+    def __init__(self, forward, pool=None, prepare=None, after=None):
+        self.inner = forward
+
+        def run(ids):
+            out = forward(ids)
+            return out[0], out[1]
+
+        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare, after=after)
+
+    def __call__(self, input_ids=None, *args, **kwargs):
+        if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
+                or torch.is_grad_enabled()):
+            return self.inner(input_ids, *args, **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        hidden, pooled = self.graphed(input_ids)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)

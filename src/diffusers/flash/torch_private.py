@@ -1,0 +1,65 @@
+# diffusers-flash: every use of torch's private API in diffusers.flash, in one place. Each function says
+# what happens where a later torch moved what it uses.
+"""torch's private API as diffusers-flash uses it, each call with its fallback."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+def cache_counts() -> tuple[int, int]:
+    """inductor's compiled-graph cache hits and misses so far in this process (torch._dynamo.utils.counters).
+    Moved: (0, 0), and a helper still compiling is stopped rather than awaited (this process compiles)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    except Exception:
+        return 0, 0
+
+
+def inductor_config() -> dict:
+    """inductor's options as this process has them (torch._inductor.config.save_config_portable()), which
+    its cache keys depend on. Moved: raises, and no helper is started (it could not match)."""
+    import torch._inductor.config as config
+
+    return config.save_config_portable()
+
+
+def caches_on() -> bool:
+    """Whether inductor keeps compiled graphs on disk (torch._inductor.config). Moved: False (no helper)."""
+    try:
+        import torch._inductor.config as config
+
+        return bool(config.fx_graph_cache) and not config.force_disable_caches
+    except Exception:
+        return False
+
+
+def set_inductor_config(wanted: dict) -> None:
+    """In a helper: the options whose value differs from this process's own (compared as JSON holds them)."""
+    import torch._inductor.config as config
+
+    for key, value in wanted.items():
+        if json.loads(json.dumps(getattr(config, key, None), default=str)) != value:
+            setattr(config, key, value)
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """torch._dynamo.config.recompile_limit (cache_size_limit before torch 2.7) to at least ``limit``.
+    Moved: dynamo's default stays (blocks past it run uncompiled)."""
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), limit))
+            return
+
+
+def set_compiled_call(module: torch.nn.Module, wrap: Callable[[Callable], Any] | None) -> None:
+    """A block's call replaced by ``wrap(its own call)`` as ``Module.compile()`` does it (nn.Module's
+    ``_call_impl`` and ``_compiled_call_impl``; ``wrap=None`` undoes). Moved: raises, and regional compile is
+    not applied (the reason is reported)."""
+    if not hasattr(module, "_compiled_call_impl"):
+        raise RuntimeError("this torch's nn.Module has no _compiled_call_impl")
+    module._compiled_call_impl = None if wrap is None else wrap(module._call_impl)
