@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+
 def cache_counts() -> tuple[int, int]:
     """inductor's compiled-graph cache hits and misses so far in this process (torch._dynamo.utils.counters).
     Moved: (0, 0), and a helper still compiling is stopped rather than awaited (this process compiles)."""
