@@ -35,6 +35,7 @@ ENV_VAR = "DIFFUSERS_ATTENTION_BACKEND"
 AUTO = "auto"
 MAX_BATCH_HEADS = 65535  # CUDA grid limit on the batch x heads axis of several kernels: larger calls go in chunks
 MATH_SCORES_BUDGET = 2 << 30  # bytes of score matrices `auto` lets batched matmuls build (VAE, head dim 512)
+CPU_FALLBACK_SCORES_BUDGET = 64 << 20  # bytes of scores and probabilities `auto`'s CPU fallback builds at once
 # upstream's xformers switch (enable_xformers_memory_efficient_attention, 0.7 to 0.11) asks for memory-efficient
 # attention: a module it switched on runs on this backend of ours (PyTorch's memory-efficient kernel, which is
 # xformers' own), unless a backend is named for it; upstream's xformers call is never made
@@ -220,19 +221,27 @@ NAMES = (AUTO,) + tuple(BACKENDS)
 
 
 def auto_order(c: Call) -> list:
-    """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; BENCHMARKS.md has the table):
-    cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
-    kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
-    The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
-    must get the same kernel, hence the same numbers.
+    """Fastest first, per shape, from the measurements in BENCHMARKS.md ("Attention kernels"): cuDNN beats
+    PyTorch's flash kernel on every Stable Diffusion shape there, FlashAttention-4 goes first only where
+    :data:`fa4.AUTO_FIRST` says it measured faster, and the flash-attn package (not installed in that run)
+    comes after cuDNN; for head dim > 256 (the VAE's 512) no flash kernel runs and batched matmuls beat the
+    memory-efficient kernel, as long as the scores fit a budget. The order never depends on grad mode:
+    gradient checkpointing re-runs forwards under no_grad, and must get the same kernel, hence the same numbers.
 
     Non-finite inputs: on the CPU, PyTorch's fused SDPA kernel returns finite numbers (a row of zeros, or
-    a finite row in bfloat16) for some rows whose scores hold an infinity, where ``math`` and a float64
-    reference give NaN. ``auto`` therefore checks a CPU call's inputs (a host-side check, free there) and
-    sends a call with any inf or NaN to ``math``, so that ``auto`` and ``math`` agree on every input on
-    the CPU (under torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
-    ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no such check runs (it would make
-    the host wait for the GPU at every call): the fused kernels' own handling of non-finite inputs holds."""
+    a finite row in bfloat16) for some rows whose scores hold an infinity or a NaN, where ``math`` and a
+    float64 reference give NaN. ``auto`` therefore checks a CPU call's inputs and scale (a host-side check,
+    free there) and sends a call with any inf or NaN to ``math``, computed a slice of query rows at a time
+    (:data:`CPU_FALLBACK_SCORES_BUDGET`) so that one inf in a long call costs no full score matrix. So on the
+    CPU ``auto`` and ``math`` give NaN in the same places for every input holding inf or NaN (under
+    torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
+
+    Finite inputs whose scores overflow: ``math`` is upstream's computation, scores in the input dtype, so in
+    float16 a q.k beyond 65504 becomes inf and its row NaN; the fused kernels accumulate in float32 and give
+    the float64 reference's finite answer. ``auto`` keeps the fused kernel there: it differs from ``math``
+    exactly where ``math`` overflows. ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no
+    input check runs (it would make the host wait for the GPU at every call): the fused kernels' own
+    handling of non-finite inputs holds."""
     if c.q.device.type != "cuda":
         return ["sdpa", "math"]  # on the CPU, `auto`'s sdpa goes to math where an input is not finite: _finite_or_math
     if c.q.dtype not in HALF:
@@ -347,7 +356,12 @@ def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
     plan = _cache.get(key)
     if plan is None:
         plan = _remember(key, _plan(q, k, v, name, slice_size, upcast))
-    return plan(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return plan(q, k, v, default_scale(q.shape[-1]) if scale is None else scale)
+
+
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head dim), upstream's softmax scale; 1.0 for head dim 0, whose output is empty at any scale."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
 
 
 def _plan(q, k, v, name, slice_size, upcast):
@@ -365,11 +379,13 @@ def _plan(q, k, v, name, slice_size, upcast):
     if b * h > MAX_BATCH_HEADS:
         limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
     if limit is None:
-        c = Call(q, k, v, 1.0 / math.sqrt(q.shape[-1]), upcast)
+        c = Call(q, k, v, default_scale(q.shape[-1]), upcast)
         chosen = choose(q, k, v, name, upcast, c.scale)
         runner = BACKENDS[chosen].runner(c)
         if name == AUTO and chosen == "sdpa" and q.device.type == "cpu":
-            return _finite_or_math(runner, BACKENDS["math"].runner(c))
+            per_row = b * h * k.shape[2] * (q.element_size() * 2 + (4 if upcast else 0))  # scores, probabilities
+            rows = max(1, CPU_FALLBACK_SCORES_BUDGET // max(1, per_row))
+            return _finite_or_math(runner, BACKENDS["math"].runner(c), rows)
         return runner
     if limit % h == 0:  # whole batch entries per slice: views, no copies
         step = limit // h
@@ -385,12 +401,15 @@ def _plan(q, k, v, name, slice_size, upcast):
     return rows
 
 
-def _finite_or_math(fused, reference):
-    """``fused`` where every input is finite, else ``reference`` (``math``): see :func:`auto_order`."""
+def _finite_or_math(fused, reference, rows):
+    """``fused`` where every input and the scale are finite, else ``reference`` (``math``) on ``rows`` query
+    rows at a time: see :func:`auto_order`."""
 
     def run(q, k, v, scale):
-        if _compiling() or not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
-            return reference(q, k, v, scale)
+        if _compiling() or not (math.isfinite(scale) and all(bool(torch.isfinite(t).all()) for t in (q, k, v))):
+            if q.shape[2] <= rows:
+                return reference(q, k, v, scale)
+            return torch.cat([reference(q[:, :, i:i + rows], k, v, scale) for i in range(0, q.shape[2], rows)], 2)
         return fused(q, k, v, scale)
 
     return run
