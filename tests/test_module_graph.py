@@ -4,6 +4,9 @@ in TOO_LONG with the reason."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import importlib
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "src"
@@ -103,7 +106,7 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_reader_sees_imports_at_module_and_function_level():
     graph = _graph()
-    assert "diffusers.flash.attention.dispatch" in graph["diffusers.flash.cli"]  # inside a function
+    assert "diffusers.flash.attention.dispatch" in graph["diffusers.flash.cli_env"]  # inside a function
     assert "diffusers.flash.attention.base" in graph["diffusers.flash.attention.fa4"]  # at module level
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
@@ -121,3 +124,40 @@ def test_no_module_over_the_size_limit_but_the_listed_ones():
     assert not over, f"modules over {MAX_LINES} lines (split them, or list one in TOO_LONG with the reason): {over}"
     stale = sorted(p for p in TOO_LONG if sizes.get(p, 0) <= MAX_LINES)
     assert not stale, f"listed in TOO_LONG but no longer over {MAX_LINES} lines (remove them from the list): {stale}"
+
+
+def test_every_name_the_patches_take_from_the_package_exists():
+    """The patches (patches/ and patches/variants/) import our modules by path and call names on them: each
+    path must import and each name must be there, whatever our modules are called inside the package."""
+    patches = sorted((ROOT.parent / "patches").rglob("*.patch"))
+    assert patches, "no patches found"
+    missing, checked = set(), set()
+    for patch in patches:
+        added = [line[1:] for line in patch.read_text(encoding="utf-8").splitlines()
+                 if line.startswith("+") and not line.startswith("+++")]
+        bound = {}  # the name a patch binds -> the object it gets
+        for line in added:
+            m = re.match(r"\s*from \.+(flash(?:\.\w+)*) import ([\w, ]+?)\s*(?:#.*)?$", line)
+            if not m:
+                continue
+            path = f"diffusers.{m.group(1)}"
+            module = importlib.import_module(path)
+            for part in m.group(2).split(","):
+                name, _, alias = part.strip().partition(" as ")
+                if not hasattr(module, name) and hasattr(module, "__path__"):
+                    with contextlib.suppress(ImportError):
+                        importlib.import_module(f"{module.__name__}.{name}")  # a submodule
+                checked.add(f"{path}.{name}")
+                if hasattr(module, name):
+                    bound[alias or name] = getattr(module, name)
+                else:
+                    missing.add(f"{path}.{name}")
+        for line in added:
+            for alias, attr in re.findall(r"\b(\w+)\.(\w+)\s*\(", line):
+                if alias in bound:
+                    checked.add(f"{alias}.{attr}")
+                    if not hasattr(bound[alias], attr):
+                        missing.add(f"{patch.name}: {alias}.{attr}")
+    assert not missing, f"names the patches use that the package lacks: {sorted(missing)}"
+    assert {"diffusers.flash.attention.hooks", "flash_hooks.bmm_attention", "attention_dispatch.cross_attention",
+            "diffusers.flash.mixins.PipelineMixin", "diffusers.flash.cli.attention_env_info"} <= checked, checked

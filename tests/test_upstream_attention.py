@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.flash.attention import dispatch, upstream_dispatch  # noqa: E402
-from diffusers.flash.attention.mixin import attention_classes  # noqa: E402
+from diffusers.flash.attention import dispatch, upstream_choice, upstream_dispatch  # noqa: E402
+from diffusers.flash.attention.pinning import attention_classes  # noqa: E402
 
 
 def _upstream():
@@ -109,8 +109,8 @@ def upstream(monkeypatch):
 
     monkeypatch.setitem(reg._backends, name, counting)
     monkeypatch.setattr(reg, "_active_backend", reg._active_backend)
-    monkeypatch.setattr(upstream_dispatch._named, "explicit", False)
-    monkeypatch.delenv(upstream_dispatch.UPSTREAM_ENV, raising=False)
+    monkeypatch.setattr(upstream_choice.named, "explicit", False)
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV, raising=False)
     return mod, calls
 
 
@@ -122,7 +122,7 @@ def test_a_backend_named_through_upstreams_context_wins(spy, upstream, build, ru
     with mod.attention_backend("_native_math"):
         run(model)
     assert spy["ours"] == 0 and calls["upstream"] == spy["modules"] > 0, (spy, calls)
-    assert upstream_dispatch.upstream_backend() is None  # the context is over: ours again
+    assert upstream_choice.upstream_backend() is None  # the context is over: ours again
     run(model)
     assert spy["ours"] > 0
 

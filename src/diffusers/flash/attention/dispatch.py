@@ -1,32 +1,34 @@
 # diffusers-flash: the attention dispatcher. models/attention.py (patch 0004) sends every CrossAttention
-# and AttentionBlock call here; this module picks the kernel.
+# and AttentionBlock call here (cross_attention, attention_block); this module picks the kernel.
 """Attention backends and the dispatcher that picks one per call.
 
 Each backend states its limits as data (devices, dtypes, largest head dim, smallest compute
 capability, package) and turns them into plain sentences with :meth:`Backend.reasons`; PyTorch's own
-per-kernel checks add theirs. ``auto`` walks a per-shape priority list (:func:`auto_order`, from
-measurements on an H100, see PATCHES.md) and takes the first backend with no reasons, logging once
-per shape (debug level) what it chose and why faster ones were skipped. A backend chosen by name
-that cannot serve a call raises :class:`AttentionBackendError` listing its reasons.
+per-kernel checks add theirs. ``auto`` walks a per-shape priority list (:func:`auto_order`, from the
+measurements in BENCHMARKS.md) and takes the first backend with no reasons, logging once per shape
+(debug level) what it chose and why faster ones were skipped. A backend chosen by name that cannot
+serve a call raises :class:`AttentionBackendError` listing its reasons.
 
-Choosing: ``DIFFUSERS_ATTENTION_BACKEND`` (process default) < :func:`set_attention_backend` <
-``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)`` < ``with
-attention_backend(name):``.
+Choosing (:func:`backend_for`): ``DIFFUSERS_ATTENTION_BACKEND`` (process default) <
+:func:`set_attention_backend` < ``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)``
+< ``with attention_backend(name):``.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from diffusers.flash.attention import fa4
-from diffusers.flash.attention.base import HALF, Backend, Call, _compiling  # noqa: F401  (re-exported)
+from diffusers.flash.attention.base import HALF, Backend, Call, Runner, _compiling  # noqa: F401  (re-exported)
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -54,7 +56,7 @@ class Math(Backend):
     devices = ("cpu", "cuda", "mps", "xpu")
     dtypes = None
 
-    def run(self, c):
+    def run(self, c: Call) -> torch.Tensor:
         scores = torch.matmul(c.q, c.k.transpose(-1, -2)) * c.scale
         probs = scores.float().softmax(dim=-1).type(scores.dtype) if c.upcast else scores.softmax(dim=-1)
         return torch.matmul(probs, c.v)
@@ -63,13 +65,14 @@ class Math(Backend):
 class SDPA(Backend):
     """PyTorch's scaled_dot_product_attention; ``kernel`` forces one of its backends."""
 
-    def __init__(self, name, kernel=None, check=None, dtypes=HALF, max_head_dim=None):
+    def __init__(self, name: str, kernel: str | None = None, check: str | None = None, dtypes: tuple = HALF,
+                 max_head_dim: int | None = None):
         self.name, self.kernel, self.check = name, kernel, check
         self.devices = ("cuda",) if kernel else ("cpu", "cuda", "mps", "xpu")
         self.dtypes = dtypes if kernel else None
         self.max_head_dim = max_head_dim
 
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         if self.kernel is None:
             return None
         if not torch.cuda.is_available():
@@ -82,19 +85,16 @@ class SDPA(Backend):
             return f"torch {torch.__version__} cannot force one SDPA kernel (torch.nn.attention: 2.3+)"
         return None
 
-    def more_reasons(self, c):
+    def more_reasons(self, c: Call) -> list[str]:
         return _torch_says(getattr(torch.backends.cuda, self.check), c) if self.check else []
 
-    def run(self, c):
-        return self.runner(c)(c.q, c.k, c.v, c.scale)
-
-    def runner(self, c):
+    def runner(self, c: Call) -> Runner:
         if self.kernel is None or _torch_would_pick(self.kernel, c):
             return _sdpa  # no forcing needed: PyTorch takes this kernel for this shape by itself
         return lambda q, k, v, scale: _forced_sdpa(self.kernel, q, k, v, scale)
 
 
-def _sdpa(q, k, v, scale):
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -104,7 +104,7 @@ _SWITCHES = {  # SDPBackend name -> the torch.backends.cuda switch that enables 
 }
 
 
-def _forced_sdpa(kernel, q, k, v, scale):
+def _forced_sdpa(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """SDPA with one kernel forced. torch's sdpa_kernel() context costs tens of microseconds a call,
     a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -123,7 +123,7 @@ def _forced_sdpa(kernel, q, k, v, scale):
             getattr(cuda, "enable_" + name)(on)
 
 
-def _torch_would_pick(kernel, c) -> bool:
+def _torch_would_pick(kernel: str, c: Call) -> bool:
     """Whether PyTorch's own SDPA choice for this call is ``kernel`` (then it need not be forced)."""
     try:
         from torch.nn.attention import SDPBackend
@@ -134,7 +134,7 @@ def _torch_would_pick(kernel, c) -> bool:
         return False
 
 
-def _torch_says(check, c: Call) -> list:
+def _torch_says(check: Callable, c: Call) -> list[str]:
     """PyTorch's own verdict on a forced SDPA kernel, with the reasons it warns in debug mode."""
     params = torch.backends.cuda.SDPAParams
     try:
@@ -150,6 +150,30 @@ def _torch_says(check, c: Call) -> list:
     return ["torch: " + s for s in said] or ["refused by torch's own check"]
 
 
+@functools.lru_cache(maxsize=None)
+def _flash_attn_2() -> tuple[Callable | None, str | None]:
+    """(flash_attn.flash_attn_func, None), or (None, why not); cached: a failed import is slow."""
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func
+    except Exception as e:  # ImportError, or a build that does not match this torch
+        return None, f"flash-attn not importable ({type(e).__name__}: {e})"
+    major = int(str(getattr(flash_attn, "__version__", "0")).split(".")[0] or 0)
+    if major < 2:
+        return None, f"flash-attn {flash_attn.__version__} < 2.0"
+    return flash_attn_func, None
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_3() -> Callable | None:
+    """flash_attn_interface.flash_attn_func (FlashAttention-3), or None; cached."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except Exception:
+        return None
+    return flash_attn_func
+
+
 class FlashAttn(Backend):
     """The flash-attn package: FlashAttention-3 (``flash_attn_interface``) on sm90, else FlashAttention-2."""
 
@@ -158,48 +182,28 @@ class FlashAttn(Backend):
     min_capability = (8, 0)
     FA3_HEAD_DIMS = (64, 96, 128, 256)
 
-    def _fa2(self):
-        try:
-            import flash_attn
-            from flash_attn import flash_attn_func
-        except Exception as e:  # ImportError, or a build that does not match this torch
-            return None, f"flash-attn not importable ({type(e).__name__}: {e})"
-        major = int(str(getattr(flash_attn, "__version__", "0")).split(".")[0] or 0)
-        if major < 2:
-            return None, f"flash-attn {flash_attn.__version__} < 2.0"
-        return flash_attn_func, None
-
-    def _fa3(self):
-        try:
-            from flash_attn_interface import flash_attn_func
-        except Exception:
-            return None
-        return flash_attn_func
-
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         if not torch.cuda.is_available():
             return "no CUDA device"
-        return None if self._fa3() or self._fa2()[0] else self._fa2()[1]
+        return None if _flash_attn_3() or _flash_attn_2()[0] else _flash_attn_2()[1]
 
-    def _impl(self, c):
-        if torch.cuda.get_device_capability(c.q.device)[0] == 9 and c.head_dim in self.FA3_HEAD_DIMS and self._fa3():
-            return self._fa3(), True
-        return self._fa2()[0], False
+    def _impl(self, c: Call) -> Callable | None:
+        fa3 = _flash_attn_3()
+        if fa3 and c.head_dim in self.FA3_HEAD_DIMS and torch.cuda.get_device_capability(c.q.device)[0] == 9:
+            return fa3
+        return _flash_attn_2()[0]
 
-    def more_reasons(self, c):
-        if self._impl(c)[0] is None:
-            return [self._fa2()[1] + "; FlashAttention-3 serves only head dims " + str(self.FA3_HEAD_DIMS) + " on sm90"]
+    def more_reasons(self, c: Call) -> list[str]:
+        if self._impl(c) is None:
+            return [f"{_flash_attn_2()[1]}; FlashAttention-3 serves only head dims {self.FA3_HEAD_DIMS} on sm90"]
         if c.q.stride(-1) != 1 or c.k.stride(-1) != 1 or c.v.stride(-1) != 1:
             return ["last dimension not contiguous"]
         return []
 
-    def run(self, c):
-        return self.runner(c)(c.q, c.k, c.v, c.scale)
+    def runner(self, c: Call) -> Runner:
+        fn = self._impl(c)
 
-    def runner(self, c):
-        fn = self._impl(c)[0]
-
-        def run(q, k, v, scale):
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             # flash-attn takes (B, S, H, D): our (B, H, S, D) tensors are views of exactly that layout
             out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
             out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 may also return the log-sum-exp
@@ -220,7 +224,7 @@ BACKENDS = {b.name: b for b in (
 NAMES = (AUTO,) + tuple(BACKENDS)
 
 
-def auto_order(c: Call) -> list:
+def auto_order(c: Call) -> list[str]:
     """Fastest first, per shape, from the measurements in BENCHMARKS.md ("Attention kernels"): cuDNN beats
     PyTorch's flash kernel on every Stable Diffusion shape there, FlashAttention-4 goes first only where
     :data:`fa4.AUTO_FIRST` says it measured faster, and the flash-attn package (not installed in that run)
@@ -258,11 +262,11 @@ def auto_order(c: Call) -> list:
 # ---------------------------------------------------------------------------------------------- choosing
 _default = None
 _local = threading.local()
-_cache = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
+_cache: dict = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
 CACHE_LIMIT = 4096  # entries; past it the oldest quarter is dropped (re-planned if seen again)
 
 
-def _remember(key, value):
+def _remember(key: tuple, value: object) -> object:
     if len(_cache) >= CACHE_LIMIT:
         for old in list(_cache)[: CACHE_LIMIT // 4]:  # list(dict) copies the keys in one step (threads)
             _cache.pop(old, None)
@@ -270,20 +274,21 @@ def _remember(key, value):
     return value
 
 
-def check_name(name):
+def check_name(name: str) -> str:
+    """``name`` if it is ``auto`` or a backend's name, else :class:`AttentionBackendError` naming them all."""
     if name not in NAMES:
         raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of: {', '.join(NAMES)}")
     return name
 
 
-def set_attention_backend(name):
+def set_attention_backend(name: str | None) -> None:
     """The process-wide default (None: back to ``$DIFFUSERS_ATTENTION_BACKEND`` or ``auto``)."""
     global _default
     _default = None if name is None else check_name(name)
 
 
 @contextlib.contextmanager
-def attention_backend(name):
+def attention_backend(name: str) -> Iterator[None]:
     """Use ``name`` for every attention call inside the block (this thread), over any other setting."""
     stack = _local.__dict__.setdefault("stack", [])
     stack.append(check_name(name))
@@ -293,12 +298,17 @@ def attention_backend(name):
         stack.pop()
 
 
-def current(module=None) -> str:
+def backend_for(module: object = None, *, pin: str | None = None, xformers: bool = False) -> str:
+    """The backend name that serves a call for ``module`` now: the innermost ``with attention_backend()``
+    block, else ``pin`` or the backend pinned on ``module`` (``set_attention_backend``), else
+    :data:`XFORMERS_BACKEND` where upstream's xformers switch is on for ``module`` (or ``xformers``: the call
+    comes from one of upstream's xformers processors), else :func:`set_attention_backend`'s, else
+    ``$DIFFUSERS_ATTENTION_BACKEND``, else ``auto``."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    name = getattr(module, "_attention_backend", None)
-    if not name and getattr(module, "_use_memory_efficient_attention_xformers", False):
+    name = pin or getattr(module, "_attention_backend", None)
+    if not name and (xformers or getattr(module, "_use_memory_efficient_attention_xformers", False)):
         name = XFORMERS_BACKEND
     name = name or _default
     if name:
@@ -312,7 +322,10 @@ def current(module=None) -> str:
     return AUTO
 
 
-def _verdict(name, c):
+current = backend_for  # the name callers outside this package use (fastpath.compile_ahead, bench, tests)
+
+
+def _verdict(name: str, c: Call) -> list[str]:
     key = (name, c.key())
     hit = _cache.get(key)
     if hit is None:
@@ -320,10 +333,11 @@ def _verdict(name, c):
     return hit
 
 
-def choose(q, k, v, backend=None, upcast=False, scale=None):
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None, upcast: bool = False,
+           scale: float | None = None) -> str:
     """The backend that serves this call (by name), as the dispatcher would pick it."""
     c = Call(q, k, v, scale, upcast)
-    name = backend or current()
+    name = backend or backend_for()
     if name != AUTO:
         why = _verdict(check_name(name), c)
         if why:
@@ -345,12 +359,13 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
     raise AttentionBackendError(f"no attention backend can serve this call ({c.describe()}):\n  {reasons}")
 
 
-def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              backend: str | None = None, slice_size: int | None = None, upcast: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, Sq, D), k and v (B, H, Sk, D), on the chosen backend.
 
     ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
     The plan for a call (checks, backend, slicing) is made once per signature and cached."""
-    name = backend or current()
+    name = backend or backend_for()
     key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
            slice_size)
     plan = _cache.get(key)
@@ -364,16 +379,21 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
 
 
-def _plan(q, k, v, name, slice_size, upcast):
+def check_slice_size(size: object) -> None:
+    """Refuse, in one line, a slice size that is not a positive whole number (None: no slicing)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+        raise ValueError(f"attention slice size must be a positive whole number or None, got {size!r} "
+                         "(from set_attention_slice / enable_attention_slicing)")
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, slice_size: int | None,
+          upcast: bool) -> Runner:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects 4-d (batch, heads, seq, head dim) tensors, "
                          f"got {q.dim()}, {k.dim()}, {v.dim()}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, numbers.Integral)
-                                   or slice_size < 1):
-        raise ValueError(f"attention slice size must be a positive whole number or None, got {slice_size!r} "
-                         "(from set_attention_slice / enable_attention_slicing)")
+    check_slice_size(slice_size)
     b, h = q.shape[:2]
     limit = slice_size if slice_size and slice_size < b * h else None
     if b * h > MAX_BATCH_HEADS:
@@ -384,15 +404,16 @@ def _plan(q, k, v, name, slice_size, upcast):
         runner = BACKENDS[chosen].runner(c)
         if name == AUTO and chosen == "sdpa" and q.device.type == "cpu":
             per_row = b * h * k.shape[2] * (q.element_size() * 2 + (4 if upcast else 0))  # scores, probabilities
-            rows = max(1, CPU_FALLBACK_SCORES_BUDGET // max(1, per_row))
-            return _finite_or_math(runner, BACKENDS["math"].runner(c), rows)
+            query_rows = max(1, CPU_FALLBACK_SCORES_BUDGET // max(1, per_row))
+            return _finite_or_math(runner, BACKENDS["math"].runner(c), query_rows)
         return runner
     if limit % h == 0:  # whole batch entries per slice: views, no copies
         step = limit // h
         return lambda q, k, v, scale: torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, name,
                                                            None, upcast) for i in range(0, b, step)])
 
-    def rows(q, k, v, scale):  # rows of (batch x heads), as upstream slices
+    def rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Rows of (batch x heads), as upstream slices."""
         flat = [t.reshape(b * h, 1, *t.shape[2:]) for t in (q, k, v)]
         out = torch.cat([attention(flat[0][i:i + limit], flat[1][i:i + limit], flat[2][i:i + limit], scale, name,
                                    None, upcast) for i in range(0, b * h, limit)])
@@ -401,11 +422,11 @@ def _plan(q, k, v, name, slice_size, upcast):
     return rows
 
 
-def _finite_or_math(fused, reference, rows):
+def _finite_or_math(fused: Runner, reference: Runner, rows: int) -> Runner:
     """``fused`` where every input and the scale are finite, else ``reference`` (``math``) on ``rows`` query
     rows at a time: see :func:`auto_order`."""
 
-    def run(q, k, v, scale):
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if _compiling() or not (math.isfinite(scale) and all(bool(torch.isfinite(t).all()) for t in (q, k, v))):
             if q.shape[2] <= rows:
                 return reference(q, k, v, scale)
@@ -416,14 +437,16 @@ def _finite_or_math(fused, reference, rows):
 
 
 # ---------------------------------------------------------------------------------------------- the hooks
-def multihead(module, query, key, value, heads, scale, slice_size=None, upcast=False):
+def multihead(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
+              scale: float | None, slice_size: int | None = None, upcast: bool = False) -> torch.Tensor:
     """Attention over projections (B, S, heads x D) -> (B, Sq, heads x D), for ``module``'s backend."""
     q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2) for t in (query, key, value))
-    out = attention(q, k, v, scale, current(module), slice_size, upcast)
+    out = attention(q, k, v, scale, backend_for(module), slice_size, upcast)
     return out.transpose(1, 2).flatten(2)
 
 
-def cross_attention(module, query, key, value, attention_mask=None):
+def cross_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream; in float32 where the
     module asks for it (``upcast_attention``/``upcast_softmax``, from 0.10: SD 2.x's fp16 UNet).
     ``attention_mask`` (from 0.11: an additive mask of shape (B x heads, Sq or 1, Sk), as upstream builds it)
@@ -434,9 +457,10 @@ def cross_attention(module, query, key, value, attention_mask=None):
     return multihead(module, query, key, value, module.heads, module.scale, module._slice_size, upcast=upcast)
 
 
-def _masked_attention(module, query, key, value, mask, upcast):
+def _masked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor, upcast: bool) -> torch.Tensor:
     """Upstream 0.11's computation with its additive mask, (B x heads)-batched as upstream's ``_attention``."""
-    name = current(module)
+    name = backend_for(module)
     if name not in ("auto", "math"):
         raise AttentionBackendError(
             f"backend {name!r} cannot serve this call: it has an attention_mask (UnCLIP's text states, 0.11+), which "
@@ -452,20 +476,17 @@ def _masked_attention(module, query, key, value, mask, upcast):
     return out.unflatten(0, (b, heads)).transpose(1, 2).flatten(2)
 
 
-def attention_block(module, query, key, value):
+def attention_block(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> torch.Tensor:
     """AttentionBlock (the VAE's): softmax in float32, as upstream."""
     return multihead(module, query, key, value, module.num_heads, 1.0 / math.sqrt(module.channels / module.num_heads),
                      upcast=True)
 
 
-def backend_status() -> list:
+def backend_status() -> list[tuple[str, bool, str]]:
     """(name, available, reason) for each backend in this process, for ``diffusers-cli env``."""
     out = []
     for name, b in BACKENDS.items():
         why = b.unavailable()
         out.append((name, why is None, why or "available"))
     return out
-
-
-def env_info() -> dict:
-    return {f"Attention backend {n}": ("available" if ok else f"unavailable: {why}") for n, ok, why in backend_status()}
