@@ -203,3 +203,62 @@ def test_a_backend_of_ours_set_on_a_transformer_model_reaches_upstreams_dispatch
     assert not seen and calls["upstream"] > 0
     model.set_attention_backend("auto")  # unpins ours only: upstream's own choice stays
     assert all(p._attention_backend == mod.AttentionBackendName._NATIVE_MATH for p in processors)
+
+
+@pytest.fixture
+def fake_upstream(monkeypatch):
+    """Upstream's dispatcher as 0.35 and later has it, faked on whatever release the tree is at: a registry whose
+    active backend came from $DIFFUSERS_ATTN_BACKEND, and a dispatch_attention_fn that counts its calls."""
+    import sys
+    import types
+
+    calls = []
+
+    class Registry:
+        _active_backend = "native"
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False):
+        calls.append(query.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                               value.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)
+
+    fake = types.ModuleType(upstream_choice.UPSTREAM_MODULE)
+    fake._AttentionBackendRegistry, fake.dispatch_attention_fn = Registry, dispatch_attention_fn
+    monkeypatch.setitem(sys.modules, upstream_choice.UPSTREAM_MODULE, fake)
+    monkeypatch.setattr(upstream_choice.named, "explicit", False)
+    monkeypatch.setattr(upstream_choice.named, "depth", 0)
+    monkeypatch.setattr(upstream_choice, "_warned", set())
+    monkeypatch.setattr(dispatch, "_default", None)
+    warned = []
+    monkeypatch.setattr(upstream_choice.logger, "warning", lambda msg, *a: warned.append(msg))
+    return calls, warned
+
+
+def test_upstreams_env_variable_overriding_ours_is_said_once(fake_upstream, monkeypatch):
+    """0.40 and later: $DIFFUSERS_ATTN_BACKEND (upstream's) wins over $DIFFUSERS_ATTENTION_BACKEND (ours), and a
+    warning naming both says so, once."""
+    from diffusers.flash.attention import hooks
+
+    calls, warned = fake_upstream
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    monkeypatch.setenv(upstream_choice.UPSTREAM_ENV, "native")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    hooks.sdpa(q, k, v)
+    assert len(calls) == 1 and warned == []  # upstream's alone is set: nothing of ours is overridden
+    monkeypatch.setenv(dispatch.ENV_VAR, "math")
+    for _ in range(3):
+        torch.testing.assert_close(hooks.sdpa(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert len(calls) == 4  # upstream's setting wins
+    assert len(warned) == 1, warned
+    assert all(s in warned[0] for s in ("$DIFFUSERS_ATTN_BACKEND=native", "$DIFFUSERS_ATTENTION_BACKEND=math",
+                                        "overrides", "runs on upstream's 'native'")), warned[0]
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    dispatch.set_attention_backend("sdpa")  # ours, set through our API this time
+    hooks.sdpa(q, k, v)
+    assert len(warned) == 2 and "set_attention_backend('sdpa')" in warned[1], warned
+    dispatch.set_attention_backend(None)
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV)
+    hooks.sdpa(q, k, v)
+    assert len(calls) == 5 and len(warned) == 2  # no upstream setting: ours serves, nothing to say
