@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from diffusers.flash.attention import dispatch as ad  # noqa: E402
+from diffusers.flash.attention import flash_attn_package as fa  # noqa: E402
 from diffusers.flash.attention.base import Backend, Call  # noqa: E402
 
 
@@ -40,14 +41,14 @@ def test_the_flash_attn_package_is_looked_for_once(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    ad._flash_attn_2.cache_clear()
-    ad._flash_attn_3.cache_clear()
+    fa._flash_attn_2.cache_clear()
+    fa._flash_attn_3.cache_clear()
     monkeypatch.setattr(builtins, "__import__", counting)
     try:
-        answers = {ad.FlashAttn().unavailable() for _ in range(5)}
+        answers = {fa.FlashAttn().unavailable() for _ in range(5)}
     finally:
         monkeypatch.setattr(builtins, "__import__", real)
-        ad._flash_attn_2.cache_clear()
-        ad._flash_attn_3.cache_clear()
+        fa._flash_attn_2.cache_clear()
+        fa._flash_attn_3.cache_clear()
     assert len(answers) == 1
     assert len(tried) <= 3, tried  # flash_attn_interface once; flash_attn (and its function) once

@@ -161,3 +161,25 @@ def test_every_name_the_patches_take_from_the_package_exists():
     assert not missing, f"names the patches use that the package lacks: {sorted(missing)}"
     assert {"diffusers.flash.attention.hooks", "flash_hooks.bmm_attention", "attention_dispatch.cross_attention",
             "diffusers.flash.mixins.PipelineMixin", "diffusers.flash.cli.attention_env_info"} <= checked, checked
+
+
+def test_type_hints_are_checked_in_the_attention_package_only():
+    """pyproject.toml has ruff check annotations (ANN) in src/diffusers/flash/attention/ and nowhere else yet."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    code = "def scaled(x, factor):\n    return x * factor\n"
+
+    def codes(path: str) -> str:
+        done = subprocess.run([ruff, "check", "--output-format", "concise", "--stdin-filename", path, "-"],
+                              input=code, capture_output=True, text=True, cwd=ROOT.parent)
+        return done.stdout
+
+    assert "ANN001" in codes("src/diffusers/flash/attention/example.py")
+    assert "ANN201" in codes("src/diffusers/flash/attention/example.py")
+    assert "ANN" not in codes("src/diffusers/flash/fastpath/example.py")

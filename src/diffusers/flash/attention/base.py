@@ -17,7 +17,7 @@ class Call:
 
     __slots__ = ("q", "k", "v", "scale", "upcast")
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, upcast: bool = False):
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, upcast: bool = False) -> None:
         self.q, self.k, self.v, self.scale, self.upcast = q, k, v, scale, upcast
 
     @property
