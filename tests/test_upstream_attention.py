@@ -258,7 +258,13 @@ def test_upstreams_env_variable_overriding_ours_is_said_once(fake_upstream, monk
     dispatch.set_attention_backend("sdpa")  # ours, set through our API this time
     hooks.sdpa(q, k, v)
     assert len(warned) == 2 and "set_attention_backend('sdpa')" in warned[1], warned
+    with dispatch.attention_backend("math"):
+        hooks.sdpa(q, k, v)
+    assert len(warned) == 3 and "with attention_backend('math')" in warned[2], warned
+    dispatch.set_attention_backend("auto")  # auto names nothing: nothing of ours is overridden
+    hooks.sdpa(q, k, v)
+    assert len(warned) == 3, warned
     dispatch.set_attention_backend(None)
     monkeypatch.delenv(upstream_choice.UPSTREAM_ENV)
     hooks.sdpa(q, k, v)
-    assert len(calls) == 5 and len(warned) == 2  # no upstream setting: ours serves, nothing to say
+    assert len(calls) == 7 and len(warned) == 3  # no upstream setting: ours serves, nothing to say

@@ -260,7 +260,22 @@ def backend_for(module: object = None, *, pin: str | None = None, xformers: bool
     return AUTO
 
 
-current = backend_for  # the name callers outside this package use (fastpath.compile_ahead, bench, tests)
+current = backend_for  # the same function, under the name fastpath/compile_ahead.py calls
+
+
+def named_setting() -> str | None:
+    """Where this thread names a backend of ours other than ``auto``, apart from a module's pin: the innermost
+    ``with attention_backend(...)``, else ``set_attention_backend(...)``, else ``$DIFFUSERS_ATTENTION_BACKEND``,
+    as words; None where nothing is named (``auto``)."""
+    stack = getattr(_local, "stack", None)
+    env = os.environ.get(ENV_VAR, "").strip()
+    if stack:
+        name, where = stack[-1], f"with attention_backend({stack[-1]!r})"
+    elif _default is not None:
+        name, where = _default, f"set_attention_backend({_default!r})"
+    else:
+        name, where = env, f"${ENV_VAR}={env}"
+    return where if name and name != AUTO else None
 
 
 def _verdict(name: str, c: Call) -> list[str]:

@@ -6,8 +6,9 @@ upstream's ``dispatch_attention_fn`` on it (:func:`upstream_sdpa`).
 From 0.35 upstream has its own attention backends, named by its ``attention_backend()`` context, by a
 model's upstream ``set_attention_backend`` (both recorded here by :func:`upstream_dispatch.track`) or by
 ``$DIFFUSERS_ATTN_BACKEND``. Where one is named, it wins over ours. Where it wins only because of
-``$DIFFUSERS_ATTN_BACKEND`` while ours is set too (``$DIFFUSERS_ATTENTION_BACKEND`` or
-``set_attention_backend``), a warning says so, once per pair of settings.
+``$DIFFUSERS_ATTN_BACKEND`` while ours names a backend too (``$DIFFUSERS_ATTENTION_BACKEND``,
+``set_attention_backend`` or ``with attention_backend(...)``: :func:`dispatch.named_setting`), a warning
+says so, once per pair of settings.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import threading
 import torch
 
 from diffusers.flash.attention import dispatch
+from diffusers.flash.attention.base import _compiling
 from diffusers.utils import logging
 
 __all__ = ["UPSTREAM_ENV", "UPSTREAM_MODULE", "upstream_backend", "upstream_sdpa"]
@@ -52,21 +54,19 @@ def upstream_backend() -> str | None:
     if named.depth or named.explicit:
         return reg._active_backend
     if os.environ.get(UPSTREAM_ENV):
-        _say_upstream_env_wins(reg._active_backend)
+        if not _compiling():  # a logger call would break torch.compile's graph
+            _say_upstream_env_wins(reg._active_backend)
         return reg._active_backend
     return None
 
 
 def _say_upstream_env_wins(theirs: object) -> None:
-    """Warn, once per pair of settings, that ``$DIFFUSERS_ATTN_BACKEND`` overrides a backend of ours."""
-    env = os.environ.get(dispatch.ENV_VAR, "").strip()
-    ours = f"${dispatch.ENV_VAR}={env}" if env else None
-    if dispatch._default is not None:
-        ours = f"set_attention_backend({dispatch._default!r})"
-    if ours is None or (env or dispatch._default) == dispatch.AUTO:
+    """Warn, once per pair of settings, that ``$DIFFUSERS_ATTN_BACKEND`` overrides a backend named ours."""
+    ours = dispatch.named_setting()
+    if ours is None:
         return
-    theirs = getattr(theirs, "value", theirs)
-    key = (ours, os.environ.get(UPSTREAM_ENV), str(theirs))
+    theirs = str(getattr(theirs, "value", theirs))
+    key = (ours, os.environ.get(UPSTREAM_ENV), theirs)
     if key in _warned:
         return
     _warned.add(key)
