@@ -268,3 +268,35 @@ def test_upstreams_env_variable_overriding_ours_is_said_once(fake_upstream, monk
     monkeypatch.delenv(upstream_choice.UPSTREAM_ENV)
     hooks.sdpa(q, k, v)
     assert len(calls) == 7 and len(warned) == 3  # no upstream setting: ours serves, nothing to say
+
+
+def test_serve_hands_upstreams_calls_to_our_dispatcher_on_any_release(fake_upstream, monkeypatch):
+    """upstream_dispatch.serve, the hook at the top of upstream's dispatch_attention_fn, called as that function
+    calls it (tensors (batch, seq, heads, head dim)), with upstream's registry faked where the tree has none."""
+    calls, _ = fake_upstream
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV, raising=False)
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2)).transpose(1, 2)
+    seen = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+
+    def serve(backend=None, attn_mask=None, attention_kwargs=None):
+        return upstream_dispatch.serve(q, k, v, attn_mask, 0.0, False, None, False, attention_kwargs, backend, None)
+
+    torch.testing.assert_close(serve(), want)
+    torch.testing.assert_close(serve(upstream_dispatch.Pinned("math")), want, atol=1e-5, rtol=1e-5)
+    assert seen == ["auto", "math"]
+    with dispatch.attention_backend("sdpa"):  # the with block wins over a pin, as on our own modules
+        serve(upstream_dispatch.Pinned("math"))
+    assert seen[-1] == "sdpa"
+    with pytest.raises(dispatch.AttentionBackendError, match="sdpa-cudnn"):
+        serve(upstream_dispatch.Pinned("sdpa-cudnn"))
+    with pytest.raises(dispatch.AttentionBackendError, match="backend-specific keywords"):
+        serve(upstream_dispatch.Pinned("math"), attention_kwargs={"window": 4})
+    assert serve(attn_mask=torch.zeros(2, 3, 6, 6)) is None  # a mask under auto: upstream's native
+    assert serve("native") is None  # upstream's own backend name on the processor
+    monkeypatch.setenv(upstream_choice.UPSTREAM_ENV, "native")
+    assert serve() is None and serve(upstream_dispatch.Pinned("math")) is None  # named upstream's way: it wins
+    assert seen == ["auto", "math", "sdpa", "sdpa-cudnn"] and calls == []

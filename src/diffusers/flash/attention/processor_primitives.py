@@ -112,9 +112,9 @@ def bmm_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     softmax is float32 where the module asks for it (``upcast_attention``/``upcast_softmax``), as
     upstream's. With a mask, or a backend named upstream's way, upstream's own computation runs (with a
     mask: ``auto``/``math`` only)."""
-    name = dispatch.backend_for(attn)
     if upstream_choice.upstream_backend() is not None:
         return torch.bmm(attn.get_attention_scores(query, key, attention_mask), value)
+    name = dispatch.backend_for(attn)
     if attention_mask is not None:
         _refuse_extras(name, "an attention mask")
         probs = attn.get_attention_scores(query, key, attention_mask)
