@@ -15,7 +15,10 @@ from diffusers.flash.attention.pinning import attention_classes  # noqa: E402
 
 def _upstream():
     """Upstream's dispatcher module (0.35 and later), else skip with the reason."""
-    mod = importlib.import_module("diffusers.models.attention_dispatch")
+    try:
+        mod = importlib.import_module(upstream_choice.UPSTREAM_MODULE)
+    except ModuleNotFoundError:  # 0.5-0.34: no such module (at the pin it is an alias of our dispatcher)
+        mod = None
     if not hasattr(mod, "_AttentionBackendRegistry"):
         pytest.skip("this release has no attention backend API of upstream's own (it came in 0.35)")
     return mod
