@@ -11,9 +11,9 @@ from diffusers.flash.attention import dispatch as ad
 
 try:
     from diffusers.models.attention import AttentionBlock, CrossAttention
-except ImportError:  # 0.15 and later: processors; tests/test_attention_hooks.py and test_upstream_attention.py
-    pytest.skip("this release has no CrossAttention/AttentionBlock modules (0.4-0.14): its processors are "
-                "tested in test_attention_hooks.py and test_upstream_attention.py", allow_module_level=True)
+except ImportError:  # 0.15 and later: processors, tested in the files named below
+    pytest.skip("this release has no CrossAttention/AttentionBlock modules (0.4-0.14): its processors are tested "
+                "in test_attention_processor_primitives.py and test_upstream_attention.py", allow_module_level=True)
 
 CPU_BACKENDS = [n for n, ok, _ in ad.backend_status() if ok and n in ("math", "sdpa")]
 
@@ -312,21 +312,21 @@ def test_unknown_names_refused_when_set():
 def test_env_var_and_precedence(monkeypatch, stand_ins):
     monkeypatch.setenv(ad.ENV_VAR, "slow")
     module = CrossAttention(8, heads=2, dim_head=4)
-    assert ad.current(module) == "slow"
+    assert ad.backend_for(module) == "slow"
     ad.set_attention_backend("mid")
-    assert ad.current(module) == "mid"
+    assert ad.backend_for(module) == "mid"
     module._attention_backend = "math"
-    assert ad.current(module) == "math"
+    assert ad.backend_for(module) == "math"
     with ad.attention_backend("fast"):
-        assert ad.current(module) == "fast"
+        assert ad.backend_for(module) == "fast"
         with ad.attention_backend("slow"):
-            assert ad.current(module) == "slow"
-        assert ad.current(module) == "fast"
-    assert ad.current(module) == "math"
+            assert ad.backend_for(module) == "slow"
+        assert ad.backend_for(module) == "fast"
+    assert ad.backend_for(module) == "math"
     monkeypatch.setenv(ad.ENV_VAR, "warp-drive")
     ad.set_attention_backend(None)
     with pytest.raises(ad.AttentionBackendError, match=r"\$DIFFUSERS_ATTENTION_BACKEND: unknown"):
-        ad.current()
+        ad.backend_for()
 
 
 def test_model_and_pipeline_setters_reach_every_attention_module():
@@ -379,15 +379,15 @@ def test_upstream_xformers_switch_goes_to_our_memory_efficient_backend(monkeypat
     xformers call is never made (on the CPU the backend refuses, with its reason)."""
     attn = CrossAttention(32, heads=2, dim_head=16).eval()
     x = rand(1, 8, 32)
-    assert ad.current(attn) == "auto"
+    assert ad.backend_for(attn) == "auto"
     attn._use_memory_efficient_attention_xformers = True
-    assert ad.current(attn) == ad.XFORMERS_BACKEND == "sdpa-efficient"
+    assert ad.backend_for(attn) == ad.XFORMERS_BACKEND == "sdpa-efficient"
     monkeypatch.setattr(type(attn), "_memory_efficient_attention_xformers",
                         lambda *a: pytest.fail("upstream's xformers path was taken"), raising=False)
     with torch.no_grad(), pytest.raises(ad.AttentionBackendError, match="sdpa-efficient"):
         attn(x)
     attn._attention_backend = "math"  # set_attention_backend() on the module wins over the switch
-    assert ad.current(attn) == "math"
+    assert ad.backend_for(attn) == "math"
     with torch.no_grad():
         attn(x)
 

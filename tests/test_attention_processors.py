@@ -1,15 +1,16 @@
 """From 0.12 upstream computes attention in processor classes (models/cross_attention.py); patch 0004 replaces
-the attention primitive inside each of them with a drop-in of flash/attention/hooks.py. These tests build a
-small UNet2DConditionModel and AutoencoderKL at the laid-down release and check that every attention call
-reaches our dispatcher, with upstream's default processor and with each processor class upstream ships set
-through upstream's own switches (set_attn_processor, set_processor, set_attention_slice, the xformers one)."""
+the attention primitive inside each of them with a drop-in of flash/attention/processor_primitives.py. These
+tests build a small UNet2DConditionModel and AutoencoderKL at the laid-down release and check that every
+attention call reaches our dispatcher, with upstream's default processor and with each processor class upstream
+ships set through upstream's own switches (set_attn_processor, set_processor, set_attention_slice, the xformers one)."""
 import importlib
 import inspect
 
 import pytest
 import torch
 
-from diffusers.flash.attention import dispatch, hooks
+from diffusers.flash.attention import dispatch
+from diffusers.flash.attention import processor_primitives as hooks
 from diffusers.flash.attention.dispatch import AttentionBackendError, attention_backend
 
 try:

@@ -9,13 +9,16 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.flash.attention import dispatch, upstream_dispatch  # noqa: E402
-from diffusers.flash.attention.mixin import attention_classes  # noqa: E402
+from diffusers.flash.attention import dispatch, upstream_choice, upstream_dispatch  # noqa: E402
+from diffusers.flash.attention.pinning import attention_classes  # noqa: E402
 
 
 def _upstream():
     """Upstream's dispatcher module (0.35 and later), else skip with the reason."""
-    mod = importlib.import_module("diffusers.models.attention_dispatch")
+    try:
+        mod = importlib.import_module(upstream_choice.UPSTREAM_MODULE)
+    except ModuleNotFoundError:  # 0.5-0.34: no such module (at the pin it is an alias of our dispatcher)
+        mod = None
     if not hasattr(mod, "_AttentionBackendRegistry"):
         pytest.skip("this release has no attention backend API of upstream's own (it came in 0.35)")
     return mod
@@ -109,8 +112,8 @@ def upstream(monkeypatch):
 
     monkeypatch.setitem(reg._backends, name, counting)
     monkeypatch.setattr(reg, "_active_backend", reg._active_backend)
-    monkeypatch.setattr(upstream_dispatch._named, "explicit", False)
-    monkeypatch.delenv(upstream_dispatch.UPSTREAM_ENV, raising=False)
+    monkeypatch.setattr(upstream_choice.named, "explicit", False)
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV, raising=False)
     return mod, calls
 
 
@@ -122,7 +125,7 @@ def test_a_backend_named_through_upstreams_context_wins(spy, upstream, build, ru
     with mod.attention_backend("_native_math"):
         run(model)
     assert spy["ours"] == 0 and calls["upstream"] == spy["modules"] > 0, (spy, calls)
-    assert upstream_dispatch.upstream_backend() is None  # the context is over: ours again
+    assert upstream_choice.upstream_backend() is None  # the context is over: ours again
     run(model)
     assert spy["ours"] > 0
 
@@ -203,3 +206,100 @@ def test_a_backend_of_ours_set_on_a_transformer_model_reaches_upstreams_dispatch
     assert not seen and calls["upstream"] > 0
     model.set_attention_backend("auto")  # unpins ours only: upstream's own choice stays
     assert all(p._attention_backend == mod.AttentionBackendName._NATIVE_MATH for p in processors)
+
+
+@pytest.fixture
+def fake_upstream(monkeypatch):
+    """Upstream's dispatcher as 0.35 and later has it, faked on whatever release the tree is at: a registry whose
+    active backend came from $DIFFUSERS_ATTN_BACKEND, and a dispatch_attention_fn that counts its calls."""
+    import sys
+    import types
+
+    calls = []
+
+    class Registry:
+        _active_backend = "native"
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                              enable_gqa=False):
+        calls.append(query.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                               value.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)
+
+    fake = types.ModuleType(upstream_choice.UPSTREAM_MODULE)
+    fake._AttentionBackendRegistry, fake.dispatch_attention_fn = Registry, dispatch_attention_fn
+    monkeypatch.setitem(sys.modules, upstream_choice.UPSTREAM_MODULE, fake)
+    monkeypatch.setattr(upstream_choice.named, "explicit", False)
+    monkeypatch.setattr(upstream_choice.named, "depth", 0)
+    monkeypatch.setattr(upstream_choice, "_warned", set())
+    monkeypatch.setattr(dispatch, "_default", None)
+    warned = []
+    monkeypatch.setattr(upstream_choice.logger, "warning", lambda msg, *a: warned.append(msg))
+    return calls, warned
+
+
+def test_upstreams_env_variable_overriding_ours_is_said_once(fake_upstream, monkeypatch):
+    """0.40 and later: $DIFFUSERS_ATTN_BACKEND (upstream's) wins over $DIFFUSERS_ATTENTION_BACKEND (ours), and a
+    warning naming both says so, once."""
+    from diffusers.flash.attention import hooks
+
+    calls, warned = fake_upstream
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    monkeypatch.setenv(upstream_choice.UPSTREAM_ENV, "native")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    hooks.sdpa(q, k, v)
+    assert len(calls) == 1 and warned == []  # upstream's alone is set: nothing of ours is overridden
+    monkeypatch.setenv(dispatch.ENV_VAR, "math")
+    for _ in range(3):
+        torch.testing.assert_close(hooks.sdpa(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert len(calls) == 4  # upstream's setting wins
+    assert len(warned) == 1, warned
+    assert all(s in warned[0] for s in ("$DIFFUSERS_ATTN_BACKEND=native", "$DIFFUSERS_ATTENTION_BACKEND=math",
+                                        "overrides", "runs on upstream's 'native'")), warned[0]
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    dispatch.set_attention_backend("sdpa")  # ours, set through our API this time
+    hooks.sdpa(q, k, v)
+    assert len(warned) == 2 and "set_attention_backend('sdpa')" in warned[1], warned
+    with dispatch.attention_backend("math"):
+        hooks.sdpa(q, k, v)
+    assert len(warned) == 3 and "with attention_backend('math')" in warned[2], warned
+    dispatch.set_attention_backend("auto")  # auto names nothing: nothing of ours is overridden
+    hooks.sdpa(q, k, v)
+    assert len(warned) == 3, warned
+    dispatch.set_attention_backend(None)
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV)
+    hooks.sdpa(q, k, v)
+    assert len(calls) == 7 and len(warned) == 3  # no upstream setting: ours serves, nothing to say
+
+
+def test_serve_hands_upstreams_calls_to_our_dispatcher_on_any_release(fake_upstream, monkeypatch):
+    """upstream_dispatch.serve, the hook at the top of upstream's dispatch_attention_fn, called as that function
+    calls it (tensors (batch, seq, heads, head dim)), with upstream's registry faked where the tree has none."""
+    calls, _ = fake_upstream
+    monkeypatch.delenv(upstream_choice.UPSTREAM_ENV, raising=False)
+    q, k, v = (torch.randn(2, 6, 3, 8) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                             v.transpose(1, 2)).transpose(1, 2)
+    seen = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+
+    def serve(backend=None, attn_mask=None, attention_kwargs=None):
+        return upstream_dispatch.serve(q, k, v, attn_mask, 0.0, False, None, False, attention_kwargs, backend, None)
+
+    torch.testing.assert_close(serve(), want)
+    torch.testing.assert_close(serve(upstream_dispatch.Pinned("math")), want, atol=1e-5, rtol=1e-5)
+    assert seen == ["auto", "math"]
+    with dispatch.attention_backend("sdpa"):  # the with block wins over a pin, as on our own modules
+        serve(upstream_dispatch.Pinned("math"))
+    assert seen[-1] == "sdpa"
+    with pytest.raises(dispatch.AttentionBackendError, match="sdpa-cudnn"):
+        serve(upstream_dispatch.Pinned("sdpa-cudnn"))
+    with pytest.raises(dispatch.AttentionBackendError, match="backend-specific keywords"):
+        serve(upstream_dispatch.Pinned("math"), attention_kwargs={"window": 4})
+    assert serve(attn_mask=torch.zeros(2, 3, 6, 6)) is None  # a mask under auto: upstream's native
+    assert serve("native") is None  # upstream's own backend name on the processor
+    monkeypatch.setenv(upstream_choice.UPSTREAM_ENV, "native")
+    assert serve() is None and serve(upstream_dispatch.Pinned("math")) is None  # named upstream's way: it wins
+    assert seen == ["auto", "math", "sdpa", "sdpa-cudnn"] and calls == []

@@ -20,11 +20,14 @@ Loading (``diffusers.flash.loading``)
     ``from_pretrained`` / ``save_pretrained(..., safe_serialization=True)`` as upstream's, made safe: see
     ``diffusers.flash.loading.safe_loading``.
 
-Layout: ``attention/`` (the dispatcher, its backends, the model mixin), ``fastpath/`` (CUDA graphs,
-compile, the compile helper, the pipeline mixin), ``loading/`` (safe weights), ``compat/`` (today's
-huggingface_hub, transformers and jax for Diffusers 0.4), ``cli.py`` (``diffusers-cli env`` lines),
-``local_pipelines.py`` (pipelines built locally with random weights), ``mixins.py`` (what the patches add to
-Diffusers' base classes). The patches in ``patches/`` are one-line hooks into these modules.
+Layout: ``attention/`` (the dispatcher and its backends; the drop-ins for upstream's processors; the adapter
+to upstream's own dispatcher; pinning a backend on a model), ``fastpath/`` (CUDA graphs, compile, the compile
+helper, the pipeline mixin), ``loading/`` (safe weights), ``compat/`` (today's huggingface_hub, transformers
+and jax for Diffusers 0.4), ``cli_env.py`` (``diffusers-cli env`` lines), ``local_pipelines.py`` (pipelines
+built locally with random weights), ``base_classes.py`` (what the patches add to Diffusers' base classes).
+The patches in ``patches/`` are one-line hooks into these modules; ``cli.py``, ``mixins.py``,
+``attention/hooks.py`` and ``attention/mixin.py`` are the paths they import, each the same module object as
+the one named here.
 """
 from __future__ import annotations
 

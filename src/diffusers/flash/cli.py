@@ -1,10 +1,7 @@
-# diffusers-flash: what `diffusers-cli env` adds (patch 0004): each attention backend, available or why not.
-from diffusers.utils import is_torch_available
+"""``diffusers.flash.cli``, the path patch 0004 imports: the same module object as
+:mod:`diffusers.flash.cli_env`."""
+import sys
 
+from diffusers.flash import cli_env
 
-def attention_env_info() -> dict:
-    if not is_torch_available():
-        return {"Attention backends": "none (torch is not installed)"}
-    from diffusers.flash.attention.dispatch import env_info
-
-    return env_info()
+sys.modules[__name__] = cli_env

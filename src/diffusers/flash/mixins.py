@@ -1,10 +1,7 @@
-# diffusers-flash: what the patches add to Diffusers' base classes (patch 0004): ModelMixin gains
-# AttentionBackendMixin, DiffusionPipeline gains PipelineMixin.
-from diffusers.flash.attention.mixin import AttentionBackendMixin
-from diffusers.flash.fastpath.mixin import FastPathMixin
+"""``diffusers.flash.mixins``, the path patch 0004 imports: the same module object as
+:mod:`diffusers.flash.base_classes`."""
+import sys
 
-__all__ = ["AttentionBackendMixin", "FastPathMixin", "PipelineMixin"]
+from diffusers.flash import base_classes
 
-
-class PipelineMixin(AttentionBackendMixin, FastPathMixin):
-    """What DiffusionPipeline gains: ``set_attention_backend`` (every model of the pipeline) and the fast path."""
+sys.modules[__name__] = base_classes

@@ -1,17 +1,17 @@
 # diffusers-flash: the attention dispatcher. models/attention.py (patch 0004) sends every CrossAttention
-# and AttentionBlock call here; this module picks the kernel.
+# and AttentionBlock call here (cross_attention, attention_block); this module picks the kernel.
 """Attention backends and the dispatcher that picks one per call.
 
 Each backend states its limits as data (devices, dtypes, largest head dim, smallest compute
 capability, package) and turns them into plain sentences with :meth:`Backend.reasons`; PyTorch's own
-per-kernel checks add theirs. ``auto`` walks a per-shape priority list (:func:`auto_order`, from
-measurements on an H100, see PATCHES.md) and takes the first backend with no reasons, logging once
-per shape (debug level) what it chose and why faster ones were skipped. A backend chosen by name
-that cannot serve a call raises :class:`AttentionBackendError` listing its reasons.
+per-kernel checks add theirs. ``auto`` walks a per-shape priority list (:func:`auto_order`, from the
+measurements in BENCHMARKS.md) and takes the first backend with no reasons, logging once per shape
+(debug level) what it chose and why faster ones were skipped. A backend chosen by name that cannot
+serve a call raises :class:`AttentionBackendError` listing its reasons.
 
-Choosing: ``DIFFUSERS_ATTENTION_BACKEND`` (process default) < :func:`set_attention_backend` <
-``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)`` < ``with
-attention_backend(name):``.
+Choosing (:func:`backend_for`): ``DIFFUSERS_ATTENTION_BACKEND`` (process default) <
+:func:`set_attention_backend` < ``model.set_attention_backend(name)`` / ``pipe.set_attention_backend(name)``
+< ``with attention_backend(name):``.
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ import numbers
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from diffusers.flash.attention import fa4
-from diffusers.flash.attention.base import HALF, Backend, Call, _compiling  # noqa: F401  (re-exported)
+from diffusers.flash.attention.flash_attn_package import FlashAttn
+from diffusers.flash.attention.base import HALF, Backend, Call, Runner, _compiling  # noqa: F401  (re-exported)
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -35,6 +37,7 @@ ENV_VAR = "DIFFUSERS_ATTENTION_BACKEND"
 AUTO = "auto"
 MAX_BATCH_HEADS = 65535  # CUDA grid limit on the batch x heads axis of several kernels: larger calls go in chunks
 MATH_SCORES_BUDGET = 2 << 30  # bytes of score matrices `auto` lets batched matmuls build (VAE, head dim 512)
+CPU_FALLBACK_SCORES_BUDGET = 64 << 20  # bytes of scores and probabilities `auto`'s CPU fallback builds at once
 # upstream's xformers switch (enable_xformers_memory_efficient_attention, 0.7 to 0.11) asks for memory-efficient
 # attention: a module it switched on runs on this backend of ours (PyTorch's memory-efficient kernel, which is
 # xformers' own), unless a backend is named for it; upstream's xformers call is never made
@@ -53,7 +56,7 @@ class Math(Backend):
     devices = ("cpu", "cuda", "mps", "xpu")
     dtypes = None
 
-    def run(self, c):
+    def run(self, c: Call) -> torch.Tensor:
         scores = torch.matmul(c.q, c.k.transpose(-1, -2)) * c.scale
         probs = scores.float().softmax(dim=-1).type(scores.dtype) if c.upcast else scores.softmax(dim=-1)
         return torch.matmul(probs, c.v)
@@ -62,13 +65,14 @@ class Math(Backend):
 class SDPA(Backend):
     """PyTorch's scaled_dot_product_attention; ``kernel`` forces one of its backends."""
 
-    def __init__(self, name, kernel=None, check=None, dtypes=HALF, max_head_dim=None):
+    def __init__(self, name: str, kernel: str | None = None, check: str | None = None, dtypes: tuple = HALF,
+                 max_head_dim: int | None = None) -> None:
         self.name, self.kernel, self.check = name, kernel, check
         self.devices = ("cuda",) if kernel else ("cpu", "cuda", "mps", "xpu")
         self.dtypes = dtypes if kernel else None
         self.max_head_dim = max_head_dim
 
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         if self.kernel is None:
             return None
         if not torch.cuda.is_available():
@@ -81,19 +85,16 @@ class SDPA(Backend):
             return f"torch {torch.__version__} cannot force one SDPA kernel (torch.nn.attention: 2.3+)"
         return None
 
-    def more_reasons(self, c):
+    def more_reasons(self, c: Call) -> list[str]:
         return _torch_says(getattr(torch.backends.cuda, self.check), c) if self.check else []
 
-    def run(self, c):
-        return self.runner(c)(c.q, c.k, c.v, c.scale)
-
-    def runner(self, c):
+    def runner(self, c: Call) -> Runner:
         if self.kernel is None or _torch_would_pick(self.kernel, c):
             return _sdpa  # no forcing needed: PyTorch takes this kernel for this shape by itself
         return lambda q, k, v, scale: _forced_sdpa(self.kernel, q, k, v, scale)
 
 
-def _sdpa(q, k, v, scale):
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -103,7 +104,7 @@ _SWITCHES = {  # SDPBackend name -> the torch.backends.cuda switch that enables 
 }
 
 
-def _forced_sdpa(kernel, q, k, v, scale):
+def _forced_sdpa(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """SDPA with one kernel forced. torch's sdpa_kernel() context costs tens of microseconds a call,
     a real share of a launch-bound UNet step, so eager calls flip torch's switches directly."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -122,7 +123,7 @@ def _forced_sdpa(kernel, q, k, v, scale):
             getattr(cuda, "enable_" + name)(on)
 
 
-def _torch_would_pick(kernel, c) -> bool:
+def _torch_would_pick(kernel: str, c: Call) -> bool:
     """Whether PyTorch's own SDPA choice for this call is ``kernel`` (then it need not be forced)."""
     try:
         from torch.nn.attention import SDPBackend
@@ -133,7 +134,7 @@ def _torch_would_pick(kernel, c) -> bool:
         return False
 
 
-def _torch_says(check, c: Call) -> list:
+def _torch_says(check: Callable, c: Call) -> list[str]:
     """PyTorch's own verdict on a forced SDPA kernel, with the reasons it warns in debug mode."""
     params = torch.backends.cuda.SDPAParams
     try:
@@ -149,64 +150,6 @@ def _torch_says(check, c: Call) -> list:
     return ["torch: " + s for s in said] or ["refused by torch's own check"]
 
 
-class FlashAttn(Backend):
-    """The flash-attn package: FlashAttention-3 (``flash_attn_interface``) on sm90, else FlashAttention-2."""
-
-    name = "flash-attn"
-    max_head_dim = 256
-    min_capability = (8, 0)
-    FA3_HEAD_DIMS = (64, 96, 128, 256)
-
-    def _fa2(self):
-        try:
-            import flash_attn
-            from flash_attn import flash_attn_func
-        except Exception as e:  # ImportError, or a build that does not match this torch
-            return None, f"flash-attn not importable ({type(e).__name__}: {e})"
-        major = int(str(getattr(flash_attn, "__version__", "0")).split(".")[0] or 0)
-        if major < 2:
-            return None, f"flash-attn {flash_attn.__version__} < 2.0"
-        return flash_attn_func, None
-
-    def _fa3(self):
-        try:
-            from flash_attn_interface import flash_attn_func
-        except Exception:
-            return None
-        return flash_attn_func
-
-    def unavailable(self):
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        return None if self._fa3() or self._fa2()[0] else self._fa2()[1]
-
-    def _impl(self, c):
-        if torch.cuda.get_device_capability(c.q.device)[0] == 9 and c.head_dim in self.FA3_HEAD_DIMS and self._fa3():
-            return self._fa3(), True
-        return self._fa2()[0], False
-
-    def more_reasons(self, c):
-        if self._impl(c)[0] is None:
-            return [self._fa2()[1] + "; FlashAttention-3 serves only head dims " + str(self.FA3_HEAD_DIMS) + " on sm90"]
-        if c.q.stride(-1) != 1 or c.k.stride(-1) != 1 or c.v.stride(-1) != 1:
-            return ["last dimension not contiguous"]
-        return []
-
-    def run(self, c):
-        return self.runner(c)(c.q, c.k, c.v, c.scale)
-
-    def runner(self, c):
-        fn = self._impl(c)[0]
-
-        def run(q, k, v, scale):
-            # flash-attn takes (B, S, H, D): our (B, H, S, D) tensors are views of exactly that layout
-            out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
-            out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 may also return the log-sum-exp
-            return out.transpose(1, 2)
-
-        return run
-
-
 BACKENDS = {b.name: b for b in (
     fa4.FlashAttention4(),
     FlashAttn(),
@@ -219,20 +162,28 @@ BACKENDS = {b.name: b for b in (
 NAMES = (AUTO,) + tuple(BACKENDS)
 
 
-def auto_order(c: Call) -> list:
-    """Fastest first, per shape. Measured on an H100 (torch 2.11, cuDNN 9.19; BENCHMARKS.md has the table):
-    cuDNN beats FlashAttention-2 on every SD 1.x UNet shape; for head dim > 256 (the VAE's 512) no flash
-    kernel runs and batched matmuls beat the memory-efficient kernel, as long as the scores fit a budget.
-    The order never depends on grad mode: gradient checkpointing re-runs forwards under no_grad, and
-    must get the same kernel, hence the same numbers.
+def auto_order(c: Call) -> list[str]:
+    """Fastest first, per shape, from the measurements in BENCHMARKS.md ("Attention kernels"): cuDNN beats
+    PyTorch's flash kernel on every Stable Diffusion shape there, FlashAttention-4 goes first only where
+    :data:`fa4.AUTO_FIRST` says it measured faster, and the flash-attn package (not installed in that run)
+    comes after cuDNN; for head dim > 256 (the VAE's 512) no flash kernel runs and batched matmuls beat the
+    memory-efficient kernel, as long as the scores fit a budget. The order never depends on grad mode:
+    gradient checkpointing re-runs forwards under no_grad, and must get the same kernel, hence the same numbers.
 
     Non-finite inputs: on the CPU, PyTorch's fused SDPA kernel returns finite numbers (a row of zeros, or
-    a finite row in bfloat16) for some rows whose scores hold an infinity, where ``math`` and a float64
-    reference give NaN. ``auto`` therefore checks a CPU call's inputs (a host-side check, free there) and
-    sends a call with any inf or NaN to ``math``, so that ``auto`` and ``math`` agree on every input on
-    the CPU (under torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
-    ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no such check runs (it would make
-    the host wait for the GPU at every call): the fused kernels' own handling of non-finite inputs holds."""
+    a finite row in bfloat16) for some rows whose scores hold an infinity or a NaN, where ``math`` and a
+    float64 reference give NaN. ``auto`` therefore checks a CPU call's inputs and scale (a host-side check,
+    free there) and sends a call with any inf or NaN to ``math``, computed a slice of query rows at a time
+    (:data:`CPU_FALLBACK_SCORES_BUDGET`) so that one inf in a long call costs no full score matrix. So on the
+    CPU ``auto`` and ``math`` give NaN in the same places for every input holding inf or NaN (under
+    torch.compile, CPU calls take ``math``, which compiles without a data-dependent branch).
+
+    Finite inputs whose scores overflow: ``math`` is upstream's computation, scores in the input dtype, so in
+    float16 a q.k beyond 65504 becomes inf and its row NaN; the fused kernels accumulate in float32 and give
+    the float64 reference's finite answer. ``auto`` keeps the fused kernel there: it differs from ``math``
+    exactly where ``math`` overflows. ``sdpa`` named explicitly is PyTorch's behaviour as it is. On CUDA no
+    input check runs (it would make the host wait for the GPU at every call): the fused kernels' own
+    handling of non-finite inputs holds."""
     if c.q.device.type != "cuda":
         return ["sdpa", "math"]  # on the CPU, `auto`'s sdpa goes to math where an input is not finite: _finite_or_math
     if c.q.dtype not in HALF:
@@ -249,11 +200,11 @@ def auto_order(c: Call) -> list:
 # ---------------------------------------------------------------------------------------------- choosing
 _default = None
 _local = threading.local()
-_cache = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
+_cache: dict = {}  # (backend name, call key) -> reasons; ("plan", ...) -> runner; ("logged", call key) -> True
 CACHE_LIMIT = 4096  # entries; past it the oldest quarter is dropped (re-planned if seen again)
 
 
-def _remember(key, value):
+def _remember(key: tuple, value: object) -> object:
     if len(_cache) >= CACHE_LIMIT:
         for old in list(_cache)[: CACHE_LIMIT // 4]:  # list(dict) copies the keys in one step (threads)
             _cache.pop(old, None)
@@ -261,20 +212,21 @@ def _remember(key, value):
     return value
 
 
-def check_name(name):
+def check_name(name: str) -> str:
+    """``name`` if it is ``auto`` or a backend's name, else :class:`AttentionBackendError` naming them all."""
     if name not in NAMES:
         raise AttentionBackendError(f"unknown attention backend {name!r}; choose one of: {', '.join(NAMES)}")
     return name
 
 
-def set_attention_backend(name):
+def set_attention_backend(name: str | None) -> None:
     """The process-wide default (None: back to ``$DIFFUSERS_ATTENTION_BACKEND`` or ``auto``)."""
     global _default
     _default = None if name is None else check_name(name)
 
 
 @contextlib.contextmanager
-def attention_backend(name):
+def attention_backend(name: str) -> Iterator[None]:
     """Use ``name`` for every attention call inside the block (this thread), over any other setting."""
     stack = _local.__dict__.setdefault("stack", [])
     stack.append(check_name(name))
@@ -284,12 +236,17 @@ def attention_backend(name):
         stack.pop()
 
 
-def current(module=None) -> str:
+def backend_for(module: object = None, *, pin: str | None = None, xformers: bool = False) -> str:
+    """The backend name that serves a call for ``module`` now: the innermost ``with attention_backend()``
+    block, else ``pin`` or the backend pinned on ``module`` (``set_attention_backend``), else
+    :data:`XFORMERS_BACKEND` where upstream's xformers switch is on for ``module`` (or ``xformers``: the call
+    comes from one of upstream's xformers processors), else :func:`set_attention_backend`'s, else
+    ``$DIFFUSERS_ATTENTION_BACKEND``, else ``auto``."""
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    name = getattr(module, "_attention_backend", None)
-    if not name and getattr(module, "_use_memory_efficient_attention_xformers", False):
+    name = pin or getattr(module, "_attention_backend", None)
+    if not name and (xformers or getattr(module, "_use_memory_efficient_attention_xformers", False)):
         name = XFORMERS_BACKEND
     name = name or _default
     if name:
@@ -303,7 +260,25 @@ def current(module=None) -> str:
     return AUTO
 
 
-def _verdict(name, c):
+current = backend_for  # the same function, under the name fastpath/compile_ahead.py calls
+
+
+def named_setting() -> str | None:
+    """Where this thread names a backend of ours other than ``auto``, apart from a module's pin: the innermost
+    ``with attention_backend(...)``, else ``set_attention_backend(...)``, else ``$DIFFUSERS_ATTENTION_BACKEND``,
+    as words; None where nothing is named (``auto``)."""
+    stack = getattr(_local, "stack", None)
+    env = os.environ.get(ENV_VAR, "").strip()
+    if stack:
+        name, where = stack[-1], f"with attention_backend({stack[-1]!r})"
+    elif _default is not None:
+        name, where = _default, f"set_attention_backend({_default!r})"
+    else:
+        name, where = env, f"${ENV_VAR}={env}"
+    return where if name and name != AUTO else None
+
+
+def _verdict(name: str, c: Call) -> list[str]:
     key = (name, c.key())
     hit = _cache.get(key)
     if hit is None:
@@ -311,10 +286,11 @@ def _verdict(name, c):
     return hit
 
 
-def choose(q, k, v, backend=None, upcast=False, scale=None):
+def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None, upcast: bool = False,
+           scale: float | None = None) -> str:
     """The backend that serves this call (by name), as the dispatcher would pick it."""
     c = Call(q, k, v, scale, upcast)
-    name = backend or current()
+    name = backend or backend_for()
     if name != AUTO:
         why = _verdict(check_name(name), c)
         if why:
@@ -336,47 +312,61 @@ def choose(q, k, v, backend=None, upcast=False, scale=None):
     raise AttentionBackendError(f"no attention backend can serve this call ({c.describe()}):\n  {reasons}")
 
 
-def attention(q, k, v, scale=None, backend=None, slice_size=None, upcast=False):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              backend: str | None = None, slice_size: int | None = None, upcast: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v for q (B, H, Sq, D), k and v (B, H, Sk, D), on the chosen backend.
 
     ``slice_size`` (upstream's attention slicing) computes at most that many of the B x H rows at a time.
     The plan for a call (checks, backend, slicing) is made once per signature and cached."""
-    name = backend or current()
+    name = backend or backend_for()
     key = ("plan", name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, upcast,
            slice_size)
     plan = _cache.get(key)
     if plan is None:
         plan = _remember(key, _plan(q, k, v, name, slice_size, upcast))
-    return plan(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    return plan(q, k, v, default_scale(q.shape[-1]) if scale is None else scale)
 
 
-def _plan(q, k, v, name, slice_size, upcast):
+def default_scale(head_dim: int) -> float:
+    """1 / sqrt(head dim), upstream's softmax scale; 1.0 for head dim 0, whose output is empty at any scale."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+
+
+def check_slice_size(size: object) -> None:
+    """Refuse, in one line, a slice size that is not a positive whole number (None: no slicing)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+        raise ValueError(f"attention slice size must be a positive whole number or None, got {size!r} "
+                         "(from set_attention_slice / enable_attention_slicing)")
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str, slice_size: int | None,
+          upcast: bool) -> Runner:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects 4-d (batch, heads, seq, head dim) tensors, "
                          f"got {q.dim()}, {k.dim()}, {v.dim()}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, numbers.Integral)
-                                   or slice_size < 1):
-        raise ValueError(f"attention slice size must be a positive whole number or None, got {slice_size!r} "
-                         "(from set_attention_slice / enable_attention_slicing)")
+    check_slice_size(slice_size)
     b, h = q.shape[:2]
     limit = slice_size if slice_size and slice_size < b * h else None
     if b * h > MAX_BATCH_HEADS:
         limit = min(limit or MAX_BATCH_HEADS, MAX_BATCH_HEADS)
     if limit is None:
-        c = Call(q, k, v, 1.0 / math.sqrt(q.shape[-1]), upcast)
+        c = Call(q, k, v, default_scale(q.shape[-1]), upcast)
         chosen = choose(q, k, v, name, upcast, c.scale)
         runner = BACKENDS[chosen].runner(c)
         if name == AUTO and chosen == "sdpa" and q.device.type == "cpu":
-            return _finite_or_math(runner, BACKENDS["math"].runner(c))
+            per_row = b * h * k.shape[2] * (q.element_size() * 2 + (4 if upcast else 0))  # scores, probabilities
+            query_rows = max(1, CPU_FALLBACK_SCORES_BUDGET // max(1, per_row))
+            return _finite_or_math(runner, BACKENDS["math"].runner(c), query_rows)
         return runner
     if limit % h == 0:  # whole batch entries per slice: views, no copies
         step = limit // h
         return lambda q, k, v, scale: torch.cat([attention(q[i:i + step], k[i:i + step], v[i:i + step], scale, name,
                                                            None, upcast) for i in range(0, b, step)])
 
-    def rows(q, k, v, scale):  # rows of (batch x heads), as upstream slices
+    def rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Rows of (batch x heads), as upstream slices."""
         flat = [t.reshape(b * h, 1, *t.shape[2:]) for t in (q, k, v)]
         out = torch.cat([attention(flat[0][i:i + limit], flat[1][i:i + limit], flat[2][i:i + limit], scale, name,
                                    None, upcast) for i in range(0, b * h, limit)])
@@ -385,26 +375,31 @@ def _plan(q, k, v, name, slice_size, upcast):
     return rows
 
 
-def _finite_or_math(fused, reference):
-    """``fused`` where every input is finite, else ``reference`` (``math``): see :func:`auto_order`."""
+def _finite_or_math(fused: Runner, reference: Runner, rows: int) -> Runner:
+    """``fused`` where every input and the scale are finite, else ``reference`` (``math``) on ``rows`` query
+    rows at a time: see :func:`auto_order`."""
 
-    def run(q, k, v, scale):
-        if _compiling() or not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
-            return reference(q, k, v, scale)
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if _compiling() or not (math.isfinite(scale) and all(bool(torch.isfinite(t).all()) for t in (q, k, v))):
+            if q.shape[2] <= rows:
+                return reference(q, k, v, scale)
+            return torch.cat([reference(q[:, :, i:i + rows], k, v, scale) for i in range(0, q.shape[2], rows)], 2)
         return fused(q, k, v, scale)
 
     return run
 
 
 # ---------------------------------------------------------------------------------------------- the hooks
-def multihead(module, query, key, value, heads, scale, slice_size=None, upcast=False):
+def multihead(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
+              scale: float | None, slice_size: int | None = None, upcast: bool = False) -> torch.Tensor:
     """Attention over projections (B, S, heads x D) -> (B, Sq, heads x D), for ``module``'s backend."""
     q, k, v = (t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2) for t in (query, key, value))
-    out = attention(q, k, v, scale, current(module), slice_size, upcast)
+    out = attention(q, k, v, scale, backend_for(module), slice_size, upcast)
     return out.transpose(1, 2).flatten(2)
 
 
-def cross_attention(module, query, key, value, attention_mask=None):
+def cross_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """CrossAttention (UNet, self and cross): softmax in the input dtype, as upstream; in float32 where the
     module asks for it (``upcast_attention``/``upcast_softmax``, from 0.10: SD 2.x's fp16 UNet).
     ``attention_mask`` (from 0.11: an additive mask of shape (B x heads, Sq or 1, Sk), as upstream builds it)
@@ -415,9 +410,10 @@ def cross_attention(module, query, key, value, attention_mask=None):
     return multihead(module, query, key, value, module.heads, module.scale, module._slice_size, upcast=upcast)
 
 
-def _masked_attention(module, query, key, value, mask, upcast):
+def _masked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor, upcast: bool) -> torch.Tensor:
     """Upstream 0.11's computation with its additive mask, (B x heads)-batched as upstream's ``_attention``."""
-    name = current(module)
+    name = backend_for(module)
     if name not in ("auto", "math"):
         raise AttentionBackendError(
             f"backend {name!r} cannot serve this call: it has an attention_mask (UnCLIP's text states, 0.11+), which "
@@ -433,20 +429,17 @@ def _masked_attention(module, query, key, value, mask, upcast):
     return out.unflatten(0, (b, heads)).transpose(1, 2).flatten(2)
 
 
-def attention_block(module, query, key, value):
+def attention_block(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> torch.Tensor:
     """AttentionBlock (the VAE's): softmax in float32, as upstream."""
     return multihead(module, query, key, value, module.num_heads, 1.0 / math.sqrt(module.channels / module.num_heads),
                      upcast=True)
 
 
-def backend_status() -> list:
+def backend_status() -> list[tuple[str, bool, str]]:
     """(name, available, reason) for each backend in this process, for ``diffusers-cli env``."""
     out = []
     for name, b in BACKENDS.items():
         why = b.unavailable()
         out.append((name, why is None, why or "available"))
     return out
-
-
-def env_info() -> dict:
-    return {f"Attention backend {n}": ("available" if ok else f"unavailable: {why}") for n, ok, why in backend_status()}

@@ -15,9 +15,9 @@ CUDA graphs and torch.compile: under torch.compile the call goes through the cus
 the output's shape without tracing into CuTe-DSL's Python; a CUDA graph then records only the kernel
 launch (FA4 launches on PyTorch's current stream, through tvm-ffi's environment stream). FA4 compiles a
 kernel the first time it sees a new configuration (dtype, head dim, tile sizes), which must not happen
-during capture: the fast path (``fast_path.py``, ``_GraphedCall._capture``) runs the model eagerly on a
-side stream before capturing it, and so does ``torch.compile(mode="reduce-overhead")`` (cudagraph trees
-warm up before recording); anyone capturing by hand must make one eager call per shape first.
+during capture: the fast path (``pipe.enable_fast_path``, :mod:`diffusers.flash.fastpath`) runs the model
+eagerly on a side stream before capturing it, and so does ``torch.compile(mode="reduce-overhead")``
+(cudagraph trees warm up before recording); anyone capturing by hand must make one eager call per shape first.
 Eager calls skip the custom op (its dispatch costs microseconds that FA4's own wrapper, about 0.1 ms a
 call, does not need) and call ``flash_attn_func`` directly, with its own backward; so do compiled calls
 whose inputs need gradients (outside the graph: the custom op is forward-only).
@@ -25,12 +25,11 @@ whose inputs need gradients (outside the graph: the custom op is forward-only).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-from diffusers.flash.attention.base import HALF, Backend, Call, _compiling
+from diffusers.flash.attention.base import HALF, Backend, Call, Runner, _compiling
 
 NAME = "flash-attn-4"
 OP = "diffusers_flash::fa4_attention"
@@ -45,12 +44,12 @@ HEAD_DIMS: dict[int, tuple[int, int, int, tuple[int, ...]]] = {
 }
 
 # Where `auto` tries FA4 before cuDNN: (compute capability major, head dim, shortest query length,
-# shortest key length, fewest batch x heads rows). Source: BENCHMARKS.md, H200 run of 2026-11-29 (`python -m
-# bench attention --sd2`), fp16, ms per eager call, FA4 vs cuDNN SDPA: self 4096 d40 at 16 x 8 rows 1.011 vs
-# 1.140; self 4096 d64 at 16 x 5 rows 0.652 vs 0.717; self 4096 d128 at 16 x 8 rows 1.584 vs 1.671. FA4 lost
-# at one image (self 4096 d40, 2 x 8 rows: 0.204 vs 0.158), self 1024 d80 (0.113 vs 0.111), self 256 d160
-# (0.271 vs 0.035) and cross 4096 x 77 (0.194 vs 0.073, d40; 0.114 vs 0.048, d64): those keep cuDNN first.
-# Between 16 and 80 rows nothing was measured: cuDNN stays first there.
+# shortest key length, fewest batch x heads rows). Source: BENCHMARKS.md, "Attention kernels" (H200, fp16,
+# `python -m bench attention --sd2`, benchmarks/h200-2026-11-30b/attention.json), ms per eager call, FA4 vs
+# cuDNN SDPA: self 4096 d40 at 16 x 8 rows 1.004 vs 1.131; self 4096 d64 at 16 x 5 rows 0.653 vs 0.714; self
+# 4096 d128 at 16 x 8 rows 1.584 vs 1.677. FA4 lost at one image (self 4096 d40, 2 x 8 rows: 0.223 vs 0.158),
+# self 1024 d80 (0.204 vs 0.110), self 256 d160 (0.125 vs 0.037) and cross 4096 x 77 (0.158 vs 0.073, d40;
+# 0.151 vs 0.048, d64): those keep cuDNN first. Between 16 and 80 rows nothing was measured: cuDNN stays first.
 AUTO_FIRST: tuple[tuple[int, int, int, int, int], ...] = (
     (9, 40, 4096, 4096, 80),
     (9, 64, 4096, 4096, 80),
@@ -146,13 +145,10 @@ class FlashAttention4(Backend):
             return "no CUDA device"
         return _load()[1]
 
-    def more_reasons(self, c: Call) -> list:
+    def more_reasons(self, c: Call) -> list[str]:
         return head_dim_reasons(c.head_dim, torch.cuda.get_device_capability(c.q.device))
 
-    def run(self, c: Call) -> torch.Tensor:
-        return self.runner(c)(c.q, c.k, c.v, c.scale)
-
-    def runner(self, c: Call) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    def runner(self, c: Call) -> Runner:
         def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             # FA4 takes (B, S, H, D): our (B, H, S, D) tensors are views of that layout (the modules'
             # projections), so these transposes are free; the output goes back as a view too

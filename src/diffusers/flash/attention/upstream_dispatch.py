@@ -8,78 +8,50 @@ dim)), which runs a backend from upstream's registry: the one a processor was gi
 ``ModelMixin.set_attention_backend``, else the active one (``attention_backend(...)``, or
 ``$DIFFUSERS_ATTN_BACKEND``, default ``native``). Here:
 
-- where the user has named an upstream backend (:func:`upstream_backend` says which), upstream's
-  registry serves the call exactly as upstream would, also in the UNet's and the VAE's processors
-  (``hooks.sdpa`` hands such calls to ``dispatch_attention_fn``);
+- where the user has named an upstream backend (:func:`upstream_choice.upstream_backend` says which),
+  upstream's registry serves the call exactly as upstream would, also in the UNet's and the VAE's
+  processors (``processor_primitives.sdpa`` hands such calls to ``dispatch_attention_fn``);
 - where none is named, :func:`serve` hands the call to our dispatcher: ``auto`` (explaining its choices at
   debug level) or the backend named through our API (``diffusers.flash.attention.dispatch``). Calls our
   dispatcher does not take (an attention mask, dropout, causal, grouped query heads under ``auto``, context
-  parallelism, backend-specific keywords) are left to upstream's ``native``, as before.
+  parallelism, backend-specific keywords) are left to upstream's ``native``.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import threading
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-from diffusers.flash.attention import dispatch
+from diffusers.flash.attention import dispatch, processor_primitives
+from diffusers.flash.attention.upstream_choice import named, upstream_backend
 
-__all__ = ["Pinned", "serve", "track", "upstream_backend"]
-
-UPSTREAM_MODULE = "diffusers.models.attention_dispatch"
-UPSTREAM_ENV = "DIFFUSERS_ATTN_BACKEND"
-
-
-class _Named(threading.local):
-    explicit = False  # set_active_backend was called (upstream's set_attention_backend, or by hand)
-    depth = 0  # inside upstream's attention_backend() context
-
-
-_named = _Named()
-
-
-def _registry():
-    mod = sys.modules.get(UPSTREAM_MODULE)
-    return getattr(mod, "_AttentionBackendRegistry", None)
-
-
-def upstream_backend() -> str | None:
-    """The upstream backend the user named (its ``attention_backend()`` context, a model's upstream
-    ``set_attention_backend``, ``$DIFFUSERS_ATTN_BACKEND``), as upstream's registry holds it; None where
-    none is named or the release has no upstream dispatcher (before 0.35)."""
-    reg = _registry()
-    if reg is None:
-        return None
-    if _named.depth or _named.explicit or os.environ.get(UPSTREAM_ENV):
-        return reg._active_backend
-    return None
+__all__ = ["Pinned", "serve", "track"]
 
 
 def track(context: Callable, registry: type) -> Callable:
-    """Upstream's ``attention_backend`` context manager, telling :func:`upstream_backend` while it is active;
-    also records upstream's ``set_active_backend`` calls (``ModelMixin.set_attention_backend`` makes one)."""
+    """Upstream's ``attention_backend`` context manager, telling :func:`upstream_choice.upstream_backend` while
+    it is active; also records upstream's ``set_active_backend`` calls (``ModelMixin.set_attention_backend``
+    makes one)."""
     setter = registry.__dict__["set_active_backend"].__func__
 
-    def set_active_backend(cls, backend):
-        _named.explicit = True
+    def set_active_backend(cls: type, backend: Any) -> Any:
+        named.explicit = True
         return setter(cls, backend)
 
     registry.set_active_backend = classmethod(set_active_backend)
 
     @contextlib.contextmanager
-    def attention_backend(*args, **kwargs):
-        saved = _named.explicit
-        _named.depth += 1
+    def attention_backend(*args: Any, **kwargs: Any) -> Iterator[None]:
+        saved = named.explicit
+        named.depth += 1
         try:
             with context(*args, **kwargs):
                 yield
         finally:
-            _named.depth -= 1
-            _named.explicit = saved
+            named.depth -= 1
+            named.explicit = saved
 
     attention_backend.__doc__ = context.__doc__
     attention_backend.__wrapped__ = context
@@ -92,15 +64,6 @@ class Pinned(str):
     ``dispatch_attention_fn`` as ``backend``). :func:`serve` takes it; upstream's registry never sees it."""
 
     __slots__ = ()
-
-
-class _For:
-    """Stands for the attention module in :func:`dispatch.current`: its pinned backend."""
-
-    __slots__ = ("_attention_backend",)
-
-    def __init__(self, name: str):
-        self._attention_backend = name
 
 
 def serve(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -118,30 +81,14 @@ def serve(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
                 + ("a context-parallel configuration" if parallel_config is not None else
                    f"backend-specific keywords {sorted(attention_kwargs)}")
                 + "; name one of upstream's backends for this model")
-        from diffusers.flash.attention import hooks
-
-        out = hooks.sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                         module=_For(str(backend)))
-        return out.transpose(1, 2)
-    if backend is not None or parallel_config is not None or attention_kwargs or upstream_backend() is not None:
+        name = dispatch.backend_for(pin=str(backend))
+    elif backend is not None or parallel_config is not None or attention_kwargs or upstream_backend() is not None:
         return None
-    name = dispatch.current()
-    extras = attn_mask is not None or dropout_p or is_causal or enable_gqa or query.dim() != 4
-    if extras and name == dispatch.AUTO:
-        return None
-    from diffusers.flash.attention import hooks
-
-    out = hooks.sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-                     dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return out.transpose(1, 2)
-
-
-def upstream_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                  dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``'s call (tensors (batch, heads, seq, head dim)) run by upstream's
-    ``dispatch_attention_fn`` with the backend named upstream's way (for the UNet's and VAE's processors)."""
-    fn = sys.modules[UPSTREAM_MODULE].dispatch_attention_fn
-    out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
-             dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    else:
+        name = dispatch.backend_for()
+        if name == dispatch.AUTO and (attn_mask is not None or dropout_p or is_causal or enable_gqa
+                                      or query.dim() != 4):
+            return None
+    out = processor_primitives.sdpa_on(name, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                       attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return out.transpose(1, 2)

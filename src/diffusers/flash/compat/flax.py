@@ -1,6 +1,6 @@
 # diffusers-flash: Diffusers 0.4's Flax code needs jax.random.KeyArray, which jax removed in 0.4.24.
-# With a newer jax installed, `import diffusers` used to fail outright; now the Flax classes are
-# unavailable instead, and using one says why (patch 0007-flax-compat.patch).
+# With a newer jax installed, the Flax classes are unavailable and using one says why, while
+# `import diffusers` works (patch 0007-flax-compat.patch).
 from packaging import version
 
 LAST_JAX_WITH_KEYARRAY = "0.4.23"

@@ -1,13 +1,15 @@
-"""flash/attention/hooks.py: the drop-ins that upstream's attention processors (0.12+) call. Each must give
-upstream's numbers, go through our dispatcher (a backend named for the module is obeyed, and one that cannot
-serve the call refuses it), and refuse, with the reason, a mask under a backend that cannot take one."""
+"""flash/attention/processor_primitives.py: the drop-ins that upstream's attention processors (0.12+) call.
+Each must give upstream's numbers, go through our dispatcher (a backend named for the module is obeyed, and
+one that cannot serve the call refuses it), and refuse, with the reason, a mask under a backend that cannot
+take one."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers.flash.attention import dispatch, hooks
+from diffusers.flash.attention import dispatch
+from diffusers.flash.attention import processor_primitives as hooks
 from diffusers.flash.attention.dispatch import AttentionBackendError, attention_backend
 
 
