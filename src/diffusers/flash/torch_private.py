@@ -64,3 +64,16 @@ def set_compiled_call(module: torch.nn.Module, wrap: Callable[[Callable], Any] |
     if not hasattr(module, "_compiled_call_impl"):
         raise RuntimeError("this torch's nn.Module has no _compiled_call_impl")
     module._compiled_call_impl = None if wrap is None else wrap(module._call_impl)
+
+
+
+def sdpa_would_pick(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> bool:
+    """Whether PyTorch's own SDPA choice for this call is ``kernel`` (a name of ``SDPBackend``, e.g.
+    "CUDNN_ATTENTION"), by torch._fused_sdp_choice. Moved: False, and the dispatcher forces the kernel."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        choice = torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)
+        return int(choice) == int(getattr(SDPBackend, kernel).value)
+    except Exception:
+        return False

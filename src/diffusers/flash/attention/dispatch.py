@@ -125,13 +125,9 @@ def _forced_sdpa(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _torch_would_pick(kernel: str, c: Call) -> bool:
     """Whether PyTorch's own SDPA choice for this call is ``kernel`` (then it need not be forced)."""
-    try:
-        from torch.nn.attention import SDPBackend
+    from diffusers.flash.torch_private import sdpa_would_pick
 
-        choice = torch._fused_sdp_choice(c.q, c.k, c.v, None, 0.0, False, scale=c.scale)
-        return int(choice) == int(getattr(SDPBackend, kernel).value)
-    except Exception:  # private API: if it moves, force the kernel
-        return False
+    return sdpa_would_pick(kernel, c.q, c.k, c.v, c.scale)
 
 
 def _torch_says(check: Callable, c: Call) -> list[str]:
