@@ -742,8 +742,8 @@ class Writer:
         if self.stop_after is not None and self.count == self.stop_after:  # tests: die while writing
             exclusive_write(tmp, data[: len(data) // 2])
             os._exit(3)
-        exclusive_write(tmp, data)  # the bytes are on disk before the name says the image is done
         try:
+            exclusive_write(tmp, data)  # the bytes are on disk before the name says the image is done
             self.part.write(line)  # row before rename: a PNG on disk always has its row
             self.part.flush()
             os.fsync(self.part.fileno())

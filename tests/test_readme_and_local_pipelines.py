@@ -1,6 +1,6 @@
-"""Issue 20 (a newcomer's first hour), the items outside examples/generate.py (tests/test_generate.py has
-those): no temp-folder litter from building pipelines, `diffusers-cli env` without transformers, "auto" on a
-pipeline following the process-wide backend, and the README's install and attention instructions."""
+"""What a user meets outside examples/generate.py: the tiny local pipeline (no temp-folder litter, images of
+the size asked for), `diffusers-cli env` without transformers, "auto" on a pipeline following the
+process-wide backend, and the README's statements (tests/test_readme_examples.py runs its Python examples)."""
 import ast
 import re
 import sys
@@ -36,8 +36,24 @@ def test_building_pipelines_leaves_no_tokenizer_folders(tmp_path, monkeypatch):
 def test_default_image_size_is_the_png_size():
     from diffusers.flash import local_pipelines
 
-    assert local_pipelines.default_image_size("tiny") == 64 and local_pipelines.vae_scale_factor("tiny") == 2
+    assert local_pipelines.default_image_size("tiny") == 64 and local_pipelines.vae_scale_factor("tiny") == 8
     assert local_pipelines.default_image_size("sd1") == 512 and local_pipelines.vae_scale_factor("sd1") == 8
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (16, 40)])
+def test_the_tiny_pipeline_gives_the_size_asked_for(height, width):
+    """Issue 33 item 6: as a library, as in the CLI (generate.py's 64x64 default is the pipeline's own size)."""
+    from diffusers.flash import local_pipelines
+
+    pipe = local_pipelines.stable_diffusion("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a castle", height=height, width=width, num_inference_steps=1).images[0]
+    assert image.size == (width, height)
+    factor = local_pipelines.vae_scale_factor("tiny")
+    assert pipe.vae.config.block_out_channels and 2 ** (len(pipe.vae.config.block_out_channels) - 1) == factor
+    docs = " ".join(f.__doc__ for f in (local_pipelines.vae_scale_factor, local_pipelines.default_image_size,
+                                        local_pipelines.stable_diffusion))
+    assert "2 for the tiny" not in docs and "1/8" in docs
 
 
 # ------------------------------------------------------------- item 7: diffusers-cli env, no transformers
