@@ -170,7 +170,8 @@ def test_a_full_disk_is_one_line_naming_the_folder(gen, tmp_path, monkeypatch):
     assert not [f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("text", ["[]", "null", "3", '"x"', "[" * 100000 + "]" * 100000, '{"prompts": [1, 2]}'])
+@pytest.mark.parametrize("text", ["[]", "null", "3", '"x"', "[" * 100000 + "]" * 100000, '{"prompts": [1, 2]}'],
+                         ids=["list", "null", "number", "string", "nested-100000-deep", "prompts-not-objects"])
 def test_a_run_json_that_is_not_settings_is_one_line(gen, tmp_path, text):
     folder = tmp_path / "n"
     folder.mkdir()
