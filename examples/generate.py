@@ -33,9 +33,13 @@ stay; --name NAME names the folder yourself. In the folder:
 The last line printed names the folder.
 
 Resume: run the same command again after a stop (Ctrl-C, a kill, a crash): it continues in the same folder,
-keeps the images already written, makes again any PNG that does not decode (empty or cut short), and the
-result is the same, byte for byte, as an uninterrupted run. A --name folder that holds images made with
-other settings is refused, with what changed.
+keeps the images already written, makes again any PNG that does not decode (empty or cut short) or is not a
+PNG of the run's size, and the result is the same, byte for byte, as an uninterrupted run. With nothing left
+to make it loads no model. A run claims its folder (writes run.json) before loading the model, so a second
+run started meanwhile with other settings is refused, with what changed, as a --name folder that holds images
+made with other settings is. Two runs with the same settings may share a folder: each removes only the
+temporary files of runs that are no longer running. Nothing is written or read through a symbolic link, a
+FIFO or another special file in a run folder, nor through a run folder that is a link: refused in one line.
 
 Reproducibility: image I of prompt P starts from latents drawn on the CPU from its own seed: derived from
 (--seed, P, I), or S + I when the prompt's JSONL line gives "seed": S; the manifest records each image's
