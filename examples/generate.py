@@ -187,7 +187,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, whose mistakes end in one line (main prints it), not usage lines and then the error."""
 
     def error(self, message: str):
-        raise UsageError(f"{message} (--help lists the options)" if "--help" not in message else message)
+        raise UsageError(f"{message} (--help tells each option)" if message.startswith("argument ") else message)
 
 
 def _is_number(text: str) -> bool:
