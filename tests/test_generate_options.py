@@ -230,3 +230,10 @@ def test_ctrl_c_inside_a_long_torch_call_ends_the_run_within_two_seconds(tmp_pat
     assert "Traceback" not in rest and "the long call returned" not in rest
     last = rest.strip().splitlines()[-1]
     assert last.startswith("generate.py: interrupted (Ctrl-C); no image was made yet; run the same command again")
+
+
+def test_runs_of_the_tiny_model_name_its_vae(gen, tmp_path):
+    """Folders made with the earlier two-block tiny VAE (other pixels) are not resumed with this one."""
+    gen.main(["--out", str(tmp_path), *SMALL])
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((folder / "run.json").read_text())["model"] == "local_pipelines:tiny:vae8"
