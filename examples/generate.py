@@ -1289,8 +1289,8 @@ def main(argv: list[str] | None = None) -> None:
         except Interrupted as e:
             say_last(str(e))
             sys.exit(130)
-        except KeyboardInterrupt:
-            say_last("interrupted (Ctrl-C) before any image was made; nothing to resume")
+        except KeyboardInterrupt:  # before the run's own handler, or a second Ctrl-C inside it
+            say_last(interrupted_line())
             sys.exit(130)
         except OSError as e:  # the output folder filled up or went away mid-run
             where = e.filename or PROGRESS.get("folder") or "--out"
