@@ -615,13 +615,15 @@ def read_regular(path: Path, limit: int = 1 << 28) -> bytes:
     return data
 
 
-def exclusive_write(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist: O_EXCL never follows a symlink) and write ``data`` to disk."""
+def exclusive_write(path: Path, data: bytes) -> int:
+    """Create ``path`` (it must not exist: O_EXCL never follows a symlink) and write ``data`` to disk; returns
+    the file's inode number."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_ino
 
 
 def png_problem(path: Path, size: tuple[int, int]) -> str | None:
@@ -734,6 +736,7 @@ class Writer:
 
     def __init__(self, out: Path, rank: int, stop_after: int | None = None) -> None:
         self.out, self.rank, self.stop_after, self.count = out, rank, stop_after, 0
+        self.written: list[tuple[Path, int]] = []  # (PNG, inode of the file renamed there)
         fd = _open_regular(out / f"manifest.part-{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.part = os.fdopen(fd, "a", encoding="utf-8")
 
@@ -747,7 +750,8 @@ class Writer:
             exclusive_write(tmp, data[: len(data) // 2])
             os._exit(3)
         try:
-            exclusive_write(tmp, data)  # the bytes are on disk before the name says the image is done
+            inode = exclusive_write(tmp, data)  # the bytes are on disk before the name says the image is done
+            self.written.append((self.out / row["file"], inode))
             self.part.write(line)  # row before rename: a PNG on disk always has its row
             self.part.flush()
             os.fsync(self.part.fileno())
@@ -758,6 +762,15 @@ class Writer:
             raise
         fsync_dir(self.out)
         self.count += 1
+
+    def saved(self) -> int:
+        """The PNGs this writer has put in place, counted on disk (each is the file it wrote, by inode): exact
+        also when a Ctrl-C lands between a rename and the count."""
+        count = 0
+        for path, inode in self.written:
+            with contextlib.suppress(OSError):
+                count += os.lstat(path).st_ino == inode
+        return count
 
     def close(self) -> None:
         self.part.close()
@@ -1133,7 +1146,7 @@ _LAST_WORD = threading.Lock()  # the one line at a Ctrl-C is printed once: by ma
 def interrupted_line() -> str:
     """The line a Ctrl-C ends with: what is saved, and that the same command resumes."""
     folder, total, writer = PROGRESS.get("folder"), PROGRESS.get("total", 0), PROGRESS.get("writer")
-    saved = PROGRESS.get("done", 0) + (writer.count if writer is not None else 0)
+    saved = PROGRESS.get("done", 0) + (writer.saved() if writer is not None else 0)
     if folder is None:
         return "interrupted (Ctrl-C) before any image was made; nothing to resume"
     where = f"{saved} of {plural(total, 'image')} are in {folder}/" if saved else "no image was made yet"
@@ -1193,7 +1206,6 @@ def stop_soon_on_ctrl_c(grace: float = 1.5) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> None:
-    PROGRESS.clear()
     prompts = load_prompts(args)  # bad input fails here, before the heavy imports
     check_requirements()
     check_model(args)
@@ -1257,7 +1269,7 @@ def run(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()
-        saved = len(done) + (writer.count if writer else 0)
+        saved = len(done) + (writer.saved() if writer else 0)
         if state.is_main_process and state.num_processes == 1 and saved:
             with contextlib.suppress(OSError, UsageError):
                 merge_manifest(folder)
@@ -1281,6 +1293,7 @@ def say_last(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The command line; user mistakes end with one line on stderr (exit status 1), Ctrl-C with 130."""
+    PROGRESS.clear()
     with stop_soon_on_ctrl_c():
         try:
             run(parse_args(argv))
