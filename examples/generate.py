@@ -8,11 +8,13 @@
 
 The model: without --model, the built-in tiny pipeline (diffusers.flash.local_pipelines.stable_diffusion("tiny"),
 random weights, nothing downloaded): it makes 64x64 noise-like images in 10 steps, a check that everything
-works, not pictures. --model takes a local folder (one that pipe.save_pretrained wrote: it holds
-model_index.json) or a Hub repo id like CompVis/stable-diffusion-v1-4 (downloaded once into the Hugging Face
-cache; offline, it must be there already). Real models make 512x512 images in 50 steps by default.
+works, not pictures; its latents are 1/8 of the image's side, as Stable Diffusion's. --model takes a local
+folder (one that pipe.save_pretrained wrote: it holds model_index.json) or a Hub repo id like
+CompVis/stable-diffusion-v1-4 (downloaded once into the Hugging Face cache; offline, it must be there already).
+Real models make 512x512 images in 50 steps by default.
 
-Prompts: a PROMPT argument (default: "a photograph of an astronaut riding a horse"), or --prompts FILE: a
+Prompts: a PROMPT argument (default, when none is given: "a photograph of an astronaut riding a horse"; an
+empty PROMPT is refused), or --prompts FILE: a
 text file with one prompt a line, or a JSONL file (named *.jsonl, or whose first line starts with "{") with
 one JSON object a line, e.g. {"prompt": "a red fox", "seed": 7, "negative_prompt": "blurry"}. "prompt" is
 required; "seed" (an integer from 0 to 2**63 - 1) and "negative_prompt" are optional; other keys are refused.
@@ -31,9 +33,13 @@ stay; --name NAME names the folder yourself. In the folder:
 The last line printed names the folder.
 
 Resume: run the same command again after a stop (Ctrl-C, a kill, a crash): it continues in the same folder,
-keeps the images already written, makes again any PNG that does not decode (empty or cut short), and the
-result is the same, byte for byte, as an uninterrupted run. A --name folder that holds images made with
-other settings is refused, with what changed.
+keeps the images already written, makes again any PNG that does not decode (empty or cut short) or is not a
+PNG of the run's size, and the result is the same, byte for byte, as an uninterrupted run. With nothing left
+to make it loads no model. A run claims its folder (writes run.json) before loading the model, so a second
+run started meanwhile with other settings is refused, with what changed, as a --name folder that holds images
+made with other settings is. Two runs with the same settings may share a folder: each removes only the
+temporary files of runs that are no longer running. Nothing is written or read through a symbolic link, a
+FIFO or another special file in a run folder, nor through a run folder that is a link: refused in one line.
 
 Reproducibility: image I of prompt P starts from latents drawn on the CPU from its own seed: derived from
 (--seed, P, I), or S + I when the prompt's JSONL line gives "seed": S; the manifest records each image's
@@ -41,20 +47,33 @@ seed (to remake one, give its seed in JSONL). Images are batched by their global
 are handed to the processes, so the PNG bytes depend neither on the number of processes nor on
 interruptions. Another --batch-size gives the same images up to float rounding (a pixel value may move by 1).
 
+Limits: --height and --width are multiples of 8 up to 256 latents a side (2048 pixels for Stable Diffusion,
+whose latents are 1/8 of the side), and height x width at most 16,384 latents (1024x1024): the UNet attends
+over every latent, and beyond that one attention call needs more than 8 GB under the math backend, while
+Stable Diffusion 1.x was trained at 512x512. --steps is at most 1000 (the schedulers' training timesteps);
+--guidance-scale is a finite number. Every value is checked before any model loads; a mistake gets one line.
+Ctrl-C stops the run within two seconds, whatever it is doing; a rerun resumes.
+
 Needs torch and transformers; accelerate only to run several processes (accelerate launch).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import math
 import os
 import re
+import secrets
+import signal
 import socket
+import stat
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -67,7 +86,8 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 PROMPT_KEYS = {"prompt", "seed", "negative_prompt"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ENV_BACKEND = "DIFFUSERS_ATTENTION_BACKEND"
-TINY = "local_pipelines:tiny"
+TINY = "local_pipelines:tiny:vae8"  # the model in run.json and the folder hash: the four-block VAE, latents 1/8
+FAST_PATH_TOLERANCE = "images within 2/255 of the plain pipeline's"
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 
@@ -81,8 +101,25 @@ class Interrupted(Exception):
 
 # ----------------------------------------------------------------------------------------- arguments
 
+MAX_STEPS = 1000  # the schedulers' training timesteps: more steps than these cannot be spaced
+MAX_SIDE_LATENTS = 256  # a side of at most 256 latents: 2048 pixels for Stable Diffusion
+MAX_LATENTS = 128 * 128  # height x width in latents: 1024x1024 pixels for Stable Diffusion
+MAX_IMAGES_PER_PROMPT = 10000  # file names give the image index four digits
+MAX_BATCH = 64
+MAX_SEED = 2**63 - 1
+BACKENDS = ("auto", "flash-attn-4", "flash-attn", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa", "math")
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:[0-9]+)?")
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
     return value
@@ -91,7 +128,47 @@ def positive_int(text: str) -> int:
 def size_int(text: str) -> int:
     value = positive_int(text)
     if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, not {text} (latents are 1/8 of a side)")
+    return value
+
+
+def steps_int(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_STEPS} (the scheduler's training timesteps), not {text}")
+    return value
+
+
+def images_int(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_IMAGES_PER_PROMPT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGES_PER_PROMPT} (file names give the image index four "
+                                         f"digits), not {text}")
+    return value
+
+
+def batch_int(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH} images per pipeline call (each needs its own "
+                                         f"activations; larger batches gain no speed), not {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = whole_number(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**63 - 1, not {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 
 
@@ -106,6 +183,13 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes end in one line (main prints it), not usage lines and then the error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (--help tells each option)" if message.startswith("argument ") else message)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -116,8 +200,7 @@ def _is_number(text: str) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompt", action=Once, help="the prompt (same as the positional argument)")
     p.add_argument("--prompts", action=Once, metavar="FILE",
@@ -126,17 +209,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="negative prompt for prompts that do not give one")
     p.add_argument("--model", action=Once, help="local folder or Hub repo id (default: the built-in tiny random "
                                                 "pipeline, which makes 64x64 images)")
-    p.add_argument("--num-images-per-prompt", action=Once, type=positive_int, default=1)
-    p.add_argument("--batch-size", action=Once, type=positive_int, default=1, help="images per pipeline call")
-    p.add_argument("--steps", action=Once, type=positive_int,
-                   help="denoising steps (default: 50, or 10 for the tiny model)")
-    p.add_argument("--guidance-scale", action=Once, type=float, default=7.5)
+    p.add_argument("--num-images-per-prompt", action=Once, type=images_int, default=1,
+                   help=f"1 to {MAX_IMAGES_PER_PROMPT} (default: 1)")
+    p.add_argument("--batch-size", action=Once, type=batch_int, default=1,
+                   help=f"images per pipeline call, 1 to {MAX_BATCH} (default: 1)")
+    p.add_argument("--steps", action=Once, type=steps_int,
+                   help=f"denoising steps, 1 to {MAX_STEPS} (default: 50, or 10 for the tiny model)")
+    p.add_argument("--guidance-scale", action=Once, type=finite_float, default=7.5,
+                   help="classifier-free guidance, a finite number; 1 or less turns it off (default: 7.5)")
     p.add_argument("--height", action=Once, type=size_int,
-                   help="image height in pixels (default: 512, or 64 for the tiny model)")
+                   help="image height in pixels, a multiple of 8 (default: 512, or 64 for the tiny model)")
     p.add_argument("--width", action=Once, type=size_int,
-                   help="image width in pixels (default: 512, or 64 for the tiny model)")
-    p.add_argument("--seed", action=Once, type=int, default=0,
-                   help="base seed, one integer; each image's seed derives from it (default: 0)")
+                   help="image width in pixels, a multiple of 8 (default: 512, or 64 for the tiny model)")
+    p.add_argument("--seed", action=Once, type=seed_int, default=0,
+                   help="base seed, one integer from 0 to 2**63 - 1; each image's seed derives from it (default: 0)")
     p.add_argument("--attention-backend", action=Once,
                    help=f"attention backend (auto, math, sdpa, flash-attn, ...); default: ${ENV_BACKEND} or auto")
     p.add_argument("--dtype", action=Once, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 elsewhere")
@@ -144,10 +230,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", action=Once,
                    help="this run's folder under --out (default: from the first prompt and the settings' hash)")
     p.add_argument("--fast-path", action="store_true",
-                   help="pipe.enable_fast_path(compile=True) in each process: CUDA graphs and torch.compile (about a "
-                        "minute of warm-up in a fresh process, faster steps after; images within 1/255 of the plain "
-                        "pipeline's, so fast-path runs get their own folder); without CUDA it says why and runs as "
-                        "before")
+                   help=f"pipe.enable_fast_path(compile=True) in each process: CUDA graphs and torch.compile (about "
+                        f"a minute of warm-up in a fresh process, faster steps after; {FAST_PATH_TOLERANCE}, so "
+                        "fast-path runs get their own folder); without CUDA it says why once and runs as before, "
+                        "in the plain run's folder (the images are the same)")
     p.add_argument("--device", action=Once, help="torch device, e.g. cpu, cuda, cuda:1 (default: the GPU if "
                                                  "there is one, else the CPU; under accelerate, this process's)")
     p.add_argument("--_stop-after", dest="stop_after", type=int, help=argparse.SUPPRESS)  # tests: die mid-run
@@ -170,11 +256,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.prompt_arg is not None and args.prompt is not None:
         p.error("give the prompt either positionally or with --prompt, not both")
     args.prompt = args.prompt if args.prompt is not None else args.prompt_arg
+    if args.prompt is not None and not args.prompt.strip():
+        p.error(f"the prompt is empty; give one, or leave it out for the default ({DEFAULT_PROMPT!r})")
     if args.prompt is not None and args.prompts:
         p.error("give either a prompt or --prompts FILE, not both")
-    if args.name is not None and (not args.name.strip() or args.name in (".", "..") or "/" in args.name
-                                  or os.sep in args.name):
-        p.error(f"--name {args.name!r}: a plain folder name, without '/'")
+    if args.name is not None:
+        if not args.name.strip():
+            p.error("--name is empty; give a folder name, or leave --name out for one made from the prompt")
+        if args.name in (".", "..") or "/" in args.name or os.sep in args.name or "\0" in args.name:
+            p.error(f"--name {args.name!r}: a plain folder name, without '/' (not . or ..)")
+    if not args.out.strip() or "\0" in args.out:
+        p.error("--out is empty; give a folder (default: out)")
+    if args.device is not None:
+        if not DEVICE.fullmatch(args.device.strip()):
+            p.error(f"--device {args.device}: not a device name (cpu, cuda, cuda:1, mps, ...)")
+        if args.device.startswith("meta"):
+            p.error(f"--device {args.device}: the meta device holds no data, so it cannot make images; use cpu, "
+                    "cuda or mps")
     if args.attention_backend is not None:
         args.backend_source = f"--attention-backend {args.attention_backend}"
     elif os.environ.get(ENV_BACKEND, "").strip():
@@ -182,9 +280,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.backend_source = f"${ENV_BACKEND}={args.attention_backend}"
     else:
         args.attention_backend, args.backend_source = "auto", "the attention backend auto"
+    if args.attention_backend not in BACKENDS:
+        raise UsageError(f"{args.backend_source}: unknown attention backend; choose one of: {', '.join(BACKENDS)}")
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if not world.isdigit() or int(world) < 1:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: not a positive whole number (accelerate launch "
+                         "and torchrun set it to the number of processes); unset it to run one process")
     args.steps = args.steps or (10 if args.model is None else 50)
     return args
-
 
 # ------------------------------------------------------------------------------------------- prompts
 
@@ -356,6 +459,8 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     changes = []
     if old.get("prompts_sha256") != new["prompts_sha256"]:
         a, b = old.get("prompts"), new["prompts"]
+        if not (isinstance(a, list) and all(isinstance(row, dict) for row in a)):
+            a = None  # a run.json edited by hand: say only that the prompts changed
         if old.get("num_prompts") != new["num_prompts"]:
             changes.append(f"the prompts changed ({old.get('num_prompts')} -> {new['num_prompts']} prompts)")
         elif a and b and len(a) == len(b) == new["num_prompts"]:
@@ -373,23 +478,89 @@ def describe_changes(old: dict, new: dict) -> list[str]:
     return changes
 
 
-def check_run_config(folder: Path, config: dict) -> bool:
-    """Refuse a folder made with other settings; True when it already holds this run (resume)."""
+def settings_json(config: dict) -> bytes:
+    """run.json's bytes: strict JSON (finite numbers only)."""
+    return json.dumps(config, indent=1, allow_nan=False).encode()
+
+
+def read_run_json(folder: Path) -> dict | None:
+    """The settings a run folder holds (None where it has no run.json); a damaged one is refused in one line."""
     path = folder / "run.json"
-    if not path.exists():
-        return False
     try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(f"{path} is damaged (not valid JSON); delete {folder}/ or choose another --name") from None
+        data = read_regular(path)
+    except FileNotFoundError:
+        return None
+    try:
+        old = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        old = None
+    if not isinstance(old, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object of settings); delete {folder}/ or choose another "
+                         "--name")
+    return old
+
+
+def refuse_other_settings(folder: Path, old: dict, config: dict) -> None:
     changes = describe_changes(old, config)
     if changes:
         raise UsageError(f"{folder}/ holds images made with other settings: {'; '.join(changes)}. Leave out --name "
                          f"to get a new folder for these settings, choose another --name, or delete {folder}/")
+
+
+def check_run_config(folder: Path, config: dict) -> bool:
+    """Refuse a folder made with other settings; True when it already holds this run (resume). Read only: the
+    processes of a run other than the first check; the first claims (:func:`claim_run`)."""
+    old = read_run_json(folder)
+    if old is None:
+        return False
+    refuse_other_settings(folder, old, config)
     return True
 
 
+def claim_run(folder: Path, config: dict) -> bool:
+    """Check and claim a run folder in one step, before the model loads: run.json is made as a hard link to a
+    complete temporary file, which fails where a run.json exists, so that of two runs started together with
+    other settings one claims the folder and the other is refused. True when the folder held this run
+    already (a resume)."""
+    from diffusers.flash.fsio import default_mode, temporary_name
+
+    target = folder / "run.json"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=temporary_name(target), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_mode())
+            f.write(settings_json(config))
+            f.flush()
+            os.fsync(f.fileno())
+        for _ in range(3):
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                old = read_run_json(folder)
+                if old is None:  # removed in between by a run that stopped without images: try again
+                    continue
+                refuse_other_settings(folder, old, config)
+                return True
+            except OSError as e:  # a file system without hard links: create it exclusively instead
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                    raise
+                exclusive_write(target, settings_json(config))
+            fsync_dir(folder)
+            return False
+        raise UsageError(f"{target} keeps appearing and disappearing: another run is starting and stopping in "
+                         f"{folder}/; try again")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 # ------------------------------------------------------------------------------------------- output
+
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+PNG_NAME = re.compile(r"[0-9]{5,}-[0-9]{4,}\.png")
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (diffusers.flash.fsio; imported late: torch may be missing)."""
@@ -399,33 +570,106 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Temporary name in the same folder, fsync, rename: a kill leaves the old file or the new."""
+    """Temporary name in the same folder, fsync, rename: a kill leaves the old file or the new. The file gets
+    the mode open() gives (0o666 less the umask), as the PNGs do."""
     from diffusers.flash.fsio import atomic_write as write
 
     write(path, data)
 
 
-def png_ok(path: Path) -> bool:
-    """The PNG decodes completely (an empty or cut-short file does not)."""
+def kind_of(mode: int) -> str:
+    for test, word in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def not_regular(path: Path, what: str) -> UsageError:
+    return UsageError(f"{path} is {what}, not a regular file; generate.py reads and writes a run folder's files "
+                      "only as regular files, never through a link: remove it, and a rerun resumes")
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """os.open without following a symlink or blocking on a FIFO; anything but a regular file is refused."""
+    try:
+        fd = os.open(path, flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (e.errno in (errno.ENXIO, errno.EISDIR) and os.path.lexists(path)):
+            raise not_regular(path, kind_of(os.lstat(path).st_mode)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise not_regular(path, kind_of(mode))
+    return fd
+
+
+def read_regular(path: Path, limit: int = 1 << 28) -> bytes:
+    """A run folder's file (run.json, a manifest); FileNotFoundError where there is none."""
+    fd = _open_regular(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UsageError(f"{path} is larger than {limit >> 20} MB, far more than a run writes; move it away")
+    return data
+
+
+def exclusive_write(path: Path, data: bytes) -> int:
+    """Create ``path`` (it must not exist: O_EXCL never follows a symlink) and write ``data`` to disk; returns
+    the file's inode number."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return os.fstat(f.fileno()).st_ino
+
+
+def png_problem(path: Path, size: tuple[int, int]) -> str | None:
+    """Why ``path`` is not a finished image of this run (None when it is): it must be a regular file holding a
+    PNG of ``size`` (width, height) that decodes completely (an empty or cut-short file does not)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        fd = _open_regular(path, os.O_RDONLY)
+    except UsageError:
+        return f"is {kind_of(os.lstat(path).st_mode)}, not a PNG file"
+    except OSError:
+        return "cannot be read"
+    try:
+        with os.fdopen(fd, "rb") as f, Image.open(f) as image:
+            if image.format != "PNG":
+                return f"is a {image.format or 'non-PNG'} image, not a PNG"
+            if image.size != size:
+                return f"is {image.size[0]}x{image.size[1]}, not {size[0]}x{size[1]}"
             image.load()
     except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
-        return False
-    return True
+        return "does not decode (empty or cut short)"
+    return None
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files (``.NAME.PID.RANDOM.tmp``) that a run killed mid-write left: only those whose
+    process is gone. Another run writing into the same folder keeps its own."""
+    from diffusers.flash.fsio import stale_temporary
+
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if stale_temporary(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 class Output:
-    """--out and the run's folder in it. Folders this run creates are removed again (with run.json and the
-    manifest part files) when it stops before writing any image, so that a failed run leaves nothing."""
+    """--out and the run's folder in it. Folders this run creates, and the run.json it claimed, are removed
+    again when it stops before writing any image, so that a failed run leaves nothing."""
 
     def __init__(self, root: Path, folder: Path) -> None:
-        self.root, self.folder, self.created = root, folder, []
+        self.root, self.folder, self.created, self.claimed = root, folder, [], False
 
     def _mkdir(self, path: Path) -> None:
-        missing = [q for q in [path, *path.parents] if not q.exists()][::-1]
+        missing = [q for q in [path, *path.parents] if not os.path.lexists(q)][::-1]
         for q in missing:
             try:
                 q.mkdir()
@@ -450,84 +694,148 @@ class Output:
             raise UsageError(f"{flag}: cannot write into {self.root}/ ({e.strerror or e}); choose another --out "
                              "folder") from None
 
-    def create(self, config: dict) -> None:
+    def check_folder(self) -> None:
+        """The run folder, where it exists, is a real folder inside --out (not a symlink leading elsewhere), and
+        its run.json and manifests are regular files: refused in one line before any model loads."""
+        if not os.path.lexists(self.folder):
+            return
+        mode = os.lstat(self.folder).st_mode
+        if not stat.S_ISDIR(mode):
+            raise UsageError(f"{self.folder} is {kind_of(mode)}, not a folder: run folders are made by generate.py "
+                             "inside --out, so that its output stays there; remove it or choose another --name")
+        for path in [self.folder / "run.json", self.folder / "manifest.jsonl", *self.folder.glob("manifest.part-*")]:
+            if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                raise not_regular(path, kind_of(os.lstat(path).st_mode))
+
+    def claim(self, config: dict) -> bool:
+        """Make the run folder and claim it (:func:`claim_run`); True on a resume."""
         self._mkdir(self.folder)
-        if not (self.folder / "run.json").exists():
-            atomic_write(self.folder / "run.json", json.dumps(config, indent=1).encode())
-        for tmp in self.folder.glob(".*.tmp"):  # left by a killed run: never taken as an image
-            tmp.unlink(missing_ok=True)
+        self.check_folder()
+        resuming = claim_run(self.folder, config)
+        self.claimed = not resuming
+        remove_stale_temporaries(self.folder)  # left by a killed run: never taken as an image
+        return resuming
 
     def discard_if_no_image(self) -> None:
-        if self.folder.exists() and any(self.folder.glob("*.png")):
+        if not os.path.isdir(self.folder) or os.path.islink(self.folder) or any(self.folder.glob("*.png")):
             return
-        if self.folder in self.created:
-            for pattern in ("run.json", "manifest.part-*.jsonl", ".*.tmp"):
-                for f in self.folder.glob(pattern):
-                    f.unlink(missing_ok=True)
+        if self.claimed:
+            for f in [self.folder / "run.json", *self.folder.glob("manifest.part-*.jsonl")]:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+            remove_stale_temporaries(self.folder)
         for q in reversed(self.created):
             with contextlib.suppress(OSError):
                 q.rmdir()  # only if empty
 
 
 class Writer:
-    """Saves PNGs (temporary name, fsync, rename) and appends manifest rows to this process's part file."""
+    """Saves PNGs (temporary name, fsync, rename) and appends manifest rows to this process's part file. No
+    write follows a symlink: the part file is opened with O_NOFOLLOW, and each PNG's temporary name holds a
+    random part and is created with O_EXCL (a planted file or link there is never written through)."""
 
     def __init__(self, out: Path, rank: int, stop_after: int | None = None) -> None:
         self.out, self.rank, self.stop_after, self.count = out, rank, stop_after, 0
-        self.part = open(out / f"manifest.part-{rank}.jsonl", "a", encoding="utf-8")
+        self.written: list[tuple[Path, int]] = []  # (PNG, inode of the file renamed there)
+        fd = _open_regular(out / f"manifest.part-{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        self.part = os.fdopen(fd, "a", encoding="utf-8")
 
     def save(self, image, row: dict) -> None:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         data = buf.getvalue()
-        tmp = self.out / f".{row['file']}.{os.getpid()}.tmp"
+        line = json.dumps(row, allow_nan=False) + "\n"
+        tmp = self.out / f".{row['file']}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         if self.stop_after is not None and self.count == self.stop_after:  # tests: die while writing
-            tmp.write_bytes(data[: len(data) // 2])
+            exclusive_write(tmp, data[: len(data) // 2])
             os._exit(3)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name says the image is done
-        self.part.write(json.dumps(row) + "\n")  # row before rename: a PNG on disk always has its row
-        self.part.flush()
-        os.fsync(self.part.fileno())
-        os.replace(tmp, self.out / row["file"])
+        try:
+            inode = exclusive_write(tmp, data)  # the bytes are on disk before the name says the image is done
+            self.written.append((self.out / row["file"], inode))
+            self.part.write(line)  # row before rename: a PNG on disk always has its row
+            self.part.flush()
+            os.fsync(self.part.fileno())
+            os.replace(tmp, self.out / row["file"])
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         fsync_dir(self.out)
         self.count += 1
+
+    def saved(self) -> int:
+        """The PNGs this writer has put in place, counted on disk (each is the file it wrote, by inode): exact
+        also when a Ctrl-C lands between a rename and the count."""
+        count = 0
+        for path, inode in self.written:
+            with contextlib.suppress(OSError):
+                count += os.lstat(path).st_ino == inode
+        return count
 
     def close(self) -> None:
         self.part.close()
 
 
+def manifest_row_ok(row: Any) -> bool:
+    """A manifest row this script wrote: an object with the image's file name, its indices and a finite
+    "finished" time, all finite numbers (strict JSON)."""
+    if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not PNG_NAME.fullmatch(row["file"]):
+        return False
+    numbers = [row.get("prompt_index"), row.get("image_index"), row.get("finished")]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+        return False
+    try:
+        json.dumps(row, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
+
+
 def merge_manifest(out: Path) -> int:
-    """manifest.jsonl := its old rows + every part file's rows, newest row per image, PNG present."""
-    rows = {}
+    """manifest.jsonl := its old rows + every part file's rows, newest row per image, PNG present. Rows that
+    are not this script's (damaged, edited) are dropped with a note, not a crash."""
+    rows, dropped = {}, 0
     sources = [out / "manifest.jsonl"] + sorted(out.glob("manifest.part-*.jsonl"))
     for src in sources:
-        if not src.exists():
+        try:
+            text = read_regular(src).decode("utf-8", errors="replace")
+        except FileNotFoundError:
             continue
-        for line in src.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except (ValueError, RecursionError):  # a line cut short by a kill, or not JSON
+                dropped += bool(line.strip())
+                continue
+            if not manifest_row_ok(row):
+                dropped += 1
                 continue
             key = (row["prompt_index"], row["image_index"])
-            if (out / row["file"]).exists() and row["finished"] >= rows.get(key, {}).get("finished", -1):
+            if (out / row["file"]).is_file() and row["finished"] >= rows.get(key, {}).get("finished", -1):
                 rows[key] = row
-    atomic_write(out / "manifest.jsonl", "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)).encode())
+    if dropped:
+        print(f"generate.py: note: {plural(dropped, 'damaged manifest row')} dropped (not JSON objects this script "
+              f"writes); {out}/manifest.jsonl is rewritten without them", file=sys.stderr)
+    atomic_write(out / "manifest.jsonl",
+                 "".join(json.dumps(rows[k], allow_nan=False) + "\n" for k in sorted(rows)).encode())
     for src in sources[1:]:
         src.unlink(missing_ok=True)
     return len(rows)
 
 
-def scan(folder: Path, batches: list[list[dict]]) -> tuple[set, list]:
-    """Images already done (their PNG decodes), and PNGs that are there but do not decode."""
+def scan(folder: Path, batches: list[list[dict]], size: tuple[int, int]) -> tuple[set, list]:
+    """Images already done (a regular file, a PNG of ``size`` (width, height) that decodes), and (name, why)
+    for the others, which are made again."""
     done, broken = set(), []
-    if folder.is_dir():
+    if folder.is_dir() and not folder.is_symlink():
         for job in (job for batch in batches for job in batch):
             path = folder / job["file"]
-            if path.exists():
-                (done.add if png_ok(path) else broken.append)(job["file"])
+            if os.path.lexists(path):
+                problem = png_problem(path, size)
+                if problem:
+                    broken.append((job["file"], problem))
+                else:
+                    done.add(job["file"])
     return done, broken
 
 
@@ -728,12 +1036,51 @@ def pick_device_dtype(args: argparse.Namespace, state: Any) -> tuple[torch.devic
     return device, getattr(torch, DTYPES[args.dtype])
 
 
-def default_size(args: argparse.Namespace) -> None:
-    """Image size in pixels: the tiny model's own (64x64) or 512x512."""
-    from diffusers.flash import local_pipelines
+TINY_SIZE = 64  # local_pipelines.default_image_size("tiny"), known before anything heavy is imported
 
-    size = local_pipelines.default_image_size("tiny") if args.model is None else 512
+
+def model_vae_factor(args: argparse.Namespace) -> int:
+    """Pixels per latent along a side, read from the model's vae/config.json where it is at hand (a folder, the
+    Hugging Face cache); 8 (Stable Diffusion's) otherwise and for the built-in tiny model."""
+    if args.model is None:
+        return 8
+    config = None
+    if os.path.isdir(getattr(args, "model_ref", None) or ""):
+        config = os.path.join(args.model_ref, "vae", "config.json")
+    else:
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(args.model, "vae/config.json")
+            config = found if isinstance(found, str) else None
+    try:
+        with open(config or "", encoding="utf-8") as f:
+            blocks = json.load(f)["block_out_channels"]
+        return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and 1 <= len(blocks) <= 8 else 8
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
+
+
+def default_size(args: argparse.Namespace) -> None:
+    """Image size in pixels: the tiny model's own (64x64) or 512x512; then the limits the UNet's attention sets,
+    before any model loads."""
+    size = TINY_SIZE if args.model is None else 512
     args.height, args.width = args.height or size, args.width or size
+    factor = model_vae_factor(args)
+    h, w = args.height // factor, args.width // factor
+    given = f"--height {args.height} --width {args.width}"
+    if min(h, w) < 1:
+        raise UsageError(f"{given}: too small for this model, whose latents are 1/{factor} of a side: at least "
+                         f"{factor} pixels a side")
+    if max(h, w) > MAX_SIDE_LATENTS:
+        raise UsageError(f"{given}: too large: at most {MAX_SIDE_LATENTS * factor} pixels a side for this model "
+                         f"({MAX_SIDE_LATENTS} latents, which are 1/{factor} of a side)")
+    if h * w > MAX_LATENTS:
+        side = int(math.isqrt(MAX_LATENTS)) * factor
+        raise UsageError(f"{given}: too large: the UNet attends over every latent ({h}x{w} = {h * w:,} here, at "
+                         f"1/{factor} of each side); at most {MAX_LATENTS:,} ({side}x{side} pixels), beyond which "
+                         "one attention call needs more than 8 GB under the math backend, and Stable Diffusion 1.x "
+                         "was trained at 512x512")
 
 
 def manifest_row(job: dict, image: Any, args: argparse.Namespace, device: torch.device, state: Any, batch: list,
@@ -792,59 +1139,142 @@ def check_requirements() -> None:
                          "--index-url https://download.pytorch.org/whl/cpu)")
 
 
+PROGRESS: dict = {}  # what a Ctrl-C reports, kept up to date by run(): folder, total, done, writer
+_LAST_WORD = threading.Lock()  # the one line at a Ctrl-C is printed once: by main() or by the watcher
+
+
+def interrupted_line() -> str:
+    """The line a Ctrl-C ends with: what is saved, and that the same command resumes."""
+    folder, total, writer = PROGRESS.get("folder"), PROGRESS.get("total", 0), PROGRESS.get("writer")
+    saved = PROGRESS.get("done", 0) + (writer.saved() if writer is not None else 0)
+    if folder is None:
+        return "interrupted (Ctrl-C) before any image was made; nothing to resume"
+    where = f"{saved} of {plural(total, 'image')} are in {folder}/" if saved else "no image was made yet"
+    return f"interrupted (Ctrl-C); {where}; run the same command again to resume"
+
+
+@contextlib.contextmanager
+def stop_soon_on_ctrl_c(grace: float = 1.5) -> Iterator[None]:
+    """Python runs its Ctrl-C handler only between bytecodes, so one long call inside torch (a model load, a
+    large attention) would hold a Ctrl-C off for minutes. Here the signal also wakes a watcher thread
+    (signal.set_wakeup_fd, written by the C-level handler at once); where the main thread has not ended the
+    run ``grace`` seconds later, the watcher prints the same one line and ends the process (status 130). Every
+    PNG is complete under its name (written under a temporary one first) and a rerun resumes."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        os.close(r)
+        os.close(w)
+        yield
+        return
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            got = os.read(r, 64)
+            if finished.is_set() or not got or signal.SIGINT not in got:
+                continue
+            if finished.wait(grace):
+                return
+            if _LAST_WORD.acquire(blocking=False):
+                with contextlib.suppress(Exception):
+                    print(f"\ngenerate.py: {interrupted_line()}", file=sys.stderr, flush=True)
+            elif finished.wait(grace):  # the main thread is saying it: let it finish
+                return
+            os._exit(130)
+
+    watcher = threading.Thread(target=watch, name="generate.py Ctrl-C", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        signal.set_wakeup_fd(old)
+        with contextlib.suppress(OSError):
+            os.write(w, b"\0")
+        watcher.join(2 * grace + 1)
+        os.close(w)
+        os.close(r)
+        if _LAST_WORD.locked():
+            _LAST_WORD.release()
+
+
 def run(args: argparse.Namespace) -> None:
     prompts = load_prompts(args)  # bad input fails here, before the heavy imports
     check_requirements()
     check_model(args)
-    check_backend(args)
-    state = process_state(args)
-    device, dtype = pick_device_dtype(args, state)
     default_size(args)
-    config = run_config(args, prompts, device)
     root = Path(args.out)
+    probe = Output(root, root)
+    probe.check_writable("--out " + args.out)  # before the imports: a bad --out is said at once
+    try:
+        state = process_state(args)
+        device, dtype = pick_device_dtype(args, state)
+        check_backend(args)
+    except BaseException:
+        probe.discard_if_no_image()
+        raise
+    if args.fast_path and device.type != "cuda":
+        if state.is_main_process:
+            print(f"generate.py: --fast-path: no CUDA device ({device.type}), so it changes nothing: the images are "
+                  "the plain pipeline's, in the plain run's folder", file=sys.stderr)
+        args.fast_path = False
+    config = run_config(args, prompts, device)
     output = Output(root, root / run_folder_name(args, prompts, config))
+    output.created = probe.created
     folder = output.folder
     args.run_folder = folder
-    resuming = check_run_config(folder, config)
     batches = plan(prompts, args)
     total = sum(map(len, batches))
     writer, done = None, set()
+    PROGRESS.update(total=total, done=0)
     try:
-        output.check_writable("--out " + args.out)
-        done, broken = scan(folder, batches)
+        output.check_folder()
+        if state.is_main_process:
+            resuming = output.claim(config)  # checked and claimed in one step, before the model loads
+        else:
+            resuming = check_run_config(folder, config)
+        PROGRESS["folder"] = folder
+        done, broken = scan(folder, batches, (args.width, args.height))
+        PROGRESS["done"] = len(done)
         todo = [b for b in batches if not all(job["file"] in done for job in b)]
         if state.is_main_process:
-            for name in broken[:5]:
-                print(f"generate.py: {folder}/{name} does not decode (empty or cut short): making it again",
-                      file=sys.stderr)
+            for name, why in broken[:5]:
+                print(f"generate.py: {folder}/{name} {why}: making it again", file=sys.stderr)
             if len(broken) > 5:
-                print(f"generate.py: ... and {len(broken) - 5} more PNGs that do not decode", file=sys.stderr)
+                print(f"generate.py: ... and {len(broken) - 5} more PNGs to make again", file=sys.stderr)
             print(f"generate.py: {'resuming' if resuming else 'new run'} in {folder}/: {plural(total, 'image')}, "
                   f"{len(done)} already there", file=sys.stderr)
-        pipe = load_pipeline(args, device, dtype, show_steps=args.model is not None and state.is_main_process)
-        if args.fast_path:
-            report = pipe.enable_fast_path(compile=True)
-            applied = ", ".join(f"{k} ({', '.join(v)})" for k, v in report.items() if k != "reasons" and v)
-            said = "; ".join(report["reasons"])
-            print(f"generate.py: fast path: {applied or 'not applied'}{'; ' + said if said else ''}", file=sys.stderr)
-        if state.is_main_process:
-            output.create(config)
-        state.wait_for_everyone()  # the folder exists and every process has scanned it before anyone writes
-        writer = Writer(folder, state.process_index, args.stop_after)
-        with state.split_between_processes(todo) as mine:  # whole batches: the same in any number of processes
-            generate_share(pipe, mine, done, folder, args, device, dtype, state, writer)
-        writer.close()
+        if todo:
+            pipe = load_pipeline(args, device, dtype, show_steps=args.model is not None and state.is_main_process)
+            if args.fast_path:
+                report = pipe.enable_fast_path(compile=True)
+                applied = ", ".join(f"{k} ({', '.join(v)})" for k, v in report.items() if k != "reasons" and v)
+                said = "; ".join(report["reasons"])
+                print(f"generate.py: fast path: {applied or 'not applied'}{'; ' + said if said else ''}",
+                      file=sys.stderr)
+            state.wait_for_everyone()  # the folder is claimed and every process has scanned it before anyone writes
+            writer = Writer(folder, state.process_index, args.stop_after)
+            PROGRESS["writer"] = writer
+            with state.split_between_processes(todo) as mine:  # whole batches: the same in any number of processes
+                generate_share(pipe, mine, done, folder, args, device, dtype, state, writer)
+            writer.close()
         state.wait_for_everyone()
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()
-        saved = len(done) + (writer.count if writer else 0)
+        saved = len(done) + (writer.saved() if writer else 0)
         if state.is_main_process and state.num_processes == 1 and saved:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, UsageError):
                 merge_manifest(folder)
         output.discard_if_no_image()
-        where = f"{saved} of {plural(total, 'image')} are in {folder}/" if saved else "no image was made yet"
-        raise Interrupted(f"interrupted (Ctrl-C); {where}; run the same command again to resume") from None
+        raise Interrupted(interrupted_line()) from None
     except BaseException:
         if state.is_main_process:
             output.discard_if_no_image()
@@ -855,22 +1285,31 @@ def run(args: argparse.Namespace) -> None:
               f"manifest {folder}/manifest.jsonl ({rows} rows)")
 
 
+def say_last(line: str) -> None:
+    """The one line a run ends with at a Ctrl-C, unless the watcher said it already."""
+    if _LAST_WORD.acquire(blocking=False):
+        print(f"generate.py: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; user mistakes end with one line on stderr (exit status 1), Ctrl-C with 130."""
-    try:
-        run(parse_args(argv))
-    except UsageError as e:
-        sys.exit(f"generate.py: error: {e}")
-    except Interrupted as e:
-        print(f"generate.py: {e}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("generate.py: interrupted (Ctrl-C) before any image was made; nothing to resume", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:  # the output folder filled up or went away mid-run
-        if e.filename is None:
-            raise
-        sys.exit(f"generate.py: error: cannot write {e.filename}: {e.strerror}; a rerun resumes once fixed")
+    PROGRESS.clear()
+    with stop_soon_on_ctrl_c():
+        try:
+            run(parse_args(argv))
+        except UsageError as e:
+            sys.exit(f"generate.py: error: {e}")
+        except Interrupted as e:
+            say_last(str(e))
+            sys.exit(130)
+        except KeyboardInterrupt:  # before the run's own handler, or a second Ctrl-C inside it
+            say_last(interrupted_line())
+            sys.exit(130)
+        except OSError as e:  # the output folder filled up or went away mid-run
+            where = e.filename or PROGRESS.get("folder") or "--out"
+            what = e.strerror or str(e) or type(e).__name__
+            sys.exit(f"generate.py: error: cannot write {where}{'/' if where == PROGRESS.get('folder') else ''}: "
+                     f"{what}; a rerun resumes once fixed")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ DEVICES = [("cpu", torch.float32, 1 / 255)] + ([("cuda", torch.float16, 2 / 255)
 
 def _images(seed, pipe):
     rng = np.random.default_rng(seed)
-    init = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # tiny VAE: latents 16x16
+    init = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))  # tiny VAE (1/8): latents 16x16
     # the mask is resized to the 16x16 latents: by 8 up to 0.8, by the VAE's scale factor from 0.9
     side = 16 * getattr(pipe, "vae_scale_factor", 8)
     mask = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))

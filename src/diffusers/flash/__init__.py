@@ -16,6 +16,10 @@ The fast path (``diffusers.flash.fastpath``)
     ``pipe.enable_fast_path(cuda_graphs=True, compile=False, ..., cache=None)``  CUDA graphs, optionally
     torch.compile, for a Stable Diffusion pipeline; returns a report. ``pipe.disable_fast_path()`` undoes it.
 
+Pipelines built locally (``diffusers.flash.local_pipelines``)
+    ``stable_diffusion(size="tiny", seed=0)``  a StableDiffusionPipeline with random weights, nothing downloaded
+    (``"tiny"``: seconds on a CPU; ``"sd1"``: SD 1.x's full architecture); images of the size asked for.
+
 Loading (``diffusers.flash.loading``)
     ``from_pretrained`` / ``save_pretrained(..., safe_serialization=True)`` as upstream's, made safe: see
     ``diffusers.flash.loading.safe_loading``.

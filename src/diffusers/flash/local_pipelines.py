@@ -28,16 +28,17 @@ CONFIGS = {
         unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
-        vae=dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
-                 down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-                 up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4),
+        # four blocks, so that latents are 1/8 of the image's side as in Stable Diffusion: the pipeline's
+        # height and width are the image's (0.4.x's pipeline takes the factor 8 as given)
+        vae=dict(block_out_channels=[32, 32, 32, 32], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 latent_channels=4),
         text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                   max_position_embeddings=77),
         vision=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                     image_size=32, patch_size=8),
-        # image_size: the pipeline's height/width argument (latents are a 1/8 of it, as in SD: 32x32); the
-        # 2-block VAE upsamples latents 2x, not 8x, so the images written are 64x64 (default_image_size)
-        projection_dim=32, image_size=256,
+        # image_size: the side of the images generate.py makes by default (latents 8x8)
+        projection_dim=32, image_size=64,
     ),
     "sd1": dict(
         unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
@@ -142,19 +143,23 @@ def components(size: str = "tiny", seed: int = 0, scheduler: str = "pndm") -> di
 
 
 def vae_scale_factor(size: str = "tiny") -> int:
-    """Pixels per latent along each side: 8 for SD 1.x, 2 for the tiny VAE (two blocks)."""
+    """Pixels per latent along each side: 8 for both sizes (four VAE blocks), as in Stable Diffusion, so a
+    pipeline called with ``height=h, width=w`` returns images of h x w pixels."""
     return 2 ** (len(CONFIGS[size]["vae"]["block_out_channels"]) - 1)
 
 
 def default_image_size(size: str = "tiny") -> int:
-    """Side in pixels of the images the pipeline makes at its default size: 64 for ``tiny``, 512 for ``sd1``.
-    (The pipeline is called with height=width=CONFIGS[size]["image_size"]; latents are an 1/8 of that.)"""
-    return CONFIGS[size]["image_size"] // 8 * vae_scale_factor(size)
+    """Side in pixels of the images ``examples/generate.py`` makes by default with this model: 64 for ``tiny``,
+    512 for ``sd1``. (Called without ``height``/``width``, the pipeline itself makes 512x512 on 0.4.x and
+    ``unet.config.sample_size * vae_scale_factor`` on later releases.)"""
+    return CONFIGS[size]["image_size"]
 
 
 def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm",
                      pipeline_class: type | None = None) -> "StableDiffusionPipeline":
-    """A StableDiffusionPipeline (or ``pipeline_class``: img2img, inpaint) built locally."""
+    """A StableDiffusionPipeline (or ``pipeline_class``: img2img, inpaint) built locally, with random weights
+    drawn from ``seed``. Its images have the size asked for: ``pipe(prompt, height=64, width=64)`` gives
+    64x64 (latents are 1/8 of each side; height and width must be multiples of 8)."""
     from diffusers.pipelines import StableDiffusionPipeline
 
     return (pipeline_class or StableDiffusionPipeline)(**components(size, seed, scheduler))
