@@ -895,17 +895,18 @@ def quiet_fp16_cpu_warning() -> Iterator[None]:
 
 
 def torch_modules(pipe: Any) -> list:
-    """The pipeline's models (UNet, VAE, text encoder, safety checker) that it has."""
+    """The pipeline's models (denoiser, VAE, text encoders, safety checker) that it has."""
     import torch
 
-    found = (getattr(pipe, name, None) for name in ("unet", "vae", "text_encoder", "safety_checker"))
+    names = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "safety_checker")
+    found = (getattr(pipe, name, None) for name in names)
     return [m for m in found if isinstance(m, torch.nn.Module)]
 
 
 def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, show_steps: bool) -> Any:
     import torch
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.flash import local_pipelines
 
     if args.model is None:
@@ -914,11 +915,14 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
             module.to(dtype)
     else:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(args.model_ref, torch_dtype=dtype,
-                                                           local_files_only=args.local_files_only)
+            pipe = DiffusionPipeline.from_pretrained(args.model_ref, torch_dtype=dtype,
+                                                     local_files_only=args.local_files_only)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"cannot load --model {args.model}: {first}") from None
+        if type(pipe).__name__ not in PIPELINES:
+            raise UsageError(f"--model {args.model} is a {type(pipe).__name__}; generate.py makes images from text "
+                             f"with {', '.join(PIPELINES)}")
     quiet = quiet_fp16_cpu_warning() if dtype == torch.float16 and device.type != "cuda" else contextlib.nullcontext()
     with quiet:
         try:
@@ -933,6 +937,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.d
     return pipe
 
 
+# the text-to-image pipelines generate.py runs (the ones a release has): Stable Diffusion 1.x/2.x, SDXL (0.19
+# on), SD3 (0.29 on) and Flux (0.30 on)
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
 def vae_scale(pipe: Any) -> int:
     """Pixels per latent: 8 for Stable Diffusion's VAE, 2 for the tiny one."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -944,9 +953,16 @@ def initial_latents(pipe: Any, batch: list[dict], args: argparse.Namespace, devi
     import torch
 
     scale = vae_scale(pipe)
-    shape = (pipe.unet.in_channels, args.height // scale, args.width // scale)
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job["seed"])) for job in batch]
-    return torch.stack(noise).to(device=device, dtype=dtype)
+    h, w = args.height // scale, args.width // scale
+    if getattr(pipe, "unet", None) is not None:
+        channels = pipe.unet.in_channels
+    else:  # SD3's and Flux's transformer (Flux takes its latents packed in 2x2 patches: 4 channels each)
+        channels = pipe.transformer.config.in_channels // (4 if type(pipe).__name__ == "FluxPipeline" else 1)
+    noise = [torch.randn((channels, h, w), generator=torch.Generator("cpu").manual_seed(job["seed"])) for job in batch]
+    latents = torch.stack(noise)
+    if type(pipe).__name__ == "FluxPipeline":
+        latents = pipe._pack_latents(latents, len(batch), channels, h, w)
+    return latents.to(device=device, dtype=dtype)
 
 
 def generate_batch(pipe: Any, batch: list[dict], args: argparse.Namespace, device: torch.device,
@@ -965,7 +981,7 @@ def generate_batch(pipe: Any, batch: list[dict], args: argparse.Namespace, devic
                           latents=initial_latents(pipe, batch, args, device, dtype))
     except backend_error() as e:
         raise UsageError(f"{args.backend_source}: {e}") from None
-    nsfw = result.nsfw_content_detected or [False] * len(batch)
+    nsfw = getattr(result, "nsfw_content_detected", None) or [False] * len(batch)
     return result.images, nsfw, time.perf_counter() - start
 
 
@@ -1061,17 +1077,50 @@ def model_vae_factor(args: argparse.Namespace) -> int:
         return 8
 
 
+def model_config(args: argparse.Namespace, name: str) -> dict:
+    """The model's ``name`` JSON file (e.g. "unet/config.json") where it is at hand (a folder, the Hugging Face
+    cache); {} otherwise."""
+    path = None
+    if os.path.isdir(getattr(args, "model_ref", None) or ""):
+        path = os.path.join(args.model_ref, name)
+    else:
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(args.model, name)
+            path = found if isinstance(found, str) else None
+    try:
+        with open(path or "", encoding="utf-8") as f:
+            config = json.load(f)
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def model_sample_size(args: argparse.Namespace) -> int:
+    """The denoiser's own size in latents (64 for SD 1.x: 512 pixels; 128 for SDXL, SD3 and Flux: 1024)."""
+    for name in ("unet/config.json", "transformer/config.json"):
+        config = model_config(args, name)
+        if config:
+            size = config.get("sample_size", 128)  # Flux's transformer names none: its pipeline's default is 128
+            return size if isinstance(size, int) and 1 <= size <= MAX_SIDE_LATENTS else 64
+    return 64
+
+
 def default_size(args: argparse.Namespace) -> None:
-    """Image size in pixels: the tiny model's own (64x64) or 512x512; then the limits the UNet's attention sets,
-    before any model loads."""
-    size = TINY_SIZE if args.model is None else 512
-    args.height, args.width = args.height or size, args.width or size
+    """Image size in pixels: the tiny model's own (64x64) or the model's (its denoiser's sample size: 512x512
+    for SD 1.x, 1024x1024 for SDXL, SD3 and Flux); then the limits attention sets, before any model loads."""
     factor = model_vae_factor(args)
+    size = TINY_SIZE if args.model is None else model_sample_size(args) * factor
+    args.height, args.width = args.height or size, args.width or size
     h, w = args.height // factor, args.width // factor
     given = f"--height {args.height} --width {args.width}"
     if min(h, w) < 1:
         raise UsageError(f"{given}: too small for this model, whose latents are 1/{factor} of a side: at least "
                          f"{factor} pixels a side")
+    if model_config(args, "model_index.json").get("_class_name") == "FluxPipeline" and (h % 2 or w % 2):
+        raise UsageError(f"{given}: Flux takes its latents in 2x2 patches: sizes must be multiples of {2 * factor} "
+                         f"pixels")
     if max(h, w) > MAX_SIDE_LATENTS:
         raise UsageError(f"{given}: too large: at most {MAX_SIDE_LATENTS * factor} pixels a side for this model "
                          f"({MAX_SIDE_LATENTS} latents, which are 1/{factor} of a side)")
