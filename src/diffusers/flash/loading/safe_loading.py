@@ -17,17 +17,25 @@
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import inspect
+import json
 import os
 import pickle
 import re
+import shutil
+import stat
 import sys
-from typing import Callable, Optional
+import tempfile
+from typing import Callable, Mapping, Optional
 
 import torch
 
+from diffusers.flash.compat.transformers import (  # noqa: F401  (part of this module's API)
+    LOADABLE_LIBRARIES,
+    UnknownComponentClassError,
+    UntrustedLibraryError,
+    import_library,
+)
 from diffusers.flash.fsio import fsync_path
 from diffusers.utils import WEIGHTS_NAME, logging
 
@@ -38,7 +46,9 @@ WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
 _GIT_LFS_POINTER = b"version https://git-lfs"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format (a pickle, protocol 2+)
 _MAX_LISTED = 5
-LOADABLE_LIBRARIES = ("diffusers", "transformers")  # pipeline_utils.LOADABLE_CLASSES' libraries
+# transformers' weights files, in the order its from_pretrained prefers them (safetensors first, shards last)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
 
 
 class CheckpointError(OSError):
@@ -75,8 +85,9 @@ class IncompleteWeightsError(CheckpointError, RuntimeError):
     """A weights file that lacks some of the model's weights, or holds weights the model does not have."""
 
 
-class UntrustedLibraryError(ValueError):
-    """A ``model_index.json`` entry names a library pipelines do not load from (importing it would run code)."""
+class UnloadableComponentError(ValueError):
+    """A ``model_index.json`` entry names a class a pipeline cannot load (not a model, scheduler, tokenizer...
+    of its library, or one whose backend is not installed)."""
 
 
 # ---------------------------------------------------------------- finding the file
@@ -155,12 +166,15 @@ def _load_safetensors(path: str) -> dict:
         raise CorruptCheckpointError(path, problem) from None
 
 
-def _load_pickle(path: str, head: bytes) -> dict:
+def _load_pickle(path: str, head: bytes, mmap: bool = False) -> dict:
+    """``mmap=True`` (zip archives only): the tensors are mapped, not read, for a check of names and shapes."""
     if not head.startswith(_TORCH_MAGIC):
         raise CorruptCheckpointError(
             path, "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle): truncated or corrupted"
         )
     try:
+        if mmap and head.startswith(_TORCH_MAGIC[0]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
@@ -187,6 +201,25 @@ def _unsafe_reason(message: str) -> str:
     )
 
 
+def weight_shapes(path) -> dict:
+    """``{name: shape}`` of the weights in ``path`` without reading them: a safetensors file's header (which
+    safetensors checks against the file's size, so a truncated file is refused here), a ``.bin`` mapped
+    (``torch.load(mmap=True, weights_only=True)``: an unsafe pickle is refused as by :func:`load_state_dict`;
+    a ``.bin`` in torch's legacy format, which cannot be mapped, is read)."""
+    path = str(path)
+    head = _head(path)
+    if not path.endswith(".safetensors"):
+        return {k: tuple(v.shape) for k, v in _check_state_dict(_load_pickle(path, head, mmap=True), path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError (its import path varies by release) and OSError
+        problem = f"not a readable safetensors file: truncated or corrupted ({_brief(e)})"
+        raise CorruptCheckpointError(path, problem) from None
+
+
 def _check_state_dict(state_dict, path: str) -> dict:
     if not isinstance(state_dict, dict):
         raise CorruptCheckpointError(path, f"holds a {type(state_dict).__name__}, not a state dict of named tensors")
@@ -199,17 +232,19 @@ def _check_state_dict(state_dict, path: str) -> dict:
     return state_dict
 
 
-def check_weights(model: torch.nn.Module, state_dict: dict, path, ignore_mismatched_sizes: bool = False) -> None:
-    """Refuse weights that do not fit the model built from its config: :class:`IncompleteWeightsError` when
-    the file lacks some of the model's weights or holds weights the model does not have (upstream 0.4 would
-    leave the missing ones randomly initialized behind a warning), :class:`ShapeMismatchError` when a weight
-    has another shape. ``ignore_mismatched_sizes=True`` (upstream's option) loads anyway, as upstream does:
-    missing weights newly initialized, unexpected ones and mismatched shapes dropped, each logged."""
+def check_weights(model: torch.nn.Module, state_dict: Mapping, path, ignore_mismatched_sizes: bool = False) -> None:
+    """``state_dict``: the file's tensors, or their shapes (:func:`weight_shapes`). Refuse weights that do not
+    fit the model built from its config: :class:`IncompleteWeightsError` when the file lacks some of the
+    model's weights or holds weights the model does not have (upstream 0.4 would leave the missing ones
+    randomly initialized behind a warning), :class:`ShapeMismatchError` when a weight has another shape.
+    ``ignore_mismatched_sizes=True`` (upstream's option) loads anyway, as upstream does: missing weights
+    newly initialized, unexpected ones and mismatched shapes dropped, each logged."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape))
-           for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state_dict.items()}
+    bad = [(k, got, tuple(expected[k].shape)) for k, got in shapes.items()
+           if k in expected and got != tuple(expected[k].shape)]
     if ignore_mismatched_sizes:
         if missing or unexpected:
             logger.warning("%s: %d of %s's weights missing (newly initialized: %s), %d unexpected (ignored: %s); "
@@ -239,45 +274,102 @@ def check_weights(model: torch.nn.Module, state_dict: dict, path, ignore_mismatc
     )
 
 
-def _listed(keys: list) -> str:
+def _listed(keys) -> str:
+    keys = [str(k) for k in keys]
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "") if keys else "none"
 
 
-# ---------------------------------------------------------------- which libraries a model folder may name
-def import_library(library: str, entry: str):
-    """The library a pipeline folder's ``model_index.json`` names for ``entry`` (``"unet": ["diffusers",
-    "UNet2DConditionModel"]``): imported only if it is one pipelines load components from (diffusers,
-    transformers). Importing a module runs its code, and a folder could otherwise name a module of its own,
-    found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). On releases
-    whose loader takes components from other modules (0.27+), a module this process has already imported
-    itself is returned as it is, as upstream does from 0.42.1: nothing of the folder's runs, and
-    ``save_pretrained`` records a component of the caller's own module that way. Custom pipeline code is
-    taken only when the caller names it (``custom_pipeline=``, ``trust_remote_code=True``)."""
-    from diffusers.flash.compat.transformers import import_library as _import
+# ---------------------------------------------------------------- a pipeline's components
+def load_method(class_obj: type, method_name: Optional[str], entry: str) -> Callable:
+    """``class_obj``'s load method for the pipeline component ``entry``, or a one-line
+    :class:`UnloadableComponentError` where the class is none the pipeline loads (``["transformers",
+    "AutoModel"]``: not a model, tokenizer or processor class) or needs a backend that is not installed
+    (``OnnxRuntimeModel`` without onnxruntime)."""
+    name = getattr(class_obj, "__name__", repr(class_obj))
+    if method_name is None:
+        raise UnloadableComponentError(
+            f"model_index.json: entry {entry!r} names {name}, which is not a class a pipeline loads (a model, "
+            "scheduler, tokenizer or processor of diffusers or transformers): name the component's own class")
+    if name == "OnnxRuntimeModel":
+        from diffusers.utils import is_onnx_available
 
-    if library in LOADABLE_LIBRARIES:
-        return _import(library)
-    takes_other_modules = _loader_takes_other_modules()
-    if takes_other_modules and library in sys.modules:
-        return sys.modules[library]
-    raise UntrustedLibraryError(
-        f"model_index.json: entry {entry!r} names library {library!r}; pipelines load components only from "
-        f"{' and '.join(LOADABLE_LIBRARIES)}"
-        + (" or from a module this process has imported itself" if takes_other_modules else "")
-        + ", and importing another module would run its code: refused"
-    )
+        if not is_onnx_available():
+            raise UnloadableComponentError(
+                f"model_index.json: entry {entry!r} is an {name}, which needs the onnxruntime package: "
+                "`pip install onnxruntime`, or load a PyTorch version of this model")
+    return getattr(class_obj, method_name)
 
 
-@functools.cache
-def _loader_takes_other_modules() -> bool:
-    """Whether this release loads pipeline components from modules beyond LOADABLE_CLASSES' libraries (its
-    pipelines/pipeline_loading_utils.py, 0.27 on: ALL_IMPORTABLE_CLASSES for them); 0.4-0.14 look the library
-    up in LOADABLE_CLASSES and could not use another module anyway."""
-    return importlib.util.find_spec("diffusers.pipelines.pipeline_loading_utils") is not None
+def _is_transformers_model(cls) -> bool:
+    transformers = sys.modules.get("transformers")  # never imported here: a class of it means it is loaded
+    return (isinstance(cls, type) and transformers is not None
+            and issubclass(cls, transformers.PreTrainedModel))
+
+
+def transformers_weights_files(folder) -> tuple:
+    """``(the file transformers will read, [every weights file it names])`` for a transformers model folder:
+    ``model.safetensors``, else its shard index and shards, else ``pytorch_model.bin`` (and shards); ``(None,
+    [])`` where there is none (transformers then says what is missing)."""
+    folder = str(folder)
+    for name in TRANSFORMERS_WEIGHTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return path, [path]
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(path, f"not a readable shard index ({_brief(e)})") from None
+        return path, [os.path.join(folder, shard) for shard in shards]
+    return None, []
+
+
+def load_component(load: Callable, folder, entry: str, **kwargs):
+    """``load(folder, **kwargs)``, a pipeline component's load method, with the component's weights checked
+    as a diffusers model's are (which ``ModelMixin.from_pretrained`` does itself). For a transformers model
+    (the text encoder, the safety checker): each weights file is refused if empty, a git-lfs pointer,
+    truncated or an unsafe pickle (:func:`weight_shapes`); then transformers loads it, and weights it
+    reports missing, unexpected or of another shape are refused (:class:`IncompleteWeightsError`,
+    :class:`ShapeMismatchError`) where transformers would leave them newly initialized with a note. To load
+    such a model anyway, load it yourself and pass it to the pipeline (``text_encoder=...``)."""
+    if not _is_transformers_model(getattr(load, "__self__", None)):
+        return load(folder, **kwargs)
+    index, files = transformers_weights_files(folder)
+    if index is None:
+        return load(folder, **kwargs)
+    for path in files:
+        weight_shapes(path)
+    model, info = load(folder, **{**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True})
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    bad = sorted(info.get("mismatched_keys") or [])
+    name = type(model).__name__
+    escape = (f"; to load it anyway (newly initialized where missing), load it yourself with {name}."
+              f"from_pretrained({str(folder)!r}) and pass it as {entry}=")
+    if bad:
+        listed = "; ".join(f"{k}: {tuple(got)} in the file, {tuple(want)} in the model"
+                           for k, got, want, *_ in bad[:_MAX_LISTED])
+        raise ShapeMismatchError(index, f"pipeline component {entry!r}: {len(bad)} weight(s) do not fit the {name} "
+                                        f"built from its config ({listed}){escape}")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the {name}'s weights are missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the model does not have are in the file "
+                         f"({_listed(unexpected)})")
+        raise IncompleteWeightsError(index, f"pipeline component {entry!r}: {'; '.join(parts)}. The file is "
+                                            f"incomplete or belongs to another model{escape}")
+    return model
 
 
 # ---------------------------------------------------------------- saving
+# our temporary files and folders: .<name>.pid<pid>.<random>.tmp (and an earlier release's .<weights>.<pid>.tmp)
+_TEMPORARY = re.compile(r"^\..+\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$|^\.diffusion_pytorch_model[^/]*\.(\d+)\.tmp$")
+
+
 def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
                     safe_serialization: bool = False, is_main_process: bool = True,
                     variant: Optional[str] = None) -> str:
@@ -287,37 +379,154 @@ def save_state_dict(state_dict: dict, directory, save_function: Optional[Callabl
 
     The file is written under a temporary name in the same folder, flushed to disk and renamed into place;
     only then are the folder's other weights files (a previous save's) removed, by the main process. A crash
-    at any point leaves the old weights or the new ones, never neither. ``variant`` (0.13+) names the file
-    as upstream does (``diffusion_pytorch_model.fp16.bin``), and only that variant's other file is removed."""
+    at any point leaves the old weights or the new ones, never neither. The temporary name is unpredictable
+    and created exclusively, never through a link (:func:`temporary_file`); one that is no longer a plain file
+    after the write is refused, not installed; temporaries a killed save left are removed (:func:`clean_stale`).
+    ``variant`` (0.13+) names the file as upstream does (``diffusion_pytorch_model.fp16.bin``), and only that
+    variant's other file is removed."""
     directory = str(directory)
     name = variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
     path = os.path.join(directory, name)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    clean_stale(directory)
+    fd, tmp = temporary_file(directory, name)
     try:
         if safe_serialization:
             from safetensors.torch import save_file
 
+            os.close(fd)
             if save_function not in (None, torch.save, save_file):  # 0.10+ passes safetensors' own writer
                 logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
                                SAFE_WEIGHTS_NAME)
             save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
+        elif save_function in (None, torch.save):
+            with os.fdopen(fd, "wb") as f:  # written through the descriptor we created, never the name
+                torch.save(state_dict, f)
         else:
-            (save_function or torch.save)(state_dict, tmp)
-        if os.path.isfile(tmp):  # a save_function that writes elsewhere (e.g. a TPU's) is left to itself
+            os.close(fd)
+            save_function(state_dict, tmp)
+        now = os.lstat(tmp)
+        if not stat.S_ISREG(now.st_mode):  # safetensors (and a save_function) may rename a file of its own there
+            raise CorruptCheckpointError(tmp, "this temporary file was replaced by a link or other non-file while "
+                                              "the weights were written to it: not installed as the weights file")
+        if now.st_size:  # nothing written: a save_function that writes elsewhere (e.g. a TPU's) or not here
+            os.chmod(tmp, 0o666 & ~_umask())
             fsync_path(tmp)
             os.replace(tmp, path)
             fsync_path(directory)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
     if is_main_process:
-        for other in os.listdir(directory):  # upstream's clean-up of a previous save, now after the write
-            full = os.path.join(directory, other)
-            ours = other.startswith(WEIGHTS_NAME[:-4]) if not variant else other in {
-                variant_name(n, variant) for n in WEIGHTS_NAMES}
-            if other != name and ours and os.path.isfile(full):
-                os.remove(full)
+        remove_previous(directory, [name], variant)
     return path
+
+
+def temporary_file(directory: str, name: str) -> tuple:
+    """``(fd, path)`` of a new file in ``directory`` for writing ``name``: ``.<name>.pid<pid>.<random>.tmp``,
+    created with O_EXCL and O_NOFOLLOW (tempfile.mkstemp), so a file or link planted there is never written."""
+    return tempfile.mkstemp(dir=directory, prefix=f".{name}.pid{os.getpid()}.", suffix=".tmp")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _weights_family(name: str) -> Optional[tuple]:
+    """(stem, variant) of a weights file's name (``diffusion_pytorch_model``, ``model-00001-of-00002``,
+    ``pytorch_model.fp16``...), None for any other file."""
+    found = re.match(r"^(diffusion_pytorch_model|pytorch_model|model)(?:-\d+-of-\d+)?(?:\.([\w-]+))?"
+                     r"\.(?:bin|safetensors)(?:\.index\.json)?$", name)
+    return (found.group(1), found.group(2)) if found else None
+
+
+def remove_previous(directory: str, written: list, variant: Optional[str] = None) -> None:
+    """Remove a previous save's weights files that this save (``written``, names in ``directory``) replaces:
+    upstream's clean-up, done after the new files are in place. A diffusers weights file (each file of
+    ``variant`` only, when given) goes when another of its kind was written; a transformers one when one of
+    its name and variant (``model``, ``pytorch_model``, shards) was."""
+    families = {_weights_family(n) for n in written} - {None}
+    for other in os.listdir(directory):
+        full = os.path.join(directory, other)
+        if other in written or not os.path.isfile(full) or os.path.islink(full):
+            continue
+        if other.startswith(WEIGHTS_NAME[:-4]) and any(n.startswith(WEIGHTS_NAME[:-4]) for n in written):
+            ours = other in {variant_name(n, variant) for n in WEIGHTS_NAMES} if variant else True
+        else:
+            ours = _weights_family(other) in families
+        if ours:
+            os.remove(full)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or no way to ask
+        return True
+    return True
+
+
+def clean_stale(directory: str) -> None:
+    """Remove the temporary files and folders a killed save left in ``directory`` (ours only: named as
+    :func:`temporary_file` names them, by a process of this machine that no longer runs; a save running now
+    keeps its own)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        found = _TEMPORARY.match(entry)
+        if not found or _alive(int(found.group(1) or found.group(2))):
+            continue
+        full = os.path.join(directory, entry)
+        try:
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            logger.info("removed %s, left by a save that was killed", full)
+        except OSError as e:
+            logger.warning("could not remove %s, left by a save that was killed (%s)", full, _brief(e))
+
+
+def save_into(save: Callable, directory, **kwargs) -> None:
+    """``save(directory, **kwargs)`` (a ``save_pretrained`` or ``save_config``, of any library) made safe
+    against a kill: it writes into a new temporary folder inside ``directory``, each file there is flushed
+    and renamed into ``directory`` (so every file is its old version or its new one, never empty or half
+    written), then the previous save's weights files the new ones replace are removed
+    (:func:`remove_previous`). Temporaries a killed save left are removed first (:func:`clean_stale`)."""
+    directory = str(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return save(directory, **kwargs)  # the library's own error or message
+    os.makedirs(directory, exist_ok=True)
+    clean_stale(directory)
+    staging = tempfile.mkdtemp(dir=directory, prefix=f".save.pid{os.getpid()}.", suffix=".tmp")
+    try:
+        result = save(staging, **kwargs)
+        written = []
+        for root, _, files in os.walk(staging):
+            for name in files:
+                src = os.path.join(root, name)
+                rel = os.path.relpath(src, staging)
+                if os.path.islink(src) or _TEMPORARY.match(name):
+                    continue
+                fsync_path(src)
+                dst = os.path.join(directory, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+                written.append(rel)
+        fsync_path(directory)
+        top = [w for w in written if os.sep not in w]
+        variants = {f[1] for f in map(_weights_family, top) if f and f[0] == "diffusion_pytorch_model"} - {None}
+        remove_previous(directory, top, variants.pop() if len(variants) == 1 else None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
 
 
 def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
