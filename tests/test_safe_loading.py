@@ -17,9 +17,9 @@ try:  # 0.12 moved modeling_utils.py under models/
 except ImportError:
     from diffusers import modeling_utils
 if not hasattr(modeling_utils, "safe_loading"):
-    pytest.skip(f"patch 0005 is not applied on diffusers {diffusers.__version__} (upstream since 0.42.1, where "
-                "upstream reads safetensors first, .bin weights-only and refuses other libraries itself; the "
-                "hooks these tests exercise are not there)", allow_module_level=True)
+    pytest.skip(f"diffusers {diffusers.__version__} reads safetensors first and .bin weights-only itself: patch "
+                "0005 hooks only its model_index.json libraries there (tests/test_model_index_libraries.py), not "
+                "the model loading these tests exercise", allow_module_level=True)
 from diffusers.flash import local_pipelines
 from diffusers.flash.loading import safe_loading as sl
 

@@ -35,6 +35,7 @@ from diffusers.flash.compat.transformers import (  # noqa: F401  (part of this m
     UnknownComponentClassError,
     UntrustedLibraryError,
     import_library,
+    loader_takes_other_modules,
 )
 from diffusers.flash.fsio import fsync_path
 from diffusers.utils import WEIGHTS_NAME, logging
