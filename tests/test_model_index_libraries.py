@@ -89,10 +89,12 @@ def test_model_index_naming_a_module_of_its_own_is_refused_and_never_imported(tm
     index["unet"] = ["mymodel.unet.hook", "UNet2DConditionModel"]
     (folder / "model_index.json").write_text(json.dumps(index))
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(sl.UntrustedLibraryError) as err:
+    with pytest.raises(ValueError) as err:  # ours (UntrustedLibraryError), or 0.42.1's own for a name off its list
         StableDiffusionPipeline.from_pretrained(folder)
     message = str(err.value)
-    assert "'unet'" in message and "'mymodel.unet.hook'" in message and "refused" in message
+    assert "mymodel.unet.hook" in message, message
+    if isinstance(err.value, sl.UntrustedLibraryError):
+        assert "'unet'" in message and "refused" in message
     assert not marker.exists()
     __import__("mymodel.unet.hook")  # the attack is real: importing that module does run its code
     assert marker.exists()

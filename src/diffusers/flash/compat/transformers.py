@@ -107,20 +107,21 @@ class _Library(types.ModuleType):
 
 def import_library(library: str, entry: Optional[str] = None) -> types.ModuleType:
     """The library a pipeline folder's ``model_index.json`` names for ``entry`` (``"unet": ["diffusers",
-    "UNet2DConditionModel"]``), as a view in which old transformers class names resolve and a missing
-    class is a one-line :class:`UnknownComponentClassError`. Imported only if it is one pipelines load
-    components from (diffusers, transformers): importing a module runs its code, and a folder could
-    otherwise name a module of its own, found on ``sys.path`` (a folder's parent is there under
-    ``python -c``, the REPL, notebooks). On releases whose loader takes components from other modules
-    (0.27+), a module this process has already imported itself is returned, as upstream does from 0.42.1:
-    nothing of the folder's runs, and ``save_pretrained`` records a component of the caller's own module
-    that way. Anything else raises :class:`UntrustedLibraryError` and nothing is imported. Custom pipeline
-    code is taken only when the caller names it (``custom_pipeline=``, ``trust_remote_code=True``)."""
+    "UNet2DConditionModel"]``). diffusers and transformers come as a view in which old transformers class
+    names resolve and a missing class is a one-line :class:`UnknownComponentClassError`. Imported only if
+    it is one pipelines load components from (diffusers, transformers): importing a module runs its code,
+    and a folder could otherwise name a module of its own, found on ``sys.path`` (a folder's parent is
+    there under ``python -c``, the REPL, notebooks). On releases whose loader takes components from other
+    modules (0.27+), a module this process has already imported itself is returned as it is, as upstream
+    does from 0.42.1: nothing of the folder's runs, and ``save_pretrained`` records a component of the
+    caller's own module that way. Anything else raises :class:`UntrustedLibraryError` and nothing is
+    imported. Custom pipeline code is taken only when the caller names it (``custom_pipeline=``,
+    ``trust_remote_code=True``)."""
     if library in LOADABLE_LIBRARIES:
         return _Library(importlib.import_module(library), entry)
     takes_other_modules = loader_takes_other_modules()
     if takes_other_modules and library in sys.modules:
-        return _Library(sys.modules[library], entry)
+        return sys.modules[library]
     where = f"entry {entry!r} names" if entry else "names"
     raise UntrustedLibraryError(
         f"model_index.json: {where} library {library!r}; pipelines load components only from "
