@@ -396,13 +396,13 @@ def test_saving_replaces_the_file_by_rename_and_then_removes_the_other_format(tm
     real_replace = os.replace
 
     def replace(src, dst):
-        seen.append((os.path.basename(src), os.path.basename(dst), sorted(os.listdir(tmp_path))))
+        seen.append((os.path.relpath(src, tmp_path), os.path.basename(dst), sorted(os.listdir(tmp_path))))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     model.save_pretrained(tmp_path, safe_serialization=True)
     (src, dst, listing), = [s for s in seen if s[1] == SAFE]  # config.json is renamed into place as well
-    assert dst == SAFE and src.startswith(".") and BIN in listing  # the .bin was still there at the rename
+    assert dst == SAFE and src.startswith(".") and BIN in listing  # from a temporary; the .bin still there
     assert _files(tmp_path) == [SAFE]
 
 
@@ -577,17 +577,20 @@ def test_a_link_planted_at_a_temporary_name_is_never_written(tmp_path):
 
 
 def test_temporary_names_are_unpredictable_exclusive_and_cleaned(tmp_path, monkeypatch):
-    names, real = [], os.replace
+    """The weights are written in a new private folder (an unpredictable name, mode 0700) and renamed from
+    there; nothing is left behind, and the file has the mode a plain write gives it."""
+    folders, real = [], os.replace
 
     def replace(src, dst):
-        names.append(os.path.basename(src))
+        if os.path.basename(dst) == SAFE:
+            folders.append((os.path.basename(os.path.dirname(src)), os.stat(os.path.dirname(src)).st_mode & 0o777))
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     for _ in range(2):
         _unet(0).save_pretrained(tmp_path, safe_serialization=True)
-    weights = [n for n in names if n.startswith(f".{SAFE}")]
-    assert len(weights) == 2 and weights[0] != weights[1] and str(os.getpid()) in weights[0]
+    (first, mode), (second, _) = folders
+    assert first != second and first.startswith(f".{SAFE}.pid{os.getpid()}.") and mode == 0o700
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
     assert (os.stat(tmp_path / SAFE).st_mode & 0o777) == 0o666 & ~_umask()  # as a plain write makes it
 

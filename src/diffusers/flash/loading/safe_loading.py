@@ -378,60 +378,62 @@ def save_state_dict(state_dict: dict, directory, save_function: Optional[Callabl
     ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
     ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream.
 
-    The file is written under a temporary name in the same folder, flushed to disk and renamed into place;
-    only then are the folder's other weights files (a previous save's) removed, by the main process. A crash
-    at any point leaves the old weights or the new ones, never neither. The temporary name is unpredictable
-    and created exclusively, never through a link (:func:`temporary_file`); one that is no longer a plain file
-    after the write is refused, not installed; temporaries a killed save left are removed (:func:`clean_stale`).
-    ``variant`` (0.13+) names the file as upstream does (``diffusion_pytorch_model.fp16.bin``), and only that
-    variant's other file is removed."""
+    The file is written into a new private temporary folder inside ``directory`` (an unpredictable name,
+    created exclusively with mode 0700: nothing planted can be there, and a ``.bin`` is created there with
+    O_EXCL and O_NOFOLLOW), flushed to disk and renamed into place; only then are the folder's other weights
+    files (a previous save's) removed, by the main process. A crash at any point leaves the old weights or the
+    new ones, never neither, and the temporaries a killed save left are removed by the next one
+    (:func:`clean_stale`). ``variant`` (0.13+) names the file as upstream does
+    (``diffusion_pytorch_model.fp16.bin``), and only that variant's other file is removed."""
     directory = str(directory)
     name = variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
     path = os.path.join(directory, name)
     clean_stale(directory)
-    fd, tmp = temporary_file(directory, name)
+    staging = temporary_folder(directory, name)
+    tmp = os.path.join(staging, name)
     try:
         if safe_serialization:
             from safetensors.torch import save_file
 
-            os.close(fd)
             if save_function not in (None, torch.save, save_file):  # 0.10+ passes safetensors' own writer
                 logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
                                SAFE_WEIGHTS_NAME)
             save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
         elif save_function in (None, torch.save):
-            with os.fdopen(fd, "wb") as f:  # written through the descriptor we created, never the name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            with os.fdopen(fd, "wb") as f:
                 torch.save(state_dict, f)
         else:
-            os.close(fd)
             save_function(state_dict, tmp)
-        now = os.lstat(tmp)
-        if not stat.S_ISREG(now.st_mode):  # safetensors (and a save_function) may rename a file of its own there
-            raise CorruptCheckpointError(tmp, "this temporary file was replaced by a link or other non-file while "
-                                              "the weights were written to it: not installed as the weights file")
-        if now.st_size:  # nothing written: a save_function that writes elsewhere (e.g. a TPU's) or not here
-            os.chmod(tmp, 0o666 & ~_umask())
+        if os.path.lexists(tmp):  # not there: a save_function that writes elsewhere (e.g. a TPU's) or not here
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                raise CorruptCheckpointError(tmp, "not a plain file after the weights were written to it: not "
+                                                  "installed as the weights file")
+            os.chmod(tmp, 0o666 & ~_umask())  # as a plain write makes it (safetensors' own writer makes 0600)
             fsync_path(tmp)
             os.replace(tmp, path)
             fsync_path(directory)
     finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
     if is_main_process:
         remove_previous(directory, [name], variant)
     return path
 
 
-def temporary_file(directory: str, name: str) -> tuple:
-    """``(fd, path)`` of a new file in ``directory`` for writing ``name``: ``.<name>.pid<pid>.<random>.tmp``,
-    created with O_EXCL and O_NOFOLLOW (tempfile.mkstemp), so a file or link planted there is never written."""
-    return tempfile.mkstemp(dir=directory, prefix=f".{name}.pid{os.getpid()}.", suffix=".tmp")
+def temporary_folder(directory: str, name: str) -> str:
+    """A new folder in ``directory`` for writing ``name``: ``.<name>.pid<pid>.<random>.tmp``, mode 0700,
+    created exclusively (tempfile.mkdtemp), so nothing planted beforehand is in it or written through."""
+    return tempfile.mkdtemp(dir=directory, prefix=f".{name}.pid{os.getpid()}.", suffix=".tmp")
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # Linux: read without setting it
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def _weights_family(name: str) -> Optional[tuple]:
@@ -474,7 +476,7 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(directory: str) -> None:
     """Remove the temporary files and folders a killed save left in ``directory`` (ours only: named as
-    :func:`temporary_file` names them, by a process of this machine that no longer runs; a save running now
+    :func:`temporary_folder` names them, by a process of this machine that no longer runs; a save running now
     keeps its own)."""
     try:
         entries = os.listdir(directory)
@@ -506,7 +508,7 @@ def save_into(save: Callable, directory, **kwargs) -> None:
         return save(directory, **kwargs)  # the library's own error or message
     os.makedirs(directory, exist_ok=True)
     clean_stale(directory)
-    staging = tempfile.mkdtemp(dir=directory, prefix=f".save.pid{os.getpid()}.", suffix=".tmp")
+    staging = temporary_folder(directory, "save")
     try:
         result = save(staging, **kwargs)
         written = []
