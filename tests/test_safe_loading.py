@@ -633,6 +633,17 @@ def _save_in_child(pipe, folder, kill_at_open=None, kill_after=None):
         code = 1
         try:
             os.close(read_end)
+            import threading
+
+            from tqdm.std import tqdm
+
+            # tqdm's lock is shared with the parent across fork (a multiprocessing semaphore): a child killed
+            # while it holds it would block the parent's next progress bar for ever; the child takes its own
+            lock, classes = threading.RLock(), [tqdm]
+            while classes:
+                cls = classes.pop()
+                cls.set_lock(lock)
+                classes += cls.__subclasses__()
             opened = [0]
             real_open = builtins.open
 

@@ -13,19 +13,21 @@
 - A truncated or corrupted file (:class:`CorruptCheckpointError`), a folder with no weights file
   (:class:`MissingWeightsError`) and weights whose shapes do not fit the model built from its
   config (:class:`ShapeMismatchError`) each raise an error that names the file and the problem.
-- ``save_pretrained(..., safe_serialization=True)`` writes ``diffusion_pytorch_model.safetensors``.
+- A pipeline's transformers components (text encoder, safety checker) are checked the same way
+  (:func:`load_component`), and a ``model_index.json`` class a pipeline cannot load is a one-line
+  :class:`UnloadableComponentError` (:func:`load_method`); libraries: :func:`import_library`.
+- On the ``device_map`` path the names and shapes come from the safetensors header
+  (:func:`weight_shapes`): the tensors are read once, by accelerate.
+- ``save_pretrained(..., safe_serialization=True)`` writes ``diffusion_pytorch_model.safetensors``;
+  every write goes through a temporary name and a rename (``saving.py``).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
 import re
-import shutil
-import stat
 import sys
-import tempfile
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -37,13 +39,32 @@ from diffusers.flash.compat.transformers import (  # noqa: F401  (part of this m
     import_library,
     loader_takes_other_modules,
 )
-from diffusers.flash.fsio import fsync_path
-from diffusers.utils import WEIGHTS_NAME, logging
+from diffusers.flash.loading.files import (  # noqa: F401  (part of this module's API)
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    WEIGHTS_NAMES,
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompleteWeightsError,
+    MissingWeightsError,
+    ShapeMismatchError,
+    UnloadableComponentError,
+    UnsafeCheckpointError,
+    brief,
+    variant_name,
+)
+from diffusers.flash.loading.saving import (  # noqa: F401  (the hooks of patch 0005 call them from here)
+    clean_stale,
+    remove_previous,
+    save_into,
+    save_kwargs,
+    save_state_dict,
+    temporary_folder,
+)
+from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-SAFE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
 _GIT_LFS_POINTER = b"version https://git-lfs"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format (a pickle, protocol 2+)
 _MAX_LISTED = 5
@@ -52,54 +73,7 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "py
                         "pytorch_model.bin.index.json")
 
 
-class CheckpointError(OSError):
-    """A weights file cannot be loaded; ``path`` names it (or the folder that lacks one)."""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        super().__init__(f"{self.path}: {problem}")
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle (``.bin``) that asks to import or call code: refused, never run."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A weights file that is truncated, corrupted, a git-lfs pointer, or not a state dict."""
-
-
-class MissingWeightsError(CheckpointError, FileNotFoundError):
-    """A model folder with neither weights file. The message begins as upstream's did ("Error no file named
-    <the .bin name> found in directory <folder>"), which code and upstream's tests match on."""
-
-    def __init__(self, path, problem: str, upstream_name: Optional[str] = None):
-        super().__init__(path, problem)
-        if upstream_name:
-            self.args = (f"Error no file named {upstream_name} found in directory {self.path} ({problem})",)
-
-
-class ShapeMismatchError(CheckpointError, RuntimeError):
-    """Weights whose shapes differ from the model's (a RuntimeError too, as upstream's was)."""
-
-
-class IncompleteWeightsError(CheckpointError, RuntimeError):
-    """A weights file that lacks some of the model's weights, or holds weights the model does not have."""
-
-
-class UnloadableComponentError(ValueError):
-    """A ``model_index.json`` entry names a class a pipeline cannot load (not a model, scheduler, tokenizer...
-    of its library, or one whose backend is not installed)."""
-
-
 # ---------------------------------------------------------------- finding the file
-def variant_name(name: str, variant: Optional[str] = None) -> str:
-    """``diffusion_pytorch_model.fp16.safetensors`` for ``variant="fp16"`` (upstream's ``_add_variant``, 0.13+)."""
-    if not variant:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
-
-
 def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optional[str] = None) -> str:
     """The weights file of a local model folder (upstream's order: ``folder``, then ``folder/subfolder``;
     in each, safetensors before ``.bin``); ``variant`` (0.13+): that variant's files."""
@@ -163,7 +137,7 @@ def _load_safetensors(path: str) -> dict:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # SafetensorError (its import path varies by release) and OSError
-        problem = f"not a readable safetensors file: truncated or corrupted ({_brief(e)})"
+        problem = f"not a readable safetensors file: truncated or corrupted ({brief(e)})"
         raise CorruptCheckpointError(path, problem) from None
 
 
@@ -186,7 +160,7 @@ def _load_pickle(path: str, head: bytes, mmap: bool = False) -> dict:
 
 
 def _unreadable(path: str, e: Exception) -> CorruptCheckpointError:
-    return CorruptCheckpointError(path, f"not a readable PyTorch checkpoint: truncated or corrupted ({_brief(e)})")
+    return CorruptCheckpointError(path, f"not a readable PyTorch checkpoint: truncated or corrupted ({brief(e)})")
 
 
 def _unsafe_reason(message: str) -> str:
@@ -217,7 +191,7 @@ def weight_shapes(path) -> dict:
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # SafetensorError (its import path varies by release) and OSError
-        problem = f"not a readable safetensors file: truncated or corrupted ({_brief(e)})"
+        problem = f"not a readable safetensors file: truncated or corrupted ({brief(e)})"
         raise CorruptCheckpointError(path, problem) from None
 
 
@@ -323,7 +297,7 @@ def transformers_weights_files(folder) -> tuple:
             with open(path, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CorruptCheckpointError(path, f"not a readable shard index ({_brief(e)})") from None
+            raise CorruptCheckpointError(path, f"not a readable shard index ({brief(e)})") from None
         return path, [os.path.join(folder, shard) for shard in shards]
     return None, []
 
@@ -364,186 +338,3 @@ def load_component(load: Callable, folder, entry: str, **kwargs):
         raise IncompleteWeightsError(index, f"pipeline component {entry!r}: {'; '.join(parts)}. The file is "
                                             f"incomplete or belongs to another model{escape}")
     return model
-
-
-# ---------------------------------------------------------------- saving
-# our temporary files and folders: .<name>.pid<pid>.<random>.tmp (and an earlier release's .<weights>.<pid>.tmp)
-_TEMPORARY = re.compile(r"^\..+\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$|^\.diffusion_pytorch_model[^/]*\.(\d+)\.tmp$")
-
-
-def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
-                    safe_serialization: bool = False, is_main_process: bool = True,
-                    variant: Optional[str] = None) -> str:
-    """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
-    ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
-    ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream.
-
-    The file is written into a new private temporary folder inside ``directory`` (an unpredictable name,
-    created exclusively with mode 0700: nothing planted can be there, and a ``.bin`` is created there with
-    O_EXCL and O_NOFOLLOW), flushed to disk and renamed into place; only then are the folder's other weights
-    files (a previous save's) removed, by the main process. A crash at any point leaves the old weights or the
-    new ones, never neither, and the temporaries a killed save left are removed by the next one
-    (:func:`clean_stale`). ``variant`` (0.13+) names the file as upstream does
-    (``diffusion_pytorch_model.fp16.bin``), and only that variant's other file is removed."""
-    directory = str(directory)
-    name = variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
-    path = os.path.join(directory, name)
-    clean_stale(directory)
-    staging = temporary_folder(directory, name)
-    tmp = os.path.join(staging, name)
-    try:
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            if save_function not in (None, torch.save, save_file):  # 0.10+ passes safetensors' own writer
-                logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
-                               SAFE_WEIGHTS_NAME)
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
-        elif save_function in (None, torch.save):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state_dict, f)
-        else:
-            save_function(state_dict, tmp)
-        if os.path.lexists(tmp):  # not there: a save_function that writes elsewhere (e.g. a TPU's) or not here
-            if not stat.S_ISREG(os.lstat(tmp).st_mode):
-                raise CorruptCheckpointError(tmp, "not a plain file after the weights were written to it: not "
-                                                  "installed as the weights file")
-            os.chmod(tmp, 0o666 & ~_umask())  # as a plain write makes it (safetensors' own writer makes 0600)
-            fsync_path(tmp)
-            os.replace(tmp, path)
-            fsync_path(directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if is_main_process:
-        remove_previous(directory, [name], variant)
-    return path
-
-
-def temporary_folder(directory: str, name: str) -> str:
-    """A new folder in ``directory`` for writing ``name``: ``.<name>.pid<pid>.<random>.tmp``, mode 0700,
-    created exclusively (tempfile.mkdtemp), so nothing planted beforehand is in it or written through."""
-    return tempfile.mkdtemp(dir=directory, prefix=f".{name}.pid{os.getpid()}.", suffix=".tmp")
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:  # Linux: read without setting it
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def _weights_family(name: str) -> Optional[tuple]:
-    """(stem, variant) of a weights file's name (``diffusion_pytorch_model``, ``model-00001-of-00002``,
-    ``pytorch_model.fp16``...), None for any other file."""
-    found = re.match(r"^(diffusion_pytorch_model|pytorch_model|model)(?:-\d+-of-\d+)?(?:\.([\w-]+))?"
-                     r"\.(?:bin|safetensors)(?:\.index\.json)?$", name)
-    return (found.group(1), found.group(2)) if found else None
-
-
-def remove_previous(directory: str, written: list, variant: Optional[str] = None) -> None:
-    """Remove a previous save's weights files that this save (``written``, names in ``directory``) replaces:
-    upstream's clean-up, done after the new files are in place. A diffusers weights file (each file of
-    ``variant`` only, when given) goes when another of its kind was written; a transformers one when one of
-    its name and variant (``model``, ``pytorch_model``, shards) was."""
-    families = {_weights_family(n) for n in written} - {None}
-    for other in os.listdir(directory):
-        full = os.path.join(directory, other)
-        if other in written or not os.path.isfile(full) or os.path.islink(full):
-            continue
-        if other.startswith(WEIGHTS_NAME[:-4]) and any(n.startswith(WEIGHTS_NAME[:-4]) for n in written):
-            ours = other in {variant_name(n, variant) for n in WEIGHTS_NAMES} if variant else True
-        else:
-            ours = _weights_family(other) in families
-        if ours:
-            os.remove(full)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, or no way to ask
-        return True
-    return True
-
-
-def clean_stale(directory: str) -> None:
-    """Remove the temporary files and folders a killed save left in ``directory`` (ours only: named as
-    :func:`temporary_folder` names them, by a process of this machine that no longer runs; a save running now
-    keeps its own)."""
-    try:
-        entries = os.listdir(directory)
-    except OSError:
-        return
-    for entry in entries:
-        found = _TEMPORARY.match(entry)
-        if not found or _alive(int(found.group(1) or found.group(2))):
-            continue
-        full = os.path.join(directory, entry)
-        try:
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.remove(full)
-            logger.info("removed %s, left by a save that was killed", full)
-        except OSError as e:
-            logger.warning("could not remove %s, left by a save that was killed (%s)", full, _brief(e))
-
-
-def save_into(save: Callable, directory, **kwargs) -> None:
-    """``save(directory, **kwargs)`` (a ``save_pretrained`` or ``save_config``, of any library) made safe
-    against a kill: it writes into a new temporary folder inside ``directory``, each file there is flushed
-    and renamed into ``directory`` (so every file is its old version or its new one, never empty or half
-    written), then the previous save's weights files the new ones replace are removed
-    (:func:`remove_previous`). Temporaries a killed save left are removed first (:func:`clean_stale`)."""
-    directory = str(directory)
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        return save(directory, **kwargs)  # the library's own error or message
-    os.makedirs(directory, exist_ok=True)
-    clean_stale(directory)
-    staging = temporary_folder(directory, "save")
-    try:
-        result = save(staging, **kwargs)
-        written = []
-        for root, _, files in os.walk(staging):
-            for name in files:
-                src = os.path.join(root, name)
-                rel = os.path.relpath(src, staging)
-                if os.path.islink(src) or _TEMPORARY.match(name):
-                    continue
-                fsync_path(src)
-                dst = os.path.join(directory, rel)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
-                written.append(rel)
-        fsync_path(directory)
-        top = [w for w in written if os.sep not in w]
-        variants = {f[1] for f in map(_weights_family, top) if f and f[0] == "diffusion_pytorch_model"} - {None}
-        remove_previous(directory, top, variants.pop() if len(variants) == 1 else None)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return result
-
-
-def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
-    """``{"safe_serialization": True}`` for a pipeline component whose save method takes it (diffusers and
-    transformers models), else nothing: each library's own default stays."""
-    if not safe_serialization:
-        return {}
-    try:
-        params = inspect.signature(save_method).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"safe_serialization": True} if "safe_serialization" in params else {}
-
-
-def _brief(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
