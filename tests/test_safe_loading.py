@@ -17,11 +17,31 @@ try:  # 0.12 moved modeling_utils.py under models/
 except ImportError:
     from diffusers import modeling_utils
 if not hasattr(modeling_utils, "safe_loading"):
-    pytest.skip(f"patch 0005 is not applied on diffusers {diffusers.__version__} (upstream since 0.42.1, where "
-                "upstream reads safetensors first, .bin weights-only and refuses other libraries itself; the "
-                "hooks these tests exercise are not there)", allow_module_level=True)
+    pytest.skip(f"diffusers {diffusers.__version__} reads safetensors first and .bin weights-only itself: patch "
+                "0005 hooks only its model_index.json libraries there (tests/test_model_index_libraries.py), not "
+                "the model loading these tests exercise", allow_module_level=True)
 from diffusers.flash import local_pipelines
 from diffusers.flash.loading import safe_loading as sl
+from diffusers import DiffusionPipeline
+
+RELEASE = tuple(int(n) for n in diffusers.__version__.split("+")[0].split(".")[:3])
+
+
+def _hook(function, name: str, through: tuple = (0, 7, 2)):
+    """Skip a test on a release after ``through`` whose variant of patch 0005 does not call safe_loading.<name>
+    in ``function`` (the hooks for issue 32's components and saves are in the texts for 0.4.0 to 0.7.2; there,
+    a missing hook fails the test)."""
+    import inspect
+
+    return pytest.mark.skipif(RELEASE > through and f"safe_loading.{name}" not in inspect.getsource(function),
+                              reason=f"patch 0005's variant for diffusers {diffusers.__version__} does not call "
+                                     f"safe_loading.{name} in {function.__qualname__}")
+
+
+checks_components = _hook(DiffusionPipeline.from_pretrained, "load_component")
+checks_classes = _hook(DiffusionPipeline.from_pretrained, "load_method", through=(0, 4, 2))  # 0.5 checks itself
+saves_into = _hook(DiffusionPipeline.save_pretrained, "save_into")
+shapes_from_header = _hook(modeling_utils.ModelMixin.from_pretrained, "weight_shapes")
 
 BIN, SAFE = sl.WEIGHTS_NAME, sl.SAFE_WEIGHTS_NAME
 UNET = dict(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=3, out_channels=3,
@@ -376,13 +396,13 @@ def test_saving_replaces_the_file_by_rename_and_then_removes_the_other_format(tm
     real_replace = os.replace
 
     def replace(src, dst):
-        seen.append((os.path.basename(src), os.path.basename(dst), sorted(os.listdir(tmp_path))))
+        seen.append((os.path.relpath(src, tmp_path), os.path.basename(dst), sorted(os.listdir(tmp_path))))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     model.save_pretrained(tmp_path, safe_serialization=True)
-    (src, dst, listing), = seen
-    assert dst == SAFE and src.startswith(".") and BIN in listing  # the .bin was still there at the rename
+    (src, dst, listing), = [s for s in seen if s[1] == SAFE]  # config.json is renamed into place as well
+    assert dst == SAFE and src.startswith(".") and BIN in listing  # from a temporary; the .bin still there
     assert _files(tmp_path) == [SAFE]
 
 
@@ -397,3 +417,318 @@ def test_bfloat16_pipeline_returns_images():
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.dtype == np.float32 and images.shape[0] == 1 and images.shape[-1] == 3
     assert np.isfinite(images).all() and images.std() > 0
+
+
+# ---------------------------------------------------------------- every component's weights (transformers too)
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "pipe"
+    local_pipelines.stable_diffusion("tiny", seed=3).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _damage(path, fault):
+    """Damage a transformers weights file as issue 32 did: a 0-byte file, one with no tensors, cut in half,
+    half of its weights, an extra weight; the same as a ``.bin`` (``bin-*``)."""
+    state = load_file(str(path))
+    if fault.startswith("bin-"):
+        os.remove(path)
+        path = path.with_name("pytorch_model.bin")
+        fault = fault[4:]
+        write = torch.save
+    else:
+        def write(tensors, target):
+            save_file(tensors, str(target), metadata={"format": "pt"})
+    if fault == "zero-bytes":
+        path.write_bytes(b"")
+    elif fault == "no-tensors":
+        write({}, path)
+    elif fault == "truncated":
+        write(state, path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif fault == "half":
+        write(dict(list(state.items())[: len(state) // 2]), path)
+    elif fault == "extra":
+        write({**state, "extra.weight": torch.zeros(3)}, path)
+    elif fault == "shape":
+        key = next(k for k in state if k.endswith("fc1.weight"))
+        write({**state, key: torch.zeros(3, 3)}, path)
+    return path
+
+
+@checks_components
+@pytest.mark.parametrize("fault", ["zero-bytes", "no-tensors", "truncated", "half", "extra", "shape", "bin-half",
+                                   "bin-truncated", "bin-extra"])
+@pytest.mark.parametrize("part", ["text_encoder", "safety_checker"])
+def test_a_transformers_component_whose_weights_do_not_fit_is_refused_naming_the_file(saved_pipeline, tmp_path,
+                                                                                     part, fault):
+    """Issue 32 (2): transformers would load these with random weights and a note (or a deep traceback): the
+    pipeline refuses each in one line naming the file, as it does for the UNet and the VAE."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    path = _damage(folder / part / "model.safetensors", fault)
+    with pytest.raises(sl.CheckpointError) as err:
+        StableDiffusionPipeline.from_pretrained(folder)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message, message
+    expected = {"zero-bytes": "empty", "truncated": "truncated or corrupted", "shape": "do not fit"}.get(
+        fault.replace("bin-", ""), "are missing" if fault.endswith(("no-tensors", "half")) else "does not have")
+    assert expected in message, message
+    if fault.endswith(("half", "extra", "shape", "no-tensors")):
+        assert f"pass it as {part}=" in message  # the way to load it anyway
+
+
+def test_a_damaged_transformers_component_loads_when_the_caller_passes_it(saved_pipeline, tmp_path):
+    """The escape: load the component yourself (transformers leaves missing weights newly initialized) and
+    pass it; and an undamaged pipeline loads each component's weights as saved."""
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    intact = StableDiffusionPipeline.from_pretrained(folder)
+    saved = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(intact.text_encoder.state_dict()[k], v) for k, v in saved.items())
+    _damage(folder / "text_encoder" / "model.safetensors", "half")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, text_encoder=encoder)
+    assert pipe.text_encoder is encoder
+
+
+@checks_components
+def test_an_unsafe_pickle_in_a_transformers_component_is_refused_and_never_runs(saved_pipeline, tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    st = folder / "text_encoder" / "model.safetensors"
+    target = tmp_path / "pwned"
+    torch.save({**load_file(str(st)), "payload": _Payload(target)}, st.with_name("pytorch_model.bin"))
+    os.remove(st)
+    with pytest.raises(sl.UnsafeCheckpointError, match="refused to unpickle"):
+        StableDiffusionPipeline.from_pretrained(folder)
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------- model_index.json entries that cannot load
+@checks_classes
+@pytest.mark.parametrize("entry,words", [(["transformers", "AutoModel"], "not a class a pipeline loads"),
+                                         (["diffusers", "OnnxRuntimeModel"], "onnxruntime"),
+                                         (["transformers", "NoSuchClass"], "does not have")])
+def test_a_model_index_entry_that_cannot_load_is_one_line(saved_pipeline, tmp_path, entry, words):
+    """Issue 32 (12): these gave a TypeError, NameError or AttributeError from deep inside loading."""
+    if entry[1] == "OnnxRuntimeModel" and diffusers.utils.is_onnx_available():
+        pytest.skip("onnxruntime is installed: OnnxRuntimeModel is a class a pipeline loads")
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = entry
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError) as err:
+        StableDiffusionPipeline.from_pretrained(folder)
+    message = str(err.value)
+    assert "'unet'" in message and entry[1] in message and words in message and "\n" not in message, message
+
+
+# ---------------------------------------------------------------- the device_map path reads each tensor once
+@shapes_from_header
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_device_map_path_checks_shapes_without_reading_the_tensors(tmp_path, monkeypatch, safe):
+    """Issue 34: the check before accelerate's load takes names and shapes from the safetensors header (a
+    ``.bin`` is mapped, not read); the tensors are read once, by accelerate."""
+    pytest.importorskip("accelerate")
+    import accelerate.utils.modeling as acc
+    import safetensors.torch
+
+    model = _unet(0)
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    reads = []
+
+    def counted(real, label):
+        def read(*args, **kwargs):
+            if not kwargs.get("mmap"):
+                reads.append(label)
+            return real(*args, **kwargs)
+        return read
+
+    monkeypatch.setattr(safetensors.torch, "load_file", counted(safetensors.torch.load_file, "load_file"))
+    monkeypatch.setattr(acc, "safe_load_file", counted(acc.safe_load_file, "load_file"))
+    monkeypatch.setattr(torch, "load", counted(torch.load, "torch.load"))
+    loaded = UNet2DModel.from_pretrained(tmp_path, device_map="auto")
+    assert reads == ["load_file" if safe else "torch.load"], reads
+    assert torch.equal(_out(loaded), _out(model))
+
+
+# ---------------------------------------------------------------- temporary names
+def test_a_link_planted_at_a_temporary_name_is_never_written(tmp_path):
+    """Issue 32 (7): the temporary name was ``.diffusion_pytorch_model.bin.<pid>.tmp``: a link planted there
+    made the save overwrite its target, and the link became the weights file."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for name in (BIN, SAFE):
+        os.symlink(victim, folder / f".{name}.{os.getpid()}.tmp")
+    _unet(0).save_pretrained(folder)
+    _unet(1).save_pretrained(folder, safe_serialization=True)
+    assert victim.read_bytes() == b"precious"
+    assert not os.path.islink(folder / SAFE) and torch.equal(_out(UNet2DModel.from_pretrained(folder)),
+                                                               _out(_unet(1)))
+
+
+def test_temporary_names_are_unpredictable_exclusive_and_cleaned(tmp_path, monkeypatch):
+    """The weights are written in a new private folder (an unpredictable name, mode 0700) and renamed from
+    there; nothing is left behind, and the file has the mode a plain write gives it."""
+    folders, real = [], os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == SAFE:
+            folders.append((os.path.basename(os.path.dirname(src)), os.stat(os.path.dirname(src)).st_mode & 0o777))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for _ in range(2):
+        _unet(0).save_pretrained(tmp_path, safe_serialization=True)
+    (first, mode), (second, _) = folders
+    assert first != second and first.startswith(f".{SAFE}.pid{os.getpid()}.") and mode == 0o700
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert (os.stat(tmp_path / SAFE).st_mode & 0o777) == 0o666 & ~_umask()  # as a plain write makes it
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------- kills during save_pretrained
+def _snapshot(folder):
+    """{relative path: bytes} of every file but temporaries (dot-names ending in .tmp, and inside them)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(".tmp"))]
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                path = os.path.join(root, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def _temporaries(folder):
+    return [os.path.join(r, n) for r, ds, fs in os.walk(folder) for n in ds + fs if n.endswith(".tmp")]
+
+
+def _save_in_child(pipe, folder, kill_at_open=None, kill_after=None):
+    """Fork a child that saves ``pipe`` into ``folder``; it is killed (SIGKILL) ``kill_after`` seconds in, or
+    kills itself inside its ``kill_at_open``-th open() for writing, just after the file is opened (a plain
+    open truncates it there). Returns the child's number of opens for writing when it ran to the end."""
+    import builtins
+    import signal
+    import time
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(read_end)
+            import threading
+
+            from tqdm.std import tqdm
+
+            # tqdm's lock is shared with the parent across fork (a multiprocessing semaphore): a child killed
+            # while it holds it would block the parent's next progress bar for ever; the child takes its own
+            lock, classes = threading.RLock(), [tqdm]
+            while classes:
+                cls = classes.pop()
+                cls.set_lock(lock)
+                classes += cls.__subclasses__()
+            opened = [0]
+            real_open = builtins.open
+
+            def open_(file, mode="r", *args, **kwargs):
+                f = real_open(file, mode, *args, **kwargs)
+                if any(c in mode for c in "wax"):
+                    opened[0] += 1
+                    if opened[0] == kill_at_open:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return f
+
+            builtins.open = open_
+            pipe.save_pretrained(folder, safe_serialization=True)
+            os.write(write_end, str(opened[0]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    if kill_after is not None:
+        time.sleep(kill_after)
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        told = f.read()
+    return int(told) if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and told else None
+
+
+@pytest.fixture(scope="module")
+def two_saves(tmp_path_factory):
+    """The old and the new pipeline, and each one's saved files."""
+    root = tmp_path_factory.mktemp("kills")
+    old, new = (local_pipelines.stable_diffusion("tiny", seed=s) for s in (1, 2))
+    old.save_pretrained(root / "old", safe_serialization=True)
+    new.save_pretrained(root / "new", safe_serialization=True)
+    return root, new, _snapshot(root / "old"), _snapshot(root / "new")
+
+
+def _check_old_or_new(folder, old, new):
+    now = _snapshot(folder)
+    for rel, data in now.items():
+        assert data in (old.get(rel), new.get(rel)), f"{rel}: {len(data)} bytes, neither the old file nor the new"
+    assert set(old) <= set(now), f"files lost: {sorted(set(old) - set(now))}"
+
+
+@saves_into
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a save midway")
+def test_a_kill_at_every_file_opened_during_save_pretrained_leaves_each_file_old_or_new(two_saves):
+    """Issue 32 (10): a kill during save_pretrained left scheduler_config.json, tokenizer.json and config.json
+    at 0 bytes. Killed inside each open() for writing of a save over an older one (where a plain write has
+    just truncated the file), every file is its old version or its new one; the next save removes what the
+    killed one left and writes the new files."""
+    root, new_pipe, old, new = two_saves
+    assert old != new and all(old.values())
+    folder = root / "work"
+    shutil.copytree(root / "old", folder)
+    opens = _save_in_child(new_pipe, folder)
+    assert opens and _snapshot(folder) == new  # a full save in a child writes the new files
+    for k in range(1, opens + 1):
+        shutil.rmtree(folder)
+        shutil.copytree(root / "old", folder)
+        assert _save_in_child(new_pipe, folder, kill_at_open=k) is None
+        _check_old_or_new(folder, old, new)
+    assert _temporaries(folder)  # the last kill left its temporaries...
+    new_pipe.save_pretrained(folder, safe_serialization=True)
+    assert not _temporaries(folder) and _snapshot(folder) == new  # ...which the next save removes
+
+
+@saves_into
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a save midway")
+def test_random_kills_during_save_pretrained_leave_each_file_old_or_new(two_saves):
+    """Issue 32 (10), as the issue ran it: SIGKILL at random moments of a save over an older one."""
+    import random
+    import time
+
+    root, new_pipe, old, new = two_saves
+    folder = root / "random"
+    shutil.copytree(root / "old", folder)
+    start = time.perf_counter()
+    assert _save_in_child(new_pipe, folder) is not None
+    duration = time.perf_counter() - start
+    rng = random.Random(32)
+    for _ in range(40):
+        shutil.rmtree(folder)
+        shutil.copytree(root / "old", folder)
+        _save_in_child(new_pipe, folder, kill_after=rng.uniform(0, duration))
+        _check_old_or_new(folder, old, new)
+    new_pipe.save_pretrained(folder, safe_serialization=True)
+    assert not _temporaries(folder) and _snapshot(folder) == new

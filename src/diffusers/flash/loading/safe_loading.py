@@ -13,81 +13,67 @@
 - A truncated or corrupted file (:class:`CorruptCheckpointError`), a folder with no weights file
   (:class:`MissingWeightsError`) and weights whose shapes do not fit the model built from its
   config (:class:`ShapeMismatchError`) each raise an error that names the file and the problem.
-- ``save_pretrained(..., safe_serialization=True)`` writes ``diffusion_pytorch_model.safetensors``.
+- A pipeline's transformers components (text encoder, safety checker) are checked the same way
+  (:func:`load_component`), and a ``model_index.json`` class a pipeline cannot load is a one-line
+  :class:`UnloadableComponentError` (:func:`load_method`); libraries: :func:`import_library`.
+- On the ``device_map`` path the names and shapes come from the safetensors header
+  (:func:`weight_shapes`): the tensors are read once, by accelerate.
+- ``save_pretrained(..., safe_serialization=True)`` writes ``diffusion_pytorch_model.safetensors``;
+  every write goes through a temporary name and a rename (``saving.py``).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import inspect
+import json
 import os
 import pickle
 import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from diffusers.flash.fsio import fsync_path
-from diffusers.utils import WEIGHTS_NAME, logging
+from diffusers.flash.compat.transformers import (  # noqa: F401  (part of this module's API)
+    LOADABLE_LIBRARIES,
+    UnknownComponentClassError,
+    UntrustedLibraryError,
+    import_library,
+    loader_takes_other_modules,
+)
+from diffusers.flash.loading.files import (  # noqa: F401  (part of this module's API)
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    WEIGHTS_NAMES,
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompleteWeightsError,
+    MissingWeightsError,
+    ShapeMismatchError,
+    UnloadableComponentError,
+    UnsafeCheckpointError,
+    brief,
+    variant_name,
+)
+from diffusers.flash.loading.saving import (  # noqa: F401  (the hooks of patch 0005 call them from here)
+    clean_stale,
+    remove_previous,
+    save_into,
+    save_kwargs,
+    save_state_dict,
+    temporary_folder,
+)
+from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-SAFE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
 _GIT_LFS_POINTER = b"version https://git-lfs"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; its legacy format (a pickle, protocol 2+)
 _MAX_LISTED = 5
-LOADABLE_LIBRARIES = ("diffusers", "transformers")  # pipeline_utils.LOADABLE_CLASSES' libraries
-
-
-class CheckpointError(OSError):
-    """A weights file cannot be loaded; ``path`` names it (or the folder that lacks one)."""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        super().__init__(f"{self.path}: {problem}")
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickle (``.bin``) that asks to import or call code: refused, never run."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A weights file that is truncated, corrupted, a git-lfs pointer, or not a state dict."""
-
-
-class MissingWeightsError(CheckpointError, FileNotFoundError):
-    """A model folder with neither weights file. The message begins as upstream's did ("Error no file named
-    <the .bin name> found in directory <folder>"), which code and upstream's tests match on."""
-
-    def __init__(self, path, problem: str, upstream_name: Optional[str] = None):
-        super().__init__(path, problem)
-        if upstream_name:
-            self.args = (f"Error no file named {upstream_name} found in directory {self.path} ({problem})",)
-
-
-class ShapeMismatchError(CheckpointError, RuntimeError):
-    """Weights whose shapes differ from the model's (a RuntimeError too, as upstream's was)."""
-
-
-class IncompleteWeightsError(CheckpointError, RuntimeError):
-    """A weights file that lacks some of the model's weights, or holds weights the model does not have."""
-
-
-class UntrustedLibraryError(ValueError):
-    """A ``model_index.json`` entry names a library pipelines do not load from (importing it would run code)."""
+# transformers' weights files, in the order its from_pretrained prefers them (safetensors first, shards last)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
 
 
 # ---------------------------------------------------------------- finding the file
-def variant_name(name: str, variant: Optional[str] = None) -> str:
-    """``diffusion_pytorch_model.fp16.safetensors`` for ``variant="fp16"`` (upstream's ``_add_variant``, 0.13+)."""
-    if not variant:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
-
-
 def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optional[str] = None) -> str:
     """The weights file of a local model folder (upstream's order: ``folder``, then ``folder/subfolder``;
     in each, safetensors before ``.bin``); ``variant`` (0.13+): that variant's files."""
@@ -151,16 +137,19 @@ def _load_safetensors(path: str) -> dict:
     try:
         return load_file(path, device="cpu")
     except Exception as e:  # SafetensorError (its import path varies by release) and OSError
-        problem = f"not a readable safetensors file: truncated or corrupted ({_brief(e)})"
+        problem = f"not a readable safetensors file: truncated or corrupted ({brief(e)})"
         raise CorruptCheckpointError(path, problem) from None
 
 
-def _load_pickle(path: str, head: bytes) -> dict:
+def _load_pickle(path: str, head: bytes, mmap: bool = False) -> dict:
+    """``mmap=True`` (zip archives only): the tensors are mapped, not read, for a check of names and shapes."""
     if not head.startswith(_TORCH_MAGIC):
         raise CorruptCheckpointError(
             path, "not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle): truncated or corrupted"
         )
     try:
+        if mmap and head.startswith(_TORCH_MAGIC[0]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
@@ -171,7 +160,7 @@ def _load_pickle(path: str, head: bytes) -> dict:
 
 
 def _unreadable(path: str, e: Exception) -> CorruptCheckpointError:
-    return CorruptCheckpointError(path, f"not a readable PyTorch checkpoint: truncated or corrupted ({_brief(e)})")
+    return CorruptCheckpointError(path, f"not a readable PyTorch checkpoint: truncated or corrupted ({brief(e)})")
 
 
 def _unsafe_reason(message: str) -> str:
@@ -187,6 +176,25 @@ def _unsafe_reason(message: str) -> str:
     )
 
 
+def weight_shapes(path) -> dict:
+    """``{name: shape}`` of the weights in ``path`` without reading them: a safetensors file's header (which
+    safetensors checks against the file's size, so a truncated file is refused here), a ``.bin`` mapped
+    (``torch.load(mmap=True, weights_only=True)``: an unsafe pickle is refused as by :func:`load_state_dict`;
+    a ``.bin`` in torch's legacy format, which cannot be mapped, is read)."""
+    path = str(path)
+    head = _head(path)
+    if not path.endswith(".safetensors"):
+        return {k: tuple(v.shape) for k, v in _check_state_dict(_load_pickle(path, head, mmap=True), path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError (its import path varies by release) and OSError
+        problem = f"not a readable safetensors file: truncated or corrupted ({brief(e)})"
+        raise CorruptCheckpointError(path, problem) from None
+
+
 def _check_state_dict(state_dict, path: str) -> dict:
     if not isinstance(state_dict, dict):
         raise CorruptCheckpointError(path, f"holds a {type(state_dict).__name__}, not a state dict of named tensors")
@@ -199,17 +207,19 @@ def _check_state_dict(state_dict, path: str) -> dict:
     return state_dict
 
 
-def check_weights(model: torch.nn.Module, state_dict: dict, path, ignore_mismatched_sizes: bool = False) -> None:
-    """Refuse weights that do not fit the model built from its config: :class:`IncompleteWeightsError` when
-    the file lacks some of the model's weights or holds weights the model does not have (upstream 0.4 would
-    leave the missing ones randomly initialized behind a warning), :class:`ShapeMismatchError` when a weight
-    has another shape. ``ignore_mismatched_sizes=True`` (upstream's option) loads anyway, as upstream does:
-    missing weights newly initialized, unexpected ones and mismatched shapes dropped, each logged."""
+def check_weights(model: torch.nn.Module, state_dict: Mapping, path, ignore_mismatched_sizes: bool = False) -> None:
+    """``state_dict``: the file's tensors, or their shapes (:func:`weight_shapes`). Refuse weights that do not
+    fit the model built from its config: :class:`IncompleteWeightsError` when the file lacks some of the
+    model's weights or holds weights the model does not have (upstream 0.4 would leave the missing ones
+    randomly initialized behind a warning), :class:`ShapeMismatchError` when a weight has another shape.
+    ``ignore_mismatched_sizes=True`` (upstream's option) loads anyway, as upstream does: missing weights
+    newly initialized, unexpected ones and mismatched shapes dropped, each logged."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    bad = [(k, tuple(v.shape), tuple(expected[k].shape))
-           for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state_dict.items()}
+    bad = [(k, got, tuple(expected[k].shape)) for k, got in shapes.items()
+           if k in expected and got != tuple(expected[k].shape)]
     if ignore_mismatched_sizes:
         if missing or unexpected:
             logger.warning("%s: %d of %s's weights missing (newly initialized: %s), %d unexpected (ignored: %s); "
@@ -239,99 +249,92 @@ def check_weights(model: torch.nn.Module, state_dict: dict, path, ignore_mismatc
     )
 
 
-def _listed(keys: list) -> str:
+def _listed(keys) -> str:
+    keys = [str(k) for k in keys]
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "") if keys else "none"
 
 
-# ---------------------------------------------------------------- which libraries a model folder may name
-def import_library(library: str, entry: str):
-    """The library a pipeline folder's ``model_index.json`` names for ``entry`` (``"unet": ["diffusers",
-    "UNet2DConditionModel"]``): imported only if it is one pipelines load components from (diffusers,
-    transformers). Importing a module runs its code, and a folder could otherwise name a module of its own,
-    found on ``sys.path`` (a folder's parent is there under ``python -c``, the REPL, notebooks). On releases
-    whose loader takes components from other modules (0.27+), a module this process has already imported
-    itself is returned as it is, as upstream does from 0.42.1: nothing of the folder's runs, and
-    ``save_pretrained`` records a component of the caller's own module that way. Custom pipeline code is
-    taken only when the caller names it (``custom_pipeline=``, ``trust_remote_code=True``)."""
-    from diffusers.flash.compat.transformers import import_library as _import
+# ---------------------------------------------------------------- a pipeline's components
+def load_method(class_obj: type, method_name: Optional[str], entry: str) -> Callable:
+    """``class_obj``'s load method for the pipeline component ``entry``, or a one-line
+    :class:`UnloadableComponentError` where the class is none the pipeline loads (``["transformers",
+    "AutoModel"]``: not a model, tokenizer or processor class) or needs a backend that is not installed
+    (``OnnxRuntimeModel`` without onnxruntime)."""
+    name = getattr(class_obj, "__name__", repr(class_obj))
+    if method_name is None:
+        raise UnloadableComponentError(
+            f"model_index.json: entry {entry!r} names {name}, which is not a class a pipeline loads (a model, "
+            "scheduler, tokenizer or processor of diffusers or transformers): name the component's own class")
+    if name == "OnnxRuntimeModel":
+        from diffusers.utils import is_onnx_available
 
-    if library in LOADABLE_LIBRARIES:
-        return _import(library)
-    takes_other_modules = _loader_takes_other_modules()
-    if takes_other_modules and library in sys.modules:
-        return sys.modules[library]
-    raise UntrustedLibraryError(
-        f"model_index.json: entry {entry!r} names library {library!r}; pipelines load components only from "
-        f"{' and '.join(LOADABLE_LIBRARIES)}"
-        + (" or from a module this process has imported itself" if takes_other_modules else "")
-        + ", and importing another module would run its code: refused"
-    )
+        if not is_onnx_available():
+            raise UnloadableComponentError(
+                f"model_index.json: entry {entry!r} is an {name}, which needs the onnxruntime package: "
+                "`pip install onnxruntime`, or load a PyTorch version of this model")
+    return getattr(class_obj, method_name)
 
 
-@functools.cache
-def _loader_takes_other_modules() -> bool:
-    """Whether this release loads pipeline components from modules beyond LOADABLE_CLASSES' libraries (its
-    pipelines/pipeline_loading_utils.py, 0.27 on: ALL_IMPORTABLE_CLASSES for them); 0.4-0.14 look the library
-    up in LOADABLE_CLASSES and could not use another module anyway."""
-    return importlib.util.find_spec("diffusers.pipelines.pipeline_loading_utils") is not None
+def _is_transformers_model(cls) -> bool:
+    transformers = sys.modules.get("transformers")  # never imported here: a class of it means it is loaded
+    return (isinstance(cls, type) and transformers is not None
+            and issubclass(cls, transformers.PreTrainedModel))
 
 
-# ---------------------------------------------------------------- saving
-def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
-                    safe_serialization: bool = False, is_main_process: bool = True,
-                    variant: Optional[str] = None) -> str:
-    """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
-    ``diffusion_pytorch_model.safetensors`` (safetensors' writer, ``save_function`` unused), else
-    ``save_function(state_dict, .../diffusion_pytorch_model.bin)`` as upstream.
-
-    The file is written under a temporary name in the same folder, flushed to disk and renamed into place;
-    only then are the folder's other weights files (a previous save's) removed, by the main process. A crash
-    at any point leaves the old weights or the new ones, never neither. ``variant`` (0.13+) names the file
-    as upstream does (``diffusion_pytorch_model.fp16.bin``), and only that variant's other file is removed."""
-    directory = str(directory)
-    name = variant_name(SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME, variant)
-    path = os.path.join(directory, name)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-    try:
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            if save_function not in (None, torch.save, save_file):  # 0.10+ passes safetensors' own writer
-                logger.warning("safe_serialization=True writes %s with safetensors: save_function is not used",
-                               SAFE_WEIGHTS_NAME)
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
-        else:
-            (save_function or torch.save)(state_dict, tmp)
-        if os.path.isfile(tmp):  # a save_function that writes elsewhere (e.g. a TPU's) is left to itself
-            fsync_path(tmp)
-            os.replace(tmp, path)
-            fsync_path(directory)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if is_main_process:
-        for other in os.listdir(directory):  # upstream's clean-up of a previous save, now after the write
-            full = os.path.join(directory, other)
-            ours = other.startswith(WEIGHTS_NAME[:-4]) if not variant else other in {
-                variant_name(n, variant) for n in WEIGHTS_NAMES}
-            if other != name and ours and os.path.isfile(full):
-                os.remove(full)
-    return path
+def transformers_weights_files(folder) -> tuple:
+    """``(the file transformers will read, [every weights file it names])`` for a transformers model folder:
+    ``model.safetensors``, else its shard index and shards, else ``pytorch_model.bin`` (and shards); ``(None,
+    [])`` where there is none (transformers then says what is missing)."""
+    folder = str(folder)
+    for name in TRANSFORMERS_WEIGHTS:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        if not name.endswith(".index.json"):
+            return path, [path]
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(path, f"not a readable shard index ({brief(e)})") from None
+        return path, [os.path.join(folder, shard) for shard in shards]
+    return None, []
 
 
-def save_kwargs(save_method: Callable, safe_serialization: bool) -> dict:
-    """``{"safe_serialization": True}`` for a pipeline component whose save method takes it (diffusers and
-    transformers models), else nothing: each library's own default stays."""
-    if not safe_serialization:
-        return {}
-    try:
-        params = inspect.signature(save_method).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"safe_serialization": True} if "safe_serialization" in params else {}
-
-
-def _brief(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+def load_component(load: Callable, folder, entry: str, **kwargs):
+    """``load(folder, **kwargs)``, a pipeline component's load method, with the component's weights checked
+    as a diffusers model's are (which ``ModelMixin.from_pretrained`` does itself). For a transformers model
+    (the text encoder, the safety checker): each weights file is refused if empty, a git-lfs pointer,
+    truncated or an unsafe pickle (:func:`weight_shapes`); then transformers loads it, and weights it
+    reports missing, unexpected or of another shape are refused (:class:`IncompleteWeightsError`,
+    :class:`ShapeMismatchError`) where transformers would leave them newly initialized with a note. To load
+    such a model anyway, load it yourself and pass it to the pipeline (``text_encoder=...``)."""
+    if not _is_transformers_model(getattr(load, "__self__", None)):
+        return load(folder, **kwargs)
+    index, files = transformers_weights_files(folder)
+    if index is None:
+        return load(folder, **kwargs)
+    for path in files:
+        weight_shapes(path)
+    model, info = load(folder, **{**kwargs, "output_loading_info": True, "ignore_mismatched_sizes": True})
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    bad = sorted(info.get("mismatched_keys") or [])
+    name = type(model).__name__
+    escape = (f"; to load it anyway (newly initialized where missing), load it yourself with {name}."
+              f"from_pretrained({str(folder)!r}) and pass it as {entry}=")
+    if bad:
+        listed = "; ".join(f"{k}: {tuple(got)} in the file, {tuple(want)} in the model"
+                           for k, got, want, *_ in bad[:_MAX_LISTED])
+        raise ShapeMismatchError(index, f"pipeline component {entry!r}: {len(bad)} weight(s) do not fit the {name} "
+                                        f"built from its config ({listed}){escape}")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of the {name}'s weights are missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the model does not have are in the file "
+                         f"({_listed(unexpected)})")
+        raise IncompleteWeightsError(index, f"pipeline component {entry!r}: {'; '.join(parts)}. The file is "
+                                            f"incomplete or belongs to another model{escape}")
+    return model
