@@ -418,13 +418,13 @@ def test_explicit_backend_beats_the_environment(gen, tmp_path, monkeypatch):
     from diffusers.flash.attention import dispatch as ad
 
     seen = []
-    real = ad.current
+    real = ad.backend_for
 
-    def current(module=None):
-        seen.append(real(module))
+    def backend_for(module=None, **kwargs):
+        seen.append(real(module, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(ad, "current", current)
+    monkeypatch.setattr(ad, "backend_for", backend_for)
     monkeypatch.setenv("DIFFUSERS_ATTENTION_BACKEND", "math")
     folder = generate(gen, "--attention-backend", "auto", "--out", str(tmp_path), *SMALL)
     assert seen and set(seen) == {"auto"}  # not the environment's math
