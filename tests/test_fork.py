@@ -437,3 +437,13 @@ def test_setup_py_on_a_read_only_checkout_gives_one_line(fork, tmp_path):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("diffusers-flash: cannot lay down") and "Read-only" in lines[0], \
         res.stderr
+
+
+def test_a_sha256_with_a_trailing_newline_is_not_a_sha256():
+    from forklib import fsutil
+
+    digest = "a" * 64
+    assert fsutil.is_sha256(digest)
+    # `$` matches before a final newline: such a value passed the format check and then failed to compare
+    for bad in (digest + "\n", digest + " ", "\n" + digest, digest.upper(), digest[:-1]):
+        assert not fsutil.is_sha256(bad), repr(bad)

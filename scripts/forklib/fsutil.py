@@ -30,7 +30,7 @@ LOCK_FILE = ".fork.lock"
 LOCK_WAIT_ENV = "DIFFUSERS_FLASH_LOCK_WAIT"  # seconds a second command waits for the lock (default 2)
 PATCH_NAME = re.compile(r"^\d{4}-[a-z0-9][a-z0-9._-]*\.patch$")
 _SAFE_CHARS = re.compile(r"^[A-Za-z0-9._+/-]+$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ForkError(Exception):
@@ -89,7 +89,7 @@ def check_patch_name(name: object, what: str = "patch name") -> str:
 
 
 def is_sha256(value: object) -> bool:
-    return isinstance(value, str) and bool(_SHA256.match(value))
+    return isinstance(value, str) and bool(_SHA256.fullmatch(value))
 
 
 # ---------------------------------------------------------------- reading
