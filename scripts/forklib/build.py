@@ -249,6 +249,8 @@ def requirements(meta: str, active: list) -> dict:
         marker = (marker[:m.start()] + marker[m.end():] if m else marker).strip()
         req = req.strip()
         if _name(req) in lifted:
+            if not extra and _name(req) in {_name(r) for r in OURS}:
+                continue  # ours says it
             req = re.match(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*(\[[^\]]*\])?", req).group(0)
         req = req + (f"; {marker}" if marker else "")
         (extras.setdefault(extra, []) if extra else base).append(req)
