@@ -3,6 +3,7 @@ checked against its sha256) + patches/series + our own modules, packaged as ``di
 
 ``pip install git+<repo>``, ``pip install .`` and ``pip install -e .`` all run this file, which
 calls ``scripts/fork.py materialize`` first (idempotent; refuses to clobber hand edits).
+The fork at another upstream release is built by ``releases/<X>/setup.py`` (scripts/forklib/build.py).
 """
 import sys
 from pathlib import Path

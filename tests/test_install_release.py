@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from forklib import build, patchfile, release
+from forklib import build, patchfile, release, tree
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = release.load_pin(ROOT)
@@ -237,3 +237,23 @@ def test_the_wheel_cache_never_hands_back_another_releases_build(online, venv):
     assert installed(venv)[0] == f"{PIN['version']}+flash.{PIN['fork_release']}"
     res = verify_installed(venv)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("version", ["0.5.1", OTHER])  # 0.5.1: fuzz and three-way; 0.42.1: variants
+def test_the_build_is_what_rebase_lays_down(online, tmp_path, monkeypatch, version):
+    """`fork.py rebase X` for real in a scratch clone: its laid-down tree, our modules and the generated
+    version module are the files the build packages, byte for byte."""
+    monkeypatch.setenv("DIFFUSERS_FLASH_CACHE", str(release.cache_dir(ROOT)))
+    copy = _copy_of_this_checkout(tmp_path / "clone")
+    subprocess.run(["git", "-C", str(copy), "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm",
+                    "scratch"], check=True)
+    res = subprocess.run([sys.executable, str(copy / "scripts" / "fork.py"), "rebase", version, "--no-tests"],
+                         capture_output=True, text=True, env=dict(os.environ))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rebased = {p.relative_to(copy).as_posix(): p.read_text() for p in (copy / "src" / "diffusers").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    for generated in (tree.GITIGNORE, tree.MANIFEST):
+        rebased.pop(generated)
+    built = build.expected(ROOT, build.load_release(ROOT, version))
+    assert sorted(built) == sorted(rebased)
+    assert [rel for rel in built if built[rel] != rebased[rel]] == []
