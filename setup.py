@@ -21,6 +21,12 @@ try:
 except release.ForkError as e:
     sys.exit(f"diffusers-flash: cannot lay down upstream diffusers {PIN['version']}: {e}")
 
+# upstream's files that are not modules (0.4.2: utils/model_card_template.md) go into the wheel too
+laid = [Path(rel) for rel in tree.manifest(ROOT)["files"] if not rel.endswith(".py")]
+package_data = {}
+for rel in laid:
+    package_data.setdefault(".".join(rel.parent.parts[1:]), []).append(rel.name)
+
 extras = {
     "torch": ["torch>=2.1", "accelerate>=0.20"],
     "transformers": ["transformers>=4.30"],
@@ -40,6 +46,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=False,
+    package_data=package_data,
     python_requires=">=3.10",
     install_requires=[
         "numpy",

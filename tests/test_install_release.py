@@ -257,3 +257,19 @@ def test_the_build_is_what_rebase_lays_down(online, tmp_path, monkeypatch, versi
     built = build.expected(ROOT, build.load_release(ROOT, version))
     assert sorted(built) == sorted(rebased)
     assert [rel for rel in built if built[rel] != rebased[rel]] == []
+
+
+def test_the_pins_own_wheel_holds_every_file_the_fork_lays_down(online, tmp_path):
+    """`pip install .` packages the pin's tree whole: upstream's non-Python files (0.4.2's
+    utils/model_card_template.md) as well as its modules."""
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(ROOT), "-w", str(tmp_path)],
+                         capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("diffusers-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    laid = set(tree.manifest(ROOT)["files"])
+    assert laid, "nothing laid down in this checkout"
+    missing = sorted(rel for rel in laid if rel[len("src/"):] not in names)
+    assert missing == []
