@@ -3,6 +3,7 @@ checked against its sha256) + patches/series + our own modules, packaged as ``di
 
 ``pip install git+<repo>``, ``pip install .`` and ``pip install -e .`` all run this file, which
 calls ``scripts/fork.py materialize`` first (idempotent; refuses to clobber hand edits).
+The fork at another upstream release is built by ``releases/<X>/setup.py`` (scripts/forklib/build.py).
 """
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ try:
     tree.materialize(ROOT, log=lambda msg: print(f"diffusers-flash: {msg}", file=sys.stderr))
 except (release.ForkError, OSError) as e:  # OSError: a read-only checkout, a full disk
     sys.exit(f"diffusers-flash: cannot lay down upstream diffusers {PIN['version']}: {e}")
+
+# upstream's files that are not modules (0.4.2: utils/model_card_template.md) go into the wheel too
+laid = [Path(rel) for rel in tree.manifest(ROOT)["files"] if not rel.endswith(".py")]
+package_data = {}
+for rel in laid:
+    package_data.setdefault(".".join(rel.parent.parts[1:]), []).append(rel.name)
 
 extras = {
     "torch": ["torch>=2.1", "accelerate>=0.20"],
@@ -39,6 +46,7 @@ setup(
     package_dir={"": "src"},
     packages=find_packages("src"),
     include_package_data=False,
+    package_data=package_data,
     python_requires=">=3.10",
     install_requires=[
         "numpy",

@@ -6,6 +6,7 @@
   verify         check the tree is exactly pristine + series, and the series is clean
   rebase         move the series onto another upstream release
   test-upstream  run upstream's own test suite against the installed fork
+  release        the fork at other upstream releases, one pip command each (releases/)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from forklib import fsutil, rebase, tree, upstream_tests
+from forklib import build, fsutil, rebase, tree, upstream_tests
 from forklib.patchfile import PatchError
 from forklib.release import ForkError
 
@@ -84,6 +85,7 @@ def main(argv=None):
 
     rebase.add_parser(sub, ROOT)
     upstream_tests.add_parser(sub, ROOT)
+    build.add_parser(sub, ROOT)
 
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
