@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,7 +30,8 @@ class GraphedCall:
     outputs (callers such as PNDM keep past outputs: the static buffers are never handed out). A capture
     that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
 
-    def __init__(self, fn, name: str, pool=None, warmup: int = 2, prepare=None, after=None):
+    def __init__(self, fn: Callable[..., Any], name: str, pool: Any = None, warmup: int = 2,
+                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None) -> None:
         # prepare: called with the same inputs once before a capture's warm-up, its result unused; after:
         # called with them once the warm-up (where torch.compile compiles) is done, before the capture
         self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
@@ -37,7 +40,7 @@ class GraphedCall:
         self.failed = None  # the reason capture was given up, if it was
         self.capture_s = 0.0  # seconds spent capturing, compiles included (the warm-up this model costs)
 
-    def __call__(self, *tensors):
+    def __call__(self, *tensors: torch.Tensor) -> Any:
         if self.failed is not None:
             return self.fn(*tensors)
         key = tuple((t.shape, t.dtype, t.device) for t in tensors)
@@ -57,7 +60,7 @@ class GraphedCall:
         out = tuple(o.clone() for o in cap.out)
         return out if len(out) > 1 else out[0]
 
-    def _capture(self, tensors):
+    def _capture(self, tensors: tuple[torch.Tensor, ...]) -> _Captured:
         start = time.perf_counter()
         cap = _Captured()
         # contiguous static buffers whatever the caller's layout (copy_ converts): the compiled code then
@@ -91,7 +94,7 @@ def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | Non
     of such tensors (SDXL's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``) gives one input per entry;
     ``layout`` names them (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
     ``cross_attention_kwargs={"scale": 0.5}``, a tensor on another device): that call is not captured."""
-    def here(value):
+    def here(value: object) -> bool:
         return isinstance(value, torch.Tensor) and value.device == device
 
     layout, tensors = [], []
@@ -127,7 +130,8 @@ class GraphedForward:
     forward. Tensor keyword arguments (SDXL's ``added_cond_kwargs``, ``timestep_cond``) are graph inputs:
     one graph per layout of them (``split_extra``) and per shapes."""
 
-    def __init__(self, forward, pool=None, warmup: int = 2, prepare=None, after=None):
+    def __init__(self, forward: Callable[..., Any], pool: Any = None, warmup: int = 2,
+                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None) -> None:
         self.inner = forward  # the UNet's own forward, or torch.compile of it
         self._args = (pool, warmup, prepare, after)
         self.calls: dict[tuple, GraphedCall] = {}
@@ -139,7 +143,8 @@ class GraphedForward:
         if call is None:
             pool, warmup, prepare, after = self._args
 
-            def taking(fn):  # fn(sample, timestep, states, **kwargs) called with the kwargs as extra tensors
+            # fn(sample, timestep, states, **kwargs) called with the kwargs as extra tensors
+            def taking(fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
                 if fn is None:
                     return None
                 return lambda s, t, c, *x: fn(s, t, c, **join_extra(layout, x))
@@ -150,14 +155,15 @@ class GraphedForward:
         return call
 
     @property
-    def graphs(self):
+    def graphs(self) -> dict[tuple, _Captured]:
         return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
 
     @property
     def capture_s(self) -> float:
         return sum(call.capture_s for call in self.calls.values())
 
-    def __call__(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+    def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
+                 return_dict: bool = True, **kwargs: Any) -> Any:
         UNet2DConditionOutput = _output_class("UNet2DConditionOutput", "unet_2d_condition", "unets.unet_2d_condition")
 
         # newer releases pass more (timestep_cond, cross_attention_kwargs, added_cond_kwargs, ...): tensors are
@@ -169,7 +175,7 @@ class GraphedForward:
         out = self._call(layout)(sample, self._timestep(timestep, sample.device), encoder_hidden_states, *tensors)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
-    def _timestep(self, t, device):
+    def _timestep(self, t: Any, device: torch.device) -> torch.Tensor:
         if isinstance(t, torch.Tensor) and t.device == device:
             return t.reshape(())
         # a Python number or a CPU tensor: copied to the GPU once per value (a copy per step would make the
@@ -197,12 +203,13 @@ def _output_class(name: str, *modules: str) -> type:
 class GraphedDecode:
     """Takes the place of an AutoencoderKL's ``decode``."""
 
-    def __init__(self, decode, pool=None, prepare=None, after=None):
+    def __init__(self, decode: Callable[..., Any], pool: Any = None, prepare: Callable[..., Any] | None = None,
+                 after: Callable[..., Any] | None = None) -> None:
         self.inner = decode
         self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare,
                                    after=after)
 
-    def __call__(self, z, return_dict: bool = True, generator=None, **kwargs):
+    def __call__(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None, **kwargs: Any) -> Any:
         DecoderOutput = _output_class("DecoderOutput", "vae", "autoencoders.vae")
 
         # newer pipelines pass generator= (AutoencoderKL.decode takes it and does not use it): the captured call
@@ -219,16 +226,17 @@ class GraphedTextForward:
     """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
     any other call (masks, hidden states, grad) takes the model's own forward."""
 
-    def __init__(self, forward, pool=None, prepare=None, after=None):
+    def __init__(self, forward: Callable[..., Any], pool: Any = None, prepare: Callable[..., Any] | None = None,
+                 after: Callable[..., Any] | None = None) -> None:
         self.inner = forward
 
-        def run(ids):
+        def run(ids: torch.Tensor) -> tuple[Any, Any]:
             out = forward(ids)
             return out[0], out[1]
 
         self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare, after=after)
 
-    def __call__(self, input_ids=None, *args, **kwargs):
+    def __call__(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
                 or torch.is_grad_enabled()):
             return self.inner(input_ids, *args, **kwargs)
