@@ -21,6 +21,7 @@ diffusers/flash/torch_private.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from diffusers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def _on_cuda(model) -> bool:
+def _on_cuda(model: torch.nn.Module) -> bool:
     p = next(model.parameters(), None)
     return p is not None and p.device.type == "cuda"
 
@@ -47,7 +48,7 @@ def _on_cuda(model) -> bool:
 WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder": GraphedTextForward}
 
 
-def _wrapper(what: str):
+def _wrapper(what: str) -> type:
     if what == "transformer":  # imported here: denoiser.py imports this module
         from diffusers.flash.fastpath.denoiser import GraphedDenoiser
 
@@ -59,8 +60,9 @@ def _report() -> dict:
     return {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
 
 
-def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=True, pool=None, hook=None,
-             options: dict | None = None, cache: CompileCache | None = None):
+def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, report: dict,
+             channels_last: bool | None = None, cuda_graphs: bool = True, pool: Any = None,
+             hook: dict | None = None, options: dict | None = None, cache: CompileCache | None = None) -> Any:
     """The fast path for one model (``what``: a key of ``WRAPPERS``) in place of its method ``attr``:
     compiled as ``mode`` says (False, True or "regional") with inductor ``options`` (default
     INDUCTOR_OPTIONS), then graphed. ``hook`` (the helper-process compile's): ``hook["before"](prepare)``
@@ -92,7 +94,7 @@ def apply_to(model, what, attr, mode, report, channels_last=None, cuda_graphs=Tr
     return fn
 
 
-def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
+def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
            vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
            parallel_compile: bool = True, cache: str | os.PathLike | None = None,
            options: dict | None = None, trust_cache: bool | str = False) -> dict:
@@ -164,7 +166,7 @@ def enable(pipe, cuda_graphs: bool = True, compile: bool | str = False, channels
     return report
 
 
-def _vae_upcast(pipe) -> str | None:
+def _vae_upcast(pipe: Any) -> str | None:
     """Why the VAE decode is not graphed, where the pipeline casts the VAE to float32 for each decode and back
     (SDXL's ``upcast_vae`` where the VAE's config has ``force_upcast``): a graph of the float16 VAE would
     read weights that are no longer there. None where it can be graphed."""
@@ -178,7 +180,8 @@ def _vae_upcast(pipe) -> str | None:
     return None
 
 
-def _ahead(pipe, parts, modes, report, channels_last, options):
+def _ahead(pipe: Any, parts: list[tuple[str, Any, str]], modes: dict[str, bool | str], report: dict,
+           channels_last: bool | None, options: dict | None) -> dict | None:
     """Hooks for the helper-process compile of the VAE decoder: started by the UNet's first capture of a
     shape, awaited by the decoder's own capture and checked once it has compiled. The decoder's shape is the
     UNet's latents with half its batch when that is even (classifier-free guidance, the pipelines' default,
@@ -201,23 +204,23 @@ def _ahead(pipe, parts, modes, report, channels_last, options):
         report["reasons"].append(f"no helper process for the VAE decode's compile: {_reason(e)}")
         return None
 
-    def extra():  # what compile_in_helper needs, as this process has it when a helper starts
+    def extra() -> dict:  # what compile_in_helper needs, as this process has it when a helper starts
         return {"mode": modes["VAE decode"], "options": options, "channels_last": channels_last is not False,
                 "inductor_config": inductor_config()}
 
     ahead = pipe._fast_path_ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", f"{__name__}:compile_in_helper",
                                                         extra, cache_counts)
 
-    def starting(prepare):
-        def run(sample, *args, **kwargs):
+    def starting(prepare: Callable[..., Any]) -> Callable[..., Any]:
+        def run(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if sample.dim() == 4:
                 n = sample.shape[0]
                 ahead.start((n // 2 if n % 2 == 0 else n, latent_channels, sample.shape[2], sample.shape[3]))
             return prepare(sample, *args, **kwargs)
         return run
 
-    def waiting(prepare):
-        def run(z, *args):
+    def waiting(prepare: Callable[..., Any]) -> Callable[..., Any]:
+        def run(z: torch.Tensor, *args: Any) -> Any:
             ahead.wait(z.shape)
             return prepare(z, *args)
         return run
@@ -253,7 +256,7 @@ def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
 WRAPPED = (("unet", "forward"), ("transformer", "forward"), ("vae", "decode"), ("text_encoder", "forward"))
 
 
-def warmup_seconds(pipe) -> dict:
+def warmup_seconds(pipe: Any) -> dict:
     """Seconds each graphed model has spent so far on capturing (its compiles included), by name."""
     out = {}
     for name, attr in WRAPPED:
@@ -264,7 +267,7 @@ def warmup_seconds(pipe) -> dict:
     return out
 
 
-def helper_results(pipe) -> dict:
+def helper_results(pipe: Any) -> dict:
     """What the helper-process compile did so far, per shape ("2x4x64x64"): "compiled", or why not."""
     ahead = getattr(pipe, "__dict__", {}).get("_fast_path_ahead")
     if ahead is None:
@@ -272,7 +275,7 @@ def helper_results(pipe) -> dict:
     return {"x".join(map(str, shape)): why or "compiled" for shape, why in ahead.done.items()}
 
 
-def _denoiser(pipe) -> tuple[Any, str]:
+def _denoiser(pipe: Any) -> tuple[Any, str]:
     """The pipeline's denoiser and its name in the report: its UNet, else its transformer (SD3, Flux, ...)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
@@ -283,13 +286,13 @@ def _denoiser(pipe) -> tuple[Any, str]:
     return None, "denoiser"
 
 
-def is_enabled(pipe) -> bool:
+def is_enabled(pipe: Any) -> bool:
     denoiser, _ = _denoiser(pipe)
     forward = getattr(denoiser, "__dict__", {}).get("forward")
     return forward is not None and type(forward).__name__ in ("GraphedForward", "GraphedDenoiser")
 
 
-def disable(pipe):
+def disable(pipe: Any) -> None:
     """Undo ``enable``: the models' own forward/decode, weights back to the contiguous layout."""
     pipe.__dict__.pop("_fast_path_cache", None)
     ahead = pipe.__dict__.pop("_fast_path_ahead", None)
