@@ -28,11 +28,11 @@ class CompiledOrEager:
     compiler, an unsupported op), the failure is logged with its reason and ``fn`` runs uncompiled from then
     on; an error of the call itself is raised again by the uncompiled run."""
 
-    def __init__(self, fn, compiled, what):
+    def __init__(self, fn: Callable[..., Any], compiled: Callable[..., Any], what: str) -> None:
         self.fn, self.compiled, self.what = fn, compiled, what
         self.failed = None
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed is None:
             try:
                 return self.compiled(*args, **kwargs)
@@ -58,7 +58,7 @@ class RegionalCompile:
     ``_compiled_call_impl`` hook, as ``Module.compile()`` sets it). A compile that fails in any block is
     logged once with its reason, and every block of the model runs uncompiled from then on."""
 
-    def __init__(self, model, what, options: dict | None = None):
+    def __init__(self, model: torch.nn.Module, what: str, options: dict | None = None) -> None:
         self.what, self.failed, self.blocks, self.bypass = what, None, [], False
         self.options = INDUCTOR_OPTIONS if options is None else options
         raise_recompile_limit(RECOMPILE_LIMIT)
@@ -67,10 +67,10 @@ class RegionalCompile:
                 set_compiled_call(m, self._wrap)
                 self.blocks.append(m)
 
-    def _wrap(self, eager):
+    def _wrap(self, eager: Callable[..., Any]) -> Callable[..., Any]:
         compiled = _torch_compile(eager, self.options)
 
-        def call(*args, **kwargs):
+        def call(*args: Any, **kwargs: Any) -> Any:
             if self.failed is None and not self.bypass:
                 try:
                     return compiled(*args, **kwargs)
@@ -82,9 +82,9 @@ class RegionalCompile:
 
         return call
 
-    def uncompiled(self, fn):
+    def uncompiled(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` run with every block uncompiled (the fast path's planning run before a capture)."""
-        def run(*args, **kwargs):
+        def run(*args: Any, **kwargs: Any) -> Any:
             self.bypass = True
             try:
                 return fn(*args, **kwargs)
@@ -93,12 +93,13 @@ class RegionalCompile:
 
         return run
 
-    def undo(self):
+    def undo(self) -> None:
         for m in self.blocks:
             set_compiled_call(m, None)
 
 
-def _compile_regions(model, what, report, options=None):
+def _compile_regions(model: torch.nn.Module, what: str, report: dict,
+                     options: dict | None = None) -> RegionalCompile | None:
     try:
         regions = RegionalCompile(model, what, options)
     except Exception as e:  # an old torch: say so and go on without
@@ -112,12 +113,12 @@ def _compile_regions(model, what, report, options=None):
     return None
 
 
-def _torch_compile(fn, options=None):
+def _torch_compile(fn: Callable[..., Any], options: dict | None = None) -> Callable[..., Any]:
     """torch.compile as the fast path calls it: static shapes, ``options`` (default: INDUCTOR_OPTIONS)."""
     return torch.compile(fn, dynamic=False, options=dict(INDUCTOR_OPTIONS if options is None else options))
 
 
-def _compile(fn, what, report, options=None):
+def _compile(fn: Callable[..., Any], what: str, report: dict, options: dict | None = None) -> Callable[..., Any]:
     try:
         compiled = _torch_compile(fn, options)
     except Exception as e:  # an old torch: say so and go on without
@@ -131,10 +132,10 @@ class AfterNewInputs:
     """``fn``, with ``then()`` called after each call whose tensor inputs (shapes, dtypes, devices) are new:
     the calls where torch.compile compiles."""
 
-    def __init__(self, fn: Callable, then: Callable[[], Any]):
+    def __init__(self, fn: Callable, then: Callable[[], Any]) -> None:
         self.fn, self.then, self.seen = fn, then, set()
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.fn(*args, **kwargs)
         key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in list(enumerate(args)) + sorted(kwargs.items())
                     if isinstance(v, torch.Tensor))
