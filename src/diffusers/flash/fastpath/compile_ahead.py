@@ -25,7 +25,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import torch
 
@@ -47,7 +48,7 @@ FLAGS = ("cuda.matmul.fp32_precision", "cudnn.fp32_precision", "cuda.matmul.allo
 SDP = ("flash", "mem_efficient", "math", "cudnn")  # torch.backends.cuda.<x>_sdp_enabled / enable_<x>_sdp
 
 
-def _flag(path: str):
+def _flag(path: str) -> tuple[Any, str]:
     where, name = path.rsplit(".", 1)
     obj = torch.backends
     for part in where.split("."):
@@ -55,7 +56,7 @@ def _flag(path: str):
     return obj, name
 
 
-def spec_for(model: torch.nn.Module, attr: str, what: str, shape, target: str, extra: dict) -> dict:
+def spec_for(model: torch.nn.Module, attr: str, what: str, shape: Sequence[int], target: str, extra: dict) -> dict:
     """What a helper needs to build ``model`` and call ``target`` ("module:function", run there as
     ``function(model, spec)``, returning None or why it failed) on inputs of ``shape``; ``extra`` is for
     that function. A ValueError where a helper could not build the model or match this process's compile."""
@@ -91,7 +92,7 @@ class Helper:
     """One helper process running ``spec`` (sent on its stdin, which stays open: it exits when this
     process closes it, by ``stop`` or by ending, however it ends)."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict) -> None:
         text = json.dumps(spec) + "\n"  # first: a value JSON cannot hold starts nothing
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
@@ -100,14 +101,14 @@ class Helper:
         # written from a thread: a spec larger than the pipe's buffer must not hold up this process
         threading.Thread(target=self._send, args=(text.encode(),), daemon=True).start()
 
-    def _send(self, data: bytes):
+    def _send(self, data: bytes) -> None:
         try:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
         except (OSError, ValueError):  # the helper ended, or was stopped, first
             pass
 
-    def wait(self, timeout: float = WAIT_S):
+    def wait(self, timeout: float = WAIT_S) -> str | None:
         """Wait for the helper; returns None when it compiled, else the reason it did not."""
         try:
             rc = self.proc.wait(timeout=timeout)
@@ -125,7 +126,7 @@ class Helper:
                 or ["no output"])[-1]
         return f"exit status {rc}: {last[:REASON_CHARS]}{'...' if len(last) > REASON_CHARS else ''}"
 
-    def stop(self):
+    def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             try:
@@ -145,17 +146,17 @@ class Ahead:
     so far in this process."""
 
     def __init__(self, model: torch.nn.Module, attr: str, what: str, target: str, extra: Callable[[], dict],
-                 counts: Callable[[], tuple[int, int]]):
+                 counts: Callable[[], tuple[int, int]]) -> None:
         self.model, self.attr, self.what, self.target, self.extra = model, attr, what, target, extra
         self.counts = counts
         self.helpers = {}  # shape -> (Helper, this process's cache counts when it started)
         self.done = {}  # shape -> None (the helper compiled it, this process read it from the cache) or why not
         self._checking = {}  # shape -> cache counts when this process's own compile of it began
 
-    def _since(self, counts):
+    def _since(self, counts: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(now - then for now, then in zip(self.counts(), counts))
 
-    def start(self, shape):
+    def start(self, shape: Sequence[int]) -> None:
         shape = tuple(int(n) for n in shape)
         if shape in self.helpers or shape in self.done:
             return
@@ -179,7 +180,7 @@ class Ahead:
         self.helpers[shape] = (helper, self.counts())
         logger.info(f"fast path: compiling the {self.what} for {shape} in a helper process (pid {helper.proc.pid})")
 
-    def wait(self, shape):
+    def wait(self, shape: Sequence[int]) -> None:
         """Before this process's compile for ``shape``: let its helper finish, unless nothing compiled here
         since it started missed inductor's cache (then compiling here is quicker: it is stopped). Helpers
         for other shapes were wrong guesses: stopped."""
@@ -209,7 +210,7 @@ class Ahead:
             logger.warning(f"fast path: the helper process did not compile the {self.what} ({failed}); it "
                            f"compiles here")
 
-    def check(self, shape):
+    def check(self, shape: Sequence[int]) -> None:
         """After this process's compile for ``shape``: did it read the helper's work from the cache?"""
         shape = tuple(int(n) for n in shape)
         counts = self._checking.pop(shape, None)
@@ -225,13 +226,13 @@ class Ahead:
                             f"cache ({hits} hits, {misses} misses)")
         logger.info(f"fast path: {self.done[shape]}")
 
-    def stop(self):
+    def stop(self) -> None:
         for helper, _ in self.helpers.values():
             helper.stop()
         self.helpers.clear()
 
 
-def _exit_at_eof():
+def _exit_at_eof() -> NoReturn:
     """The helper ends when its stdin closes: the process that started it stopped it or ended. Raw reads:
     a daemon thread blocked in sys.stdin's buffered reader would abort the interpreter's exit."""
     while os.read(0, 1 << 16):
