@@ -34,6 +34,7 @@ import secrets
 import stat
 import tempfile
 import zlib
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class Refused(ValueError):
     """Why a cache file is not loaded, in one line. ``blocks``: the file is not written either (its place is
     unsafe: a symbolic link, a folder others can write; or this user's key cannot be used)."""
 
-    def __init__(self, why: str, blocks: bool = False):
+    def __init__(self, why: str, blocks: bool = False) -> None:
         super().__init__(why)
         self.blocks = blocks
 
@@ -240,7 +241,7 @@ def file_mode() -> int:
     return 0o666 & ~_umask() & ~0o022
 
 
-def _artifact_set(info) -> set:
+def _artifact_set(info: Any) -> set:
     return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
 
 
@@ -258,7 +259,7 @@ class CompileCache:
     ``path`` without the signature check, ``trust="<sha256>"`` only a file with that sha256 (as
     ``sha256sum`` prints it); the other checks stay."""
 
-    def __init__(self, path: str | os.PathLike, trust: bool | str = False):
+    def __init__(self, path: str | os.PathLike, trust: bool | str = False) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"cache must be a file path, not {path!r}")
         if not (trust is True or trust is False
@@ -402,7 +403,7 @@ class CompileCache:
             os.close(fd)
 
 
-def cache_status(pipe) -> dict | None:
+def cache_status(pipe: Any) -> dict | None:
     """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written,
     and the artifacts compiled here that a loaded file did not hold."""
     store = getattr(pipe, "__dict__", {}).get("_fast_path_cache")

@@ -12,12 +12,14 @@
 # the same values in the same dtype, so the same images.
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 _HOOKED = "_diffusers_flash_host_timesteps"
 
 
-def to_sample_device(timestep, sample):
+def to_sample_device(timestep: Any, sample: Any) -> Any:
     """``timestep`` on ``sample``'s device when that is a CUDA device and the timestep is a host tensor
     (copied from pinned memory, not waited for); anything else is returned as it is."""
     if (isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and isinstance(sample, torch.Tensor)
@@ -26,7 +28,7 @@ def to_sample_device(timestep, sample):
     return timestep
 
 
-def _pre_forward(module, args, kwargs):
+def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if "timestep" in kwargs:
         sample = args[0] if args else kwargs.get("sample")
         kwargs["timestep"] = to_sample_device(kwargs["timestep"], sample)
@@ -35,7 +37,7 @@ def _pre_forward(module, args, kwargs):
     return args, kwargs
 
 
-def attach(unet) -> bool:
+def attach(unet: Any) -> bool:
     """Whether ``unet`` (a pipeline's UNet) takes host timesteps without a wait: installs the pre-hook the
     first time (once per UNet object). False for anything that is not a torch module."""
     if not isinstance(unet, torch.nn.Module):
@@ -46,7 +48,7 @@ def attach(unet) -> bool:
     return True
 
 
-def loop_device(pipe, device) -> torch.device | str:
+def loop_device(pipe: Any, device: torch.device | str) -> torch.device | str:
     """Where the denoising loop of ``pipe`` should keep its timesteps when its models run on ``device``:
     the host for a CUDA device whose pipeline has a UNet (the hook above installed), else ``device``."""
     if torch.device(device).type == "cuda" and attach(getattr(pipe, "unet", None)):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FastPathMixin:
@@ -35,7 +39,7 @@ class FastPathMixin:
                                 parallel_compile=parallel_compile, cache=cache, trust_cache=trust_cache)
 
     @property
-    def _timesteps_device(self):
+    def _timesteps_device(self) -> torch.device | str:
         """Where the denoising loop keeps its timesteps (patch 0009): the host whenever the models run on a
         CUDA device, so that the scheduler's per-step arithmetic on the timestep (PNDM indexes a host table
         with it) does not make the host wait for the GPU at every step. The UNet gets each timestep on the
@@ -49,7 +53,7 @@ class FastPathMixin:
         device = getattr(self, "_execution_device", self.device)  # 0.7+: where the models run under offloading
         return host_timesteps.loop_device(self, device)
 
-    def disable_fast_path(self):
+    def disable_fast_path(self) -> FastPathMixin:
         from diffusers.flash.fastpath import engine as fast_path
 
         fast_path.disable(self)
