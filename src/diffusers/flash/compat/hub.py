@@ -20,7 +20,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import huggingface_hub as _hub
 from huggingface_hub import utils as _hub_utils
@@ -40,7 +42,7 @@ except ImportError:  # older huggingface_hub
 class HubOfflineError(OSError):
     """A repository is needed from the Hugging Face Hub, is not cached, and the Hub cannot be reached."""
 
-    def __init__(self, repo_id: str, what: str = "", cause: Exception | None = None):
+    def __init__(self, repo_id: str, what: str = "", cause: Exception | None = None) -> None:
         self.repo_id = repo_id
         where = f" ({what})" if what else ""
         offline = " HF_HUB_OFFLINE is set;" if _offline() else ""
@@ -56,11 +58,11 @@ def _offline() -> bool:
 
 
 @lru_cache(maxsize=None)
-def _params(fn) -> frozenset:
+def _params(fn: Callable[..., Any]) -> frozenset:
     return frozenset(inspect.signature(fn).parameters)
 
 
-def _normalize(fn, kwargs: dict) -> dict:
+def _normalize(fn: Callable[..., Any], kwargs: dict) -> dict:
     kwargs = dict(kwargs)
     legacy = kwargs.pop("use_auth_token", None)
     if legacy is not None and kwargs.get("token") is None:
@@ -75,7 +77,7 @@ def _normalize(fn, kwargs: dict) -> dict:
     return kwargs
 
 
-def _call(fn, repo_id, what, *args, **kwargs):
+def _call(fn: Callable[..., Any], repo_id: str | os.PathLike, what: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(repo_id, *args, **_normalize(fn, kwargs))
     except (_LocalEntryNotFound, _OfflineMode) as e:
@@ -84,23 +86,23 @@ def _call(fn, repo_id, what, *args, **kwargs):
         raise HubOfflineError(str(repo_id), what, e) from e
 
 
-def hf_hub_download(repo_id, filename=None, **kwargs):
+def hf_hub_download(repo_id: str | os.PathLike, filename: str | None = None, **kwargs: Any) -> str:
     return _call(_hub.hf_hub_download, repo_id, filename or "", filename=filename, **kwargs)
 
 
-def snapshot_download(repo_id, **kwargs):
+def snapshot_download(repo_id: str | os.PathLike, **kwargs: Any) -> str:
     return _call(_hub.snapshot_download, repo_id, "snapshot", **kwargs)
 
 
-def model_info(repo_id, **kwargs):
+def model_info(repo_id: str, **kwargs: Any) -> Any:
     return _call(_hub.model_info, repo_id, "model info", **kwargs)
 
 
-def whoami(token=None):
+def whoami(token: str | None = None) -> dict:
     return _hub.whoami(token)
 
 
-def _get_token():
+def _get_token() -> str | None:
     fn = getattr(_hub, "get_token", None)
     if fn is None:  # huggingface_hub < 0.20
         return _hub.HfFolder.get_token()
@@ -111,11 +113,12 @@ class HfFolder:
     """The part of huggingface_hub's removed ``HfFolder`` that Diffusers 0.4 uses."""
 
     @staticmethod
-    def get_token():
+    def get_token() -> str | None:
         return _get_token()
 
 
-def cached_download(url, cache_dir=None, force_download=False, local_files_only=False, **_ignored):
+def cached_download(url: str, cache_dir: str | os.PathLike | None = None, force_download: bool = False,
+                    local_files_only: bool = False, **_ignored: Any) -> str:
     """Download ``url`` once into ``cache_dir`` (huggingface_hub's removed ``cached_download``, for plain
     URLs such as community pipelines on GitHub)."""
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "diffusers")
@@ -142,7 +145,7 @@ _CONSTANTS = {"hf_cache_home": ("hf_cache_home", "HF_HOME"),
               "HUGGINGFACE_HUB_CACHE": ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE")}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _CONSTANTS:
         for attr in _CONSTANTS[name]:
             if hasattr(_hub.constants, attr):
@@ -153,7 +156,7 @@ def __getattr__(name):
             return repo
 
         class Repository:  # noqa: D401
-            def __init__(self, *args, **kwargs):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
                 raise ImportError(
                     f"huggingface_hub {_hub.__version__} no longer has the git-based Repository that "
                     "diffusers.hub_utils.init_git_repo uses; push with huggingface_hub.upload_folder instead."
