@@ -21,7 +21,7 @@ import importlib
 import importlib.util
 import sys
 import types
-from typing import Optional
+from typing import Any, Optional
 
 LOADABLE_LIBRARIES = ("diffusers", "transformers")  # pipeline_utils.LOADABLE_CLASSES' libraries
 
@@ -40,7 +40,7 @@ RENAMED.update({name: lambda module: image_processor("DPT", module)
                 for name in ("DPTFeatureExtractor", "DPTImageProcessorPil", "DPTImageProcessorFast")})
 
 
-def image_processor(model: str, module=None):
+def image_processor(model: str, module: types.ModuleType | None = None) -> type:
     """transformers' image processor class for ``model`` ("CLIP", "DPT"). Without torchvision,
     transformers 5 hands out its PIL backend from ``<model>ImageProcessor`` with a warning at every use;
     ask for that backend directly."""
@@ -50,12 +50,12 @@ def image_processor(model: str, module=None):
     return getattr(module, f"{model}ImageProcessor")
 
 
-def clip_image_processor(module=None):
+def clip_image_processor(module: types.ModuleType | None = None) -> type:
     """transformers' CLIP image processor class (see :func:`image_processor`)."""
     return image_processor("CLIP", module)
 
 
-def paint_by_example_proj_size(config, proj_size=None) -> int:
+def paint_by_example_proj_size(config: Any, proj_size: int | None = None) -> int:
     """PaintByExampleImageEncoder's projection size, written into its CLIP config so that a saved encoder
     loads back with its own size. Upstream takes it as a constructor argument only; a reload builds the
     encoder from the config alone, so any size but 768 did not fit the saved weights, which transformers
@@ -67,7 +67,7 @@ def paint_by_example_proj_size(config, proj_size=None) -> int:
     return proj_size
 
 
-def _resolve(module, name):
+def _resolve(module: types.ModuleType, name: str) -> Any:
     try:
         return getattr(module, name)
     except AttributeError:
@@ -88,12 +88,12 @@ class _Library(types.ModuleType):
     """A view of a library for one ``model_index.json`` entry: old transformers class names still resolve,
     and a class the library lacks is an error naming the entry."""
 
-    def __init__(self, real, entry: Optional[str] = None):
+    def __init__(self, real: types.ModuleType, entry: Optional[str] = None) -> None:
         super().__init__(real.__name__)
         self._real = real
         self._entry = entry
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         try:
             return _resolve(self._real, name) if self._real.__name__ == "transformers" else getattr(self._real, name)
         except AttributeError:
@@ -144,7 +144,7 @@ def loader_takes_other_modules() -> bool:
 UTILS_CONSTANTS = {"FLAX_WEIGHTS_NAME": "flax_model.msgpack"}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in RENAMED:
         return _resolve(importlib.import_module("transformers"), name)
     if name in UTILS_CONSTANTS:
