@@ -3,9 +3,12 @@
 """Weights files: their names and the errors that name them."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from diffusers.utils import WEIGHTS_NAME
+
+if TYPE_CHECKING:
+    import os
 
 SAFE_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
@@ -14,7 +17,7 @@ WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)  # in order of preference
 class CheckpointError(OSError):
     """A weights file cannot be loaded; ``path`` names it (or the folder that lacks one)."""
 
-    def __init__(self, path, problem: str):
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
         self.path = str(path)
         super().__init__(f"{self.path}: {problem}")
 
@@ -31,7 +34,7 @@ class MissingWeightsError(CheckpointError, FileNotFoundError):
     """A model folder with neither weights file. The message begins as upstream's did ("Error no file named
     <the .bin name> found in directory <folder>"), which code and upstream's tests match on."""
 
-    def __init__(self, path, problem: str, upstream_name: Optional[str] = None):
+    def __init__(self, path: str | os.PathLike, problem: str, upstream_name: Optional[str] = None) -> None:
         super().__init__(path, problem)
         if upstream_name:
             self.args = (f"Error no file named {upstream_name} found in directory {self.path} ({problem})",)

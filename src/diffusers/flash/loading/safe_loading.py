@@ -28,7 +28,7 @@ import os
 import pickle
 import re
 import sys
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -74,7 +74,8 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "py
 
 
 # ---------------------------------------------------------------- finding the file
-def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optional[str] = None) -> str:
+def local_weights_file(folder: str | os.PathLike, subfolder: Optional[str] = None,
+                       variant: Optional[str] = None) -> str:
     """The weights file of a local model folder (upstream's order: ``folder``, then ``folder/subfolder``;
     in each, safetensors before ``.bin``); ``variant`` (0.13+): that variant's files."""
     folders = [str(folder)] + ([os.path.join(str(folder), subfolder)] if subfolder else [])
@@ -89,7 +90,7 @@ def local_weights_file(folder, subfolder: Optional[str] = None, variant: Optiona
     )
 
 
-def hub_weights_file(repo_id: str, **kwargs) -> str:
+def hub_weights_file(repo_id: str, **kwargs: Any) -> str:
     """Download (or find in the cache) a Hub model's weights file: the safetensors file if the repo has one,
     else the ``.bin``. ``kwargs`` are hf_hub_download's (cache_dir, subfolder, revision, local_files_only...)."""
     from huggingface_hub.utils import EntryNotFoundError
@@ -104,7 +105,7 @@ def hub_weights_file(repo_id: str, **kwargs) -> str:
 
 
 # ---------------------------------------------------------------- loading
-def load_state_dict(path) -> dict:
+def load_state_dict(path: str | os.PathLike) -> dict:
     """The state dict in ``path``: safetensors by name, anything else as a weights-only PyTorch pickle."""
     path = str(path)
     head = _head(path)
@@ -176,7 +177,7 @@ def _unsafe_reason(message: str) -> str:
     )
 
 
-def weight_shapes(path) -> dict:
+def weight_shapes(path: str | os.PathLike) -> dict:
     """``{name: shape}`` of the weights in ``path`` without reading them: a safetensors file's header (which
     safetensors checks against the file's size, so a truncated file is refused here), a ``.bin`` mapped
     (``torch.load(mmap=True, weights_only=True)``: an unsafe pickle is refused as by :func:`load_state_dict`;
@@ -195,7 +196,7 @@ def weight_shapes(path) -> dict:
         raise CorruptCheckpointError(path, problem) from None
 
 
-def _check_state_dict(state_dict, path: str) -> dict:
+def _check_state_dict(state_dict: object, path: str) -> dict:
     if not isinstance(state_dict, dict):
         raise CorruptCheckpointError(path, f"holds a {type(state_dict).__name__}, not a state dict of named tensors")
     odd = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
@@ -207,7 +208,8 @@ def _check_state_dict(state_dict, path: str) -> dict:
     return state_dict
 
 
-def check_weights(model: torch.nn.Module, state_dict: Mapping, path, ignore_mismatched_sizes: bool = False) -> None:
+def check_weights(model: torch.nn.Module, state_dict: Mapping, path: str | os.PathLike,
+                  ignore_mismatched_sizes: bool = False) -> None:
     """``state_dict``: the file's tensors, or their shapes (:func:`weight_shapes`). Refuse weights that do not
     fit the model built from its config: :class:`IncompleteWeightsError` when the file lacks some of the
     model's weights or holds weights the model does not have (upstream 0.4 would leave the missing ones
@@ -249,7 +251,7 @@ def check_weights(model: torch.nn.Module, state_dict: Mapping, path, ignore_mism
     )
 
 
-def _listed(keys) -> str:
+def _listed(keys: Iterable) -> str:
     keys = [str(k) for k in keys]
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "") if keys else "none"
@@ -276,13 +278,13 @@ def load_method(class_obj: type, method_name: Optional[str], entry: str) -> Call
     return getattr(class_obj, method_name)
 
 
-def _is_transformers_model(cls) -> bool:
+def _is_transformers_model(cls: object) -> bool:
     transformers = sys.modules.get("transformers")  # never imported here: a class of it means it is loaded
     return (isinstance(cls, type) and transformers is not None
             and issubclass(cls, transformers.PreTrainedModel))
 
 
-def transformers_weights_files(folder) -> tuple:
+def transformers_weights_files(folder: str | os.PathLike) -> tuple:
     """``(the file transformers will read, [every weights file it names])`` for a transformers model folder:
     ``model.safetensors``, else its shard index and shards, else ``pytorch_model.bin`` (and shards); ``(None,
     [])`` where there is none (transformers then says what is missing)."""
@@ -302,7 +304,7 @@ def transformers_weights_files(folder) -> tuple:
     return None, []
 
 
-def load_component(load: Callable, folder, entry: str, **kwargs):
+def load_component(load: Callable, folder: str | os.PathLike, entry: str, **kwargs: Any) -> Any:
     """``load(folder, **kwargs)``, a pipeline component's load method, with the component's weights checked
     as a diffusers model's are (which ``ModelMixin.from_pretrained`` does itself). For a transformers model
     (the text encoder, the safety checker): each weights file is refused if empty, a git-lfs pointer,

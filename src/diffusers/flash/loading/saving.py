@@ -10,7 +10,7 @@ import re
 import shutil
 import stat
 import tempfile
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -31,7 +31,7 @@ logger = logging.get_logger(__name__)
 _TEMPORARY = re.compile(r"^\..+\.pid(\d+)\.[A-Za-z0-9_]+\.tmp$|^\.diffusion_pytorch_model[^/]*\.(\d+)\.tmp$")
 
 
-def save_state_dict(state_dict: dict, directory, save_function: Optional[Callable] = torch.save,
+def save_state_dict(state_dict: dict, directory: str | os.PathLike, save_function: Optional[Callable] = torch.save,
                     safe_serialization: bool = False, is_main_process: bool = True,
                     variant: Optional[str] = None) -> str:
     """Write ``state_dict`` into ``directory``; returns the file written. With ``safe_serialization`` it is
@@ -157,7 +157,7 @@ def clean_stale(directory: str) -> None:
             logger.warning("could not remove %s, left by a save that was killed (%s)", full, brief(e))
 
 
-def save_into(save: Callable, directory, **kwargs) -> None:
+def save_into(save: Callable, directory: str | os.PathLike, **kwargs: Any) -> None:
     """``save(directory, **kwargs)`` (a ``save_pretrained`` or ``save_config``, of any library) made safe
     against a kill: it writes into a new temporary folder inside ``directory``, each file there is flushed
     and renamed into ``directory`` (so every file is its old version or its new one, never empty or half
