@@ -35,11 +35,13 @@ the one named here.
 """
 from __future__ import annotations
 
+from typing import Any
+
 _ATTENTION = ("set_attention_backend", "attention_backend", "AttentionBackendError", "NAMES", "backend_status")
 __all__ = list(_ATTENTION)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # lazy: diffusers.utils imports diffusers.flash.compat early, before torch need be imported
     if name in _ATTENTION:
         from .attention import dispatch

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,7 +58,7 @@ CONFIGS = {
 }
 
 
-def _bytes_to_unicode():
+def _bytes_to_unicode() -> list[str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -165,7 +165,7 @@ def stable_diffusion(size: str = "tiny", seed: int = 0, scheduler: str = "pndm",
     return (pipeline_class or StableDiffusionPipeline)(**components(size, seed, scheduler))
 
 
-def stable_diffusion_xl(seed: int = 0, force_upcast: bool = True):
+def stable_diffusion_xl(seed: int = 0, force_upcast: bool = True) -> Any:
     """A tiny StableDiffusionXLPipeline built locally (upstream's fast-test configuration: two CLIP text
     encoders, the UNet's ``text_time`` added conditioning, Euler), for releases that have SDXL (0.19 on).
     ``force_upcast``: the VAE config's flag that makes the pipeline decode in float32."""
