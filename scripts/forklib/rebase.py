@@ -69,8 +69,7 @@ def parse_target(text: str) -> tuple[str, str]:
     return m.group(2), text.strip() if m.group(1) else "v" + m.group(2)
 
 
-def wheel_name(version: str) -> str:
-    return f"{release.PACKAGE}-{version}-py3-none-any.whl"
+wheel_name = release.wheel_name
 
 
 def upstream_repo(root: Path, spec: str | None) -> str | None:
@@ -102,12 +101,12 @@ def resolve(root: Path, text: str, repo: str | None, for_pin: bool) -> dict:
         if t["tag"] is None:
             raise ForkError(f"{repo}: no tag {tag} (nor {version})")
         t.update(source="git", repo=repo, commit=release.git_commit(repo, t["tag"]))
-    if repo is None or for_pin:
-        t["sha256"] = release.index_sha256(version, t["file"])
-        if t["sha256"] is None:
-            raise ForkError(f"the package index publishes no sha256 for {t['file']} (no such release, or offline); "
-                            "nothing to check the release file against"
-                            + ("" if repo else " (--upstream-repo reads a git tag instead, for --check)"))
+    if repo is None or for_pin:  # the wheel, else the source archive: checked against the index's sha256
+        try:
+            t["file"], t["sha256"] = release.release_file(version)
+        except ForkError as e:
+            raise ForkError(f"{e}" + ("" if repo else " (--upstream-repo reads a git tag instead, for --check)")) \
+                from None
     if for_pin and not t.get("commit"):  # from the index: the commit a pin of this release had, if one was committed
         t["commit"] = release.committed_commit(root, t)
     return t

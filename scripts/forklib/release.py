@@ -113,6 +113,9 @@ def _download(version: str, filename: str, dest: Path) -> None:
     kind = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PIP_TARGET")}
     with tempfile.TemporaryDirectory() as tmp:
+        if not filename.endswith(".whl") and _download_json_api(version, filename, Path(tmp)):
+            _move_into(Path(tmp) / filename, dest)  # pip download would build the archive's metadata first
+            return
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, "-d", tmp,
                f"{PACKAGE}=={version}"]
         try:
@@ -126,9 +129,13 @@ def _download(version: str, filename: str, dest: Path) -> None:
         if not ok:
             raise ForkError(f"could not download {PACKAGE}=={version} ({filename}) with pip: "
                             f"{' '.join(err) or 'no such file'}")
-        partial = dest / f".{filename}.partial"  # a copy across file systems is not atomic: rename when whole
-        shutil.move(str(Path(tmp) / filename), partial)
-        os.replace(partial, dest / filename)
+        _move_into(Path(tmp) / filename, dest)
+
+
+def _move_into(path: Path, dest: Path) -> None:
+    partial = dest / f".{path.name}.partial"  # a copy across file systems is not atomic: rename when whole
+    shutil.move(str(path), partial)
+    os.replace(partial, dest / path.name)
 
 
 def _index_base() -> str:
@@ -160,6 +167,44 @@ def _download_json_api(version: str, filename: str, dest: Path) -> bool:
         return True
     except Exception:
         return False
+
+
+def wheel_name(version: str) -> str:
+    return f"{PACKAGE}-{version}-py3-none-any.whl"
+
+
+def sdist_name(version: str) -> str:
+    return f"{PACKAGE}-{version}.tar.gz"
+
+
+def release_file(version: str) -> tuple[str, str]:
+    """(file name, sha256) of the file to lay ``version`` down from, as the index publishes them: the
+    pure-Python wheel, else the source archive (some releases, 0.20.2 among them, were published only as
+    one; its ``src/diffusers/`` is the same package). Where the index has neither, a ForkError naming the
+    nearest releases it does have files for (or saying it does not answer)."""
+    doc = _index_json(_index_base())
+    if doc is None:
+        raise ForkError(f"the package index does not answer (offline?), so it publishes no sha256 for "
+                        f"{PACKAGE} {version}; nothing to check the release file against")
+    published = {f.get("filename"): f for f in doc.get("releases", {}).get(version, [])}
+    for name in (wheel_name(version), sdist_name(version)):
+        digest = (published.get(name) or {}).get("digests", {}).get("sha256")
+        if is_sha256(digest):
+            return name, digest
+    near = nearest_with_wheel(doc, version)
+    raise ForkError(f"the package index publishes no sha256 for a wheel or source archive of {PACKAGE} {version} "
+                    f"(no such release{'; nearest with a wheel: ' + ', '.join(near) if near else ''})")
+
+
+def nearest_with_wheel(doc: dict, version: str) -> list:
+    """The releases with a pure-Python wheel just below and just above ``version`` in the index's document."""
+    def key(v):
+        return tuple(int(n) for n in re.findall(r"\d+", v))
+    have = sorted((v for v, files in doc.get("releases", {}).items() if re.fullmatch(r"\d+\.\d+\.\d+", v)
+                   and any(f.get("filename") == wheel_name(v) for f in files)), key=key)
+    below = [v for v in have if key(v) < key(version)]
+    above = [v for v in have if key(v) > key(version)]
+    return below[-1:] + above[:1]
 
 
 def index_sha256(version: str, filename: str) -> str | None:
