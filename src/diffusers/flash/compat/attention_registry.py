@@ -6,7 +6,8 @@ setter (doing what the context does) so that :func:`diffusers.flash.attention.up
 serves these releases as it serves 0.37 and later."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..attention import upstream_dispatch
 
@@ -14,7 +15,7 @@ from ..attention import upstream_dispatch
 def track(context: Callable, registry: type) -> Callable:
     """:func:`upstream_dispatch.track` for a registry with or without ``set_active_backend``."""
     if "set_active_backend" not in registry.__dict__:
-        def set_active_backend(cls, backend):
+        def set_active_backend(cls: type, backend: Any) -> None:
             cls._active_backend = backend
 
         registry.set_active_backend = classmethod(set_active_backend)

@@ -6,11 +6,12 @@ Nothing here imports transformers until a name is used."""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 ALIASES = {"MT5Tokenizer": "T5Tokenizer"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in ALIASES:
         transformers = importlib.import_module("transformers")
         return getattr(transformers, name, None) or getattr(transformers, ALIASES[name])
