@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import transformers
 
-from diffusers.flash.attention import upstream_dispatch
+from diffusers.flash.attention import upstream_choice, upstream_dispatch
 from diffusers.flash.compat import attention_registry, transformers_names
 
 
@@ -44,16 +44,16 @@ def test_tracking_a_registry_without_set_active_backend():
         upstream_dispatch.track(context, registry)
     registry, context = _registry_035()
     tracked = attention_registry.track(context, registry)
-    assert upstream_dispatch._named.depth == 0
+    assert upstream_choice.named.depth == 0
     with tracked("flash"):
-        assert registry._active_backend == "flash" and upstream_dispatch._named.depth == 1
-    assert registry._active_backend == "native" and upstream_dispatch._named.depth == 0
-    saved = upstream_dispatch._named.explicit
+        assert registry._active_backend == "flash" and upstream_choice.named.depth == 1
+    assert registry._active_backend == "native" and upstream_choice.named.depth == 0
+    saved = upstream_choice.named.explicit
     try:
         registry.set_active_backend("_native_math")  # the setter it gained, recorded as a named backend
-        assert registry._active_backend == "_native_math" and upstream_dispatch._named.explicit is True
+        assert registry._active_backend == "_native_math" and upstream_choice.named.explicit is True
     finally:
-        upstream_dispatch._named.explicit = saved
+        upstream_choice.named.explicit = saved
 
 
 def test_a_registry_with_set_active_backend_is_left_as_it_is():
@@ -66,9 +66,9 @@ def test_a_registry_with_set_active_backend_is_left_as_it_is():
 
     setter = Registry.__dict__["set_active_backend"]
     attention_registry.track(contextlib.nullcontext, Registry)
-    saved = upstream_dispatch._named.explicit
+    saved = upstream_choice.named.explicit
     try:
         Registry.set_active_backend("x")  # upstream's own setter still runs (wrapped by upstream_dispatch)
         assert Registry._active_backend == "x!" and Registry.__dict__["set_active_backend"] is not setter
     finally:
-        upstream_dispatch._named.explicit = saved
+        upstream_choice.named.explicit = saved
