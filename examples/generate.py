@@ -51,8 +51,9 @@ Limits: --height and --width are multiples of 8 up to 256 latents a side (2048 p
 whose latents are 1/8 of the side), and height x width at most 16,384 latents (1024x1024): the UNet attends
 over every latent, and beyond that one attention call needs more than 8 GB under the math backend, while
 Stable Diffusion 1.x was trained at 512x512. --steps is at most 1000 (the schedulers' training timesteps);
---guidance-scale is a finite number. Every value is checked before any model loads; a mistake gets one line.
-Ctrl-C stops the run within two seconds, whatever it is doing; a rerun resumes.
+--guidance-scale is from -100 to 100 (far larger scales overflow to a black image). Every value is checked
+before any model loads; a mistake gets one line.
+Ctrl-C stops the run within a second or two on a quiet machine, whatever it is doing; a rerun resumes.
 
 Needs torch and transformers; accelerate only to run several processes (accelerate launch).
 """
@@ -162,6 +163,9 @@ def seed_int(text: str) -> int:
     return value
 
 
+MAX_GUIDANCE = 100.0  # Stable Diffusion is run at 1-20; far larger scales overflow the latents to NaN
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -169,6 +173,14 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    value = finite_float(text)
+    if abs(value) > MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"must be from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}, not {text}: far larger "
+                                         f"scales overflow the latents and give a black image")
     return value
 
 
@@ -215,8 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"images per pipeline call, 1 to {MAX_BATCH} (default: 1)")
     p.add_argument("--steps", action=Once, type=steps_int,
                    help=f"denoising steps, 1 to {MAX_STEPS} (default: 50, or 10 for the tiny model)")
-    p.add_argument("--guidance-scale", action=Once, type=finite_float, default=7.5,
-                   help="classifier-free guidance, a finite number; 1 or less turns it off (default: 7.5)")
+    p.add_argument("--guidance-scale", action=Once, type=guidance_scale, default=7.5,
+                   help="classifier-free guidance, from -100 to 100; 1 or less turns it off (default: 7.5)")
     p.add_argument("--height", action=Once, type=size_int,
                    help="image height in pixels, a multiple of 8 (default: 512, or 64 for the tiny model)")
     p.add_argument("--width", action=Once, type=size_int,

@@ -83,6 +83,8 @@ def test_size_limits_follow_the_models_vae(gen, no_model, tmp_path, capsys):
     (["--guidance-scale", "nan"], "--guidance-scale: must be a finite number, not nan"),
     (["--guidance-scale", "inf"], "--guidance-scale: must be a finite number, not inf"),
     (["--guidance-scale=-Infinity"], "--guidance-scale: must be a finite number"),
+    (["--guidance-scale", "1e100"], "--guidance-scale: must be from -100 to 100, not 1e100"),
+    (["--guidance-scale=-101"], "--guidance-scale: must be from -100 to 100"),
     (["--dtype", "fp64"], "--dtype: invalid choice: 'fp64'"),
     (["--device", "meta"], "--device meta: the meta device holds no data"),
     (["--device", "gpu0"], "--device gpu0: not a device name"),

@@ -177,4 +177,4 @@ def test_readme_install_line_needs_no_placeholder_and_is_for_users_only():
 def test_readme_says_what_generate_does_on_a_second_prompt_and_a_rerun():
     text = " ".join(section("generate.py").split())
     assert "other prompts or settings get a new folder" in text and "resumes" in text
-    assert "a mistake gets one line" in text and "Ctrl-C stops it within two seconds" in text
+    assert "a mistake gets one line" in text and "Ctrl-C stops it within a second or two" in text
