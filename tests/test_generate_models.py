@@ -22,7 +22,9 @@ PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeli
 
 
 def _generate(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"))
+    # the diffusers this test imported (the checkout's src/, or a fork installed at another release)
+    where = str(Path(diffusers.__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=where)
     return subprocess.run([sys.executable, str(ROOT / "examples/generate.py"), *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
