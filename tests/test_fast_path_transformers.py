@@ -11,7 +11,7 @@ import torch
 
 import diffusers
 from diffusers.flash import local_sdxl_sd3_flux as local
-from diffusers.flash.fastpath import denoiser
+from diffusers.flash.fastpath import denoiser, graphs
 from diffusers.flash.fastpath import engine as fast_path
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
@@ -26,16 +26,17 @@ def test_split_and_join_keywords_round_trip():
     device = torch.device("cpu")
     a, b, c = torch.zeros(2), torch.ones(3), torch.full((1,), 2.0)
     kwargs = {"hidden_states": a, "timestep": b, "extra": {"y": c}, "return_dict": False, "mask": None}
-    layout, tensors = denoiser.split_keywords(kwargs, device)
+    layout, tensors = graphs.split_extra(kwargs, device, denoiser.STATIC)
     assert len(tensors) == 3
-    back = denoiser.join_keywords(layout, tensors)
+    back = graphs.join_extra(layout, tensors)
     assert back["hidden_states"] is a and back["timestep"] is b and back["extra"]["y"] is c
     assert back["return_dict"] is False and "mask" not in back
     # a value that cannot be a graph input or part of the layout: that call is not captured
-    assert denoiser.split_keywords({"hidden_states": a, "skip_layers": [7]}, device) is None
-    assert denoiser.split_keywords({"hidden_states": a, "scale": 0.5}, device) is None
+    assert graphs.split_extra({"hidden_states": a, "skip_layers": [7]}, device, denoiser.STATIC) is None
+    assert graphs.split_extra({"hidden_states": a, "scale": 0.5}, device, denoiser.STATIC) is None
     # a tensor on another device than the sample's is not an input either
-    assert denoiser.split_keywords({"hidden_states": a, "t": torch.zeros(1, device="meta")}, device) is None
+    assert graphs.split_extra({"hidden_states": a, "t": torch.zeros(1, device="meta")}, device,
+                              denoiser.STATIC) is None
 
 
 def test_graphed_denoiser_leaves_cpu_calls_to_the_model():
@@ -96,10 +97,10 @@ def test_transformer_fast_path_gives_the_same_images_and_replays(model, compile)
     assert "transformer" in report["cuda_graphs"], report
     first = _images(pipe, side)
     wrapper = pipe.transformer.__dict__["forward"]
-    graphs = dict(wrapper.graphs)
-    assert graphs, "the transformer step was not captured"
+    captured = dict(wrapper.graphs)
+    assert captured, "the transformer step was not captured"
     second = _images(pipe, side)
-    assert dict(wrapper.graphs) == graphs, "the second call captured again instead of replaying"
+    assert dict(wrapper.graphs) == captured, "the second call captured again instead of replaying"
     np.testing.assert_array_equal(first, second)
     diff = np.abs((first * 255).round() - (reference * 255).round()).max()
     print(f"{model} compile={compile}: largest difference against math {diff}/255")

@@ -17,49 +17,10 @@ from typing import Any
 
 import torch
 
-from diffusers.flash.fastpath.graphs import GraphedCall
+from diffusers.flash.fastpath.graphs import GraphedCall, join_extra, split_extra
 
 # values that may be part of a layout: a graph per value (anything else is not captured)
-_STATIC = (bool, str)
-
-
-def split_keywords(kwargs: dict[str, Any], device: torch.device) -> tuple[tuple, tuple] | None:
-    """``kwargs`` as (layout, tensors): a tensor on ``device`` is an input, a dict of such tensors one input
-    per entry, ``None`` is left out, a bool or str is part of the layout. None where a value is anything
-    else (that call runs the model's own forward)."""
-    def here(value: Any) -> bool:
-        return isinstance(value, torch.Tensor) and value.device == device
-
-    layout, tensors = [], []
-    for name in sorted(kwargs):
-        value = kwargs[name]
-        if value is None:
-            continue
-        if here(value):
-            layout.append((name, "tensor"))
-            tensors.append(value)
-        elif isinstance(value, dict) and value and all(here(v) for v in value.values()):
-            layout.append((name, ("dict", tuple(sorted(value)))))
-            tensors.extend(value[k] for k in sorted(value))
-        elif isinstance(value, _STATIC):
-            layout.append((name, ("static", value)))
-        else:
-            return None
-    return tuple(layout), tuple(tensors)
-
-
-def join_keywords(layout: tuple, tensors: tuple) -> dict[str, Any]:
-    """The keyword arguments ``split_keywords`` took apart, rebuilt around ``tensors`` (the graph's buffers)."""
-    out, at = {}, 0
-    for name, kind in layout:
-        if kind == "tensor":
-            out[name], at = tensors[at], at + 1
-        elif kind[0] == "dict":
-            keys = kind[1]
-            out[name], at = dict(zip(keys, tensors[at:at + len(keys)])), at + len(keys)
-        else:
-            out[name] = kind[1]
-    return out
+STATIC = (bool, str)
 
 
 def _output_class() -> type:
@@ -87,7 +48,7 @@ class GraphedDenoiser:
             def taking(fn: Callable | None) -> Callable | None:
                 if fn is None:
                     return None
-                return lambda *x: fn(**join_keywords(layout, x), return_dict=False)
+                return lambda *x: fn(**join_extra(layout, x), return_dict=False)
 
             forward = taking(self.inner)
             call = self.calls[layout] = GraphedCall(lambda *x: forward(*x)[0], "transformer step", pool, warmup,
@@ -111,7 +72,7 @@ class GraphedDenoiser:
         hidden = args[0] if args else kwargs.get("hidden_states")
         extra = None
         if len(args) <= 1 and isinstance(hidden, torch.Tensor) and hidden.is_cuda and not torch.is_grad_enabled():
-            extra = split_keywords({"hidden_states": hidden, **kwargs} if args else kwargs, hidden.device)
+            extra = split_extra({"hidden_states": hidden, **kwargs} if args else kwargs, hidden.device, STATIC)
         if extra is None:
             return self.inner(*args, return_dict=return_dict, **kwargs)
         layout, tensors = extra

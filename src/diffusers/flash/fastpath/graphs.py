@@ -88,12 +88,19 @@ class GraphedCall:
         return cap
 
 
-def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | None:
-    """The UNet call's keyword arguments beyond (sample, timestep, encoder_hidden_states) as (layout,
-    tensors) for a graph: None values are left out, a tensor on ``device`` (the sample's) is an input, a dict
-    of such tensors (SDXL's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``) gives one input per entry;
-    ``layout`` names them (hashable: one graph per layout and shapes). None where a value is anything else (e.g. LoRA's
-    ``cross_attention_kwargs={"scale": 0.5}``, a tensor on another device): that call is not captured."""
+class Static(tuple):
+    """A layout entry for a value that is part of the layout rather than a graph input (a graph per value)."""
+
+    __slots__ = ()
+
+
+def split_extra(kwargs: dict, device: torch.device, static: tuple[type, ...] = ()) -> tuple[tuple, tuple] | None:
+    """Keyword arguments as (layout, tensors) for a graph: None values are left out, a tensor on ``device``
+    (the sample's) is an input, a dict of such tensors (SDXL's ``added_cond_kwargs``:
+    ``text_embeds``, ``time_ids``) gives one input per entry, a value of a ``static`` type (the transformer
+    denoisers' ``return_dict=False``) is part of the layout; ``layout`` names them (hashable: one graph per
+    layout and shapes). None where a value is anything else (e.g. LoRA's ``cross_attention_kwargs={"scale":
+    0.5}``, a tensor on another device): that call is not captured."""
     def here(value: object) -> bool:
         return isinstance(value, torch.Tensor) and value.device == device
 
@@ -108,6 +115,8 @@ def split_extra(kwargs: dict, device: torch.device) -> tuple[tuple, tuple] | Non
         elif isinstance(value, dict) and all(here(v) for v in value.values()):
             layout.append((name, tuple(sorted(value))))
             tensors.extend(value[k] for k in sorted(value))
+        elif static and isinstance(value, static):
+            layout.append((name, Static((type(value), value))))
         else:
             return None
     return tuple(layout), tuple(tensors)
@@ -119,6 +128,8 @@ def join_extra(layout: tuple, tensors: tuple) -> dict:
     for name, keys in layout:
         if keys is None:
             out[name], at = tensors[at], at + 1
+        elif isinstance(keys, Static):
+            out[name] = keys[1]
         else:
             out[name], at = dict(zip(keys, tensors[at:at + len(keys)])), at + len(keys)
     return out
