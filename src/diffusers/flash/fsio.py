@@ -63,16 +63,21 @@ def stale_temporary(name: str) -> bool:
     m = _TMP_NAME.search(name)
     if not name.startswith(".") or m is None:
         return False
-    pid = int(m.group("pid"))
+    return not pid_alive(int(m.group("pid")))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this machine may still be running: this process, a live one, or one we
+    cannot ask about (another user's, a number out of range) all count as alive; only a gone pid does not."""
     if pid == os.getpid():
-        return False
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
+        return False
+    except (OverflowError, OSError):
         return True
-    except (PermissionError, OverflowError, OSError):
-        return False  # alive (another user's process), or not a pid we can ask about
-    return False
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:

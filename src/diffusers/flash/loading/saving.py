@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from diffusers.flash.fsio import fsync_path
+from diffusers.flash.fsio import fsync_path, pid_alive
 from diffusers.flash.loading.files import (
     SAFE_WEIGHTS_NAME,
     WEIGHTS_NAME,
@@ -122,17 +122,6 @@ def remove_previous(directory: str, written: list, variant: Optional[str] = None
             os.remove(full)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process, or no way to ask
-        return True
-    return True
-
 
 def clean_stale(directory: str) -> None:
     """Remove the temporary files and folders a killed save left in ``directory`` (ours only: named as
@@ -144,7 +133,7 @@ def clean_stale(directory: str) -> None:
         return
     for entry in entries:
         found = _TEMPORARY.match(entry)
-        if not found or _alive(int(found.group(1) or found.group(2))):
+        if not found or pid_alive(int(found.group(1) or found.group(2))):
             continue
         full = os.path.join(directory, entry)
         try:
