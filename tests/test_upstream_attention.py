@@ -132,6 +132,12 @@ def test_a_backend_named_through_upstreams_context_wins(spy, upstream, build, ru
 
 def test_a_backend_named_through_upstreams_model_method_wins(spy, upstream):
     mod, calls = upstream
+    import diffusers
+    from packaging.version import Version
+
+    if Version(Version(diffusers.__version__).base_version) < Version("0.37"):
+        pytest.skip("upstream's ModelMixin.set_attention_backend before 0.37 sets only processors that have an "
+                    "_attention_backend (the transformer models'), never the UNet's: there is no choice to obey")
     unet = _unet()
     unet.set_attention_backend("_native_math")  # upstream's name: upstream's method
     assert all(getattr(m, "_attention_backend", None) is None for m in unet.modules()
