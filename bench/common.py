@@ -86,17 +86,19 @@ def parse_backends(text: str, allowed: Sequence[str] = KNOWN_BACKENDS) -> list[s
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--backends is empty")
-    peer = "installed+reduce-overhead"  # the installed diffusers with torch.compile(unet, mode="reduce-overhead")
+    # the installed diffusers with torch.compile(unet, mode="reduce-overhead"), or at its best (upstream's recipe)
+    peers = ("installed+reduce-overhead", "installed+best")
 
     def known(n):
         base, plus, fast = n.partition("+")
         return base in allowed and (not plus or (base != "installed" and fast_path_modes(fast) is not None))
 
-    bad = [n for n in names if n != peer and not known(n)]
+    bad = [n for n in names if n not in peers and not known(n)]
     if bad:
         raise BenchError(f"unknown attention backend(s) {', '.join(map(repr, bad))}; choose from: {', '.join(allowed)}"
                          f" (each may end in +graphs, +compile or +regional: the fast path on top, and -graphs,"
-                         f" -compile or -regional for the VAE apart, e.g. auto+compile-regional; or {peer})")
+                         f" -compile or -regional for the VAE apart, e.g. auto+compile-regional;"
+                         f" or {' or '.join(peers)})")
     return list(dict.fromkeys(names))
 
 

@@ -401,6 +401,13 @@ def measure_backend(pipe: Any, name: str, args: argparse.Namespace, bar: Any,
         pipe.unet.forward = torch.compile(pipe.unet.forward, mode="reduce-overhead")
         undo = lambda: pipe.unet.__dict__.pop("forward", None)  # noqa: E731
         fast = None
+    elif fast == "best":  # the peer at its best: upstream's own recipe (fp16.md), see bench/models.apply_best
+        from bench.models import apply_best
+
+        unet = pipe.unet
+        apply_best(pipe, args.best_mode)
+        undo = lambda: (setattr(pipe, "unet", unet), pipe.vae.__dict__.pop("decode", None))  # noqa: E731
+        fast = None
     elif fast:  # the fast path on top: CUDA graphs of the UNet step (and torch.compile with +compile)
         compile, compile_vae = fast_path_modes(fast)  # e.g. compile-graphs: the UNet compiled, the VAE graphed
         report = pipe.enable_fast_path(compile=compile, compile_vae=compile_vae,
@@ -655,6 +662,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                          "process alongside it (enable_fast_path(parallel_compile=False))")
     ap.add_argument("--compile-times", metavar="FILE",
                     help="write torch.compile's own time breakdown (torch._dynamo.utils.compile_times) here")
+    ap.add_argument("--best-mode", default="max-autotune",
+                    help="torch.compile mode of the installed+best peer (upstream's recipe: max-autotune)")
     args = ap.parse_args(argv)
     try:
         return settle(args)
@@ -718,9 +727,9 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     if args.external_diffusers:
         if args.backends == ["math", "auto"]:  # the default
             args.backends = ["installed"]
-        if not set(args.backends) <= {"installed", "installed+reduce-overhead"}:
-            raise BenchError("--external-diffusers times the installed diffusers as it is: only --backends installed"
-                             " and installed+reduce-overhead")
+        if not set(args.backends) <= {"installed", "installed+reduce-overhead", "installed+best"}:
+            raise BenchError("--external-diffusers times the installed diffusers as it is: only --backends installed,"
+                             " installed+reduce-overhead and installed+best")
     if args.model and args.tiny:
         raise BenchError("--model and --tiny exclude each other")
     if args.save_model:
@@ -730,7 +739,8 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise BenchError(f"--save-model {args.save_model}: exists and is not an empty folder (nothing written)")
     # "installed" first: the others set a backend on the models that would stay behind
-    args.backends.sort(key=lambda n: n != "installed")
+    # and "installed+best" last: upstream's recipe fuses projections and changes memory layouts for good
+    args.backends.sort(key=lambda n: (n == "installed+best", n != "installed"))
     return args
 
 

@@ -372,3 +372,29 @@ def test_coldstart_tiny_runs_each_mode_in_a_new_process(tmp_path):
     assert all(r["warmup_s"] > 0 and r["then_s"] > 0 for r in rows)
     assert "no CUDA device" in rows[0]["applied"]["reasons"][0]  # the CPU: the fast path does not apply
     assert "| cache-load | 1 |" in proc.stdout and "first call of 2 steps" in proc.stdout
+
+
+def test_the_peer_at_its_best_follows_upstreams_recipe_and_runs_last(monkeypatch):
+    """installed+best: inductor flags, channels-last UNet and VAE, fuse_qkv_projections where the pipeline has it,
+    the UNet and vae.decode compiled (mode and fullgraph as upstream's fp16.md); after every other row."""
+    import torch._inductor.config as inductor_config
+
+    from bench import models
+
+    args = bench.parse(["--tiny", "--external-diffusers", "--backends", "installed+best,installed+reduce-overhead,"
+                        "installed"])
+    assert args.backends == ["installed", "installed+reduce-overhead", "installed+best"]
+    assert args.best_mode == "max-autotune"
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
+    for key in models.BEST_INDUCTOR:
+        monkeypatch.setattr(inductor_config, key, getattr(inductor_config, key))
+    pipe = bench.external_pipeline("tiny")
+    unet, decode = pipe.unet, pipe.vae.decode
+    done = models.apply_best(pipe, "max-autotune")
+    assert {fn for fn, _ in compiled} == {unet, decode}
+    assert all(kw == {"mode": "max-autotune", "fullgraph": True} for _, kw in compiled)
+    assert all(getattr(inductor_config, k) == v for k, v in models.BEST_INDUCTOR.items())
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "channels-last UNet" in done and "channels-last VAE" in done
