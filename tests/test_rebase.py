@@ -1234,5 +1234,32 @@ def test_the_import_check_imports_every_pipeline_class_the_release_exports(tmp_p
     block = rebase_tool.import_lines(result)
     assert block[0].startswith("import: FAILED: 2 of 3 pipeline classes")
     assert "  HttpxPipeline: ModuleNotFoundError: No module named 'httpx_not_installed_f9'" in block
+    # the release's own requirements known: a package it does not require, absent here, is no failure of ours
+    # (pristine fails the same; e.g. ftfy for SkyReelsV2 at 0.35-0.36); one it requires still fails
+    cell = rebase_tool.import_check(tmp_path / "src", required={"numpy"})
+    assert cell.startswith("FAIL: 1 of 3 pipeline classes") and "HttpxPipeline" not in cell, cell
+    result = rebase_tool.import_pipelines(tmp_path / "src", required={"numpy"})
+    assert result["missing"] == {"HttpxPipeline": "httpx_not_installed_f9"}
+    cell = rebase_tool.import_check(tmp_path / "src", required={"httpx-not-installed-f9"})
+    assert cell.startswith("FAIL: 2 of 3 pipeline classes"), cell
+    (pkg / "__init__.py").write_text("__all__ = ['GoodPipeline', 'HttpxPipeline']\nfrom .good import GoodPipeline\n"
+                                     "def __getattr__(name):\n    import httpx_not_installed_f9  # noqa\n")
+    assert rebase_tool.import_check(tmp_path / "src", required=set()) == (
+        "ok (2 pipeline classes; 1 need packages not installed here: httpx_not_installed_f9 (1))")
+    assert rebase_tool.import_lines(rebase_tool.import_pipelines(tmp_path / "src", set())) == [
+        "import: ok: diffusers and its 2 pipeline classes; 1 need packages not installed here: "
+        "httpx_not_installed_f9 (1)"]
     (pkg / "__init__.py").write_text("__all__ = ['GoodPipeline']\nfrom .good import GoodPipeline\n")
     assert rebase_tool.import_check(tmp_path / "src") == "ok (1 pipeline class)"
+
+
+def test_the_release_requirements_are_read_from_its_file(tmp_path, monkeypatch):
+    from forklib import build
+
+    meta = ("Metadata-Version: 2.1\nName: diffusers\nRequires-Dist: httpx<1.0.0\nRequires-Dist: Pillow\n"
+            "Requires-Dist: ftfy; extra == \"test\"\n\n")
+    monkeypatch.setattr(rebase_tool.release, "fetch", lambda *a, **k: tmp_path / "x.whl")
+    monkeypatch.setattr(build, "metadata", lambda path: (meta, None))
+    target = {"source": "pypi", "version": "0.36.0", "file": "x.whl", "sha256": "0" * 64}
+    assert rebase_tool.required_packages(tmp_path, target) == {"httpx", "pillow"}
+    assert rebase_tool.required_packages(tmp_path, {**target, "source": "git"}) is None

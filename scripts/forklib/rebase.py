@@ -34,6 +34,7 @@ import codecs
 import contextlib
 import datetime
 import difflib
+import email.parser
 import hashlib
 import json
 import os
@@ -804,7 +805,7 @@ def run_checks(root: Path, st: dict, options: dict) -> int:
     problems = tree.verify(root)
     say("verify: OK" if not problems else "verify: FAILED\n" + "\n".join(f"  - {p}" for p in problems))
     say("import: importing diffusers and each pipeline class it exports, in a subprocess ...")
-    imported = import_pipelines(root / "src")
+    imported = import_pipelines(root / "src", required_packages(root, st["target"]))
     say("\n".join(import_lines(imported)))
     announce = tests_announcement(root, options)
     if announce:
@@ -1135,7 +1136,8 @@ def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
     if stop:
         row["later"] = ", ".join(later(r) for r in results[stop[0] + 1:]) or "-"
     else:
-        row["import"], row["tests"] = try_tree(root, pin, new_base, texts, patches, args)
+        row["import"], row["tests"] = try_tree(root, pin, new_base, texts, patches, args,
+                                               required_packages(root, target))
     return row
 
 
@@ -1168,7 +1170,7 @@ def label(res: dict) -> str:
     return "variant " + res["variant"].rsplit("/", 1)[-1][:-len(".patch")] if res.get("variant") else "main"
 
 
-def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
+def try_tree(root, pin, new_base, texts, patches, args, required: set | None = None) -> tuple[str, str]:
     """Lay the result in a scratch folder with our own modules; (import check, tests)."""
     if args.no_import and not args.tests:
         return "not run", "not run"
@@ -1180,7 +1182,7 @@ def try_tree(root, pin, new_base, texts, patches, args) -> tuple[str, str]:
         for rel in tree.tracked(root):
             tree.write(Path(d), rel, tree.read(root, rel))
         tree.write(Path(d), tree.VERSION_FILE, tree.version_file(pin))
-        imported = "not run" if args.no_import else import_check(Path(d) / "src")
+        imported = "not run" if args.no_import else import_check(Path(d) / "src", required)
         imported = imported if len(imported) <= 300 else imported[:297] + "..."
         tests = "not run"
         if args.tests:
@@ -1203,14 +1205,24 @@ def tests_cell(test_cmd: str | None, cmd: str, ok: bool, summary: str) -> str:
 
 
 IMPORT_PIPELINES = r"""
-import json, sys
+import importlib.util, json, os, re, sys
+
+REQUIRED = json.loads(os.environ.get("DIFFUSERS_FLASH_REQUIRED") or "null")
 
 
 def why(e):
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"[:200]
 
 
-out = {"file": None, "error": None, "pipelines": [], "placeholders": [], "failed": {}}
+def absent(e):  # the package a failed import names: third-party, not installed here, not one the release requires
+    found = re.search(r"No module named '([\w.]+)'", str(e))
+    top = found.group(1).split(".")[0] if found else None
+    if REQUIRED is None or not top or top == "diffusers" or importlib.util.find_spec(top) is not None:
+        return None
+    return None if re.sub(r"[-_.]+", "-", top).lower() in REQUIRED else top
+
+
+out = {"file": None, "error": None, "pipelines": [], "placeholders": [], "failed": {}, "missing": {}}
 try:
     import diffusers as m
     out["file"] = m.__file__
@@ -1222,7 +1234,10 @@ else:
         try:
             obj = getattr(m, name)
         except BaseException as e:
-            out["failed"][name] = why(e)
+            if absent(e):  # the release needs a package this environment lacks: pristine fails the same
+                out["missing"][name] = absent(e)
+            else:
+                out["failed"][name] = why(e)
             continue
         out["pipelines"].append(name)
         if type(obj).__name__ == "DummyObject":  # a placeholder for a backend not installed (flax, onnx)
@@ -1232,18 +1247,47 @@ print(json.dumps(out))
 """
 
 
-def import_pipelines(src: Path) -> dict:
+def required_packages(root: Path, t: dict) -> set | None:
+    """The normalized names the release ``t`` requires (its ``Requires-Dist`` without an extra), or None where
+    its release file is not at hand (a git tag): then every class that does not import is a failure."""
+    from . import build
+
+    if t.get("source") == "git" or not t.get("file") or not t.get("sha256"):
+        return None
+    try:
+        meta, _ = build.metadata(release.fetch(root, t["version"], t["file"], t["sha256"],
+                                               "the sha256 the index publishes"))
+    except ForkError:
+        return None
+    lines = email.parser.Parser().parsestr(meta, headersonly=True).get_all("Requires-Dist") or []
+    return {build._name(line) for line in lines if "extra" not in line.partition(";")[2]}
+
+
+def import_pipelines(src: Path, required: set | None = None) -> dict:
     """Import ``diffusers`` from ``src`` in a subprocess, then every pipeline class it exports (``__all__`` and
     ``dir()``: a lazy module imports each on access). {"src", "file", "error", "pipelines", "placeholders",
-    "failed": {name: why}}."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
+    "failed": {name: why}, "missing": {name: package}}: a class whose import names a third-party package
+    that is not installed here and not among ``required`` (the release's own requirements, see
+    :func:`required_packages`) is "missing", not failed: pristine upstream fails the same. With ``required``
+    None, every class that does not import is failed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src),
+               DIFFUSERS_FLASH_REQUIRED=json.dumps(None if required is None else sorted(required)))
     res = subprocess.run([sys.executable, "-c", IMPORT_PIPELINES], capture_output=True, text=True, env=env, cwd=src)
     try:
         out = json.loads(res.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
         last = ([ln for ln in res.stderr.splitlines() if ln.strip()] or [f"exit {res.returncode}"])[-1]
         out = {"file": None, "error": last.strip()[:200], "pipelines": [], "placeholders": [], "failed": {}}
-    return {**out, "src": str(src)}
+    return {"missing": {}, **out, "src": str(src)}
+
+
+def _needs(result: dict) -> str:
+    """'; N need packages not installed here: ftfy (4 classes)', or ''."""
+    by: dict[str, int] = {}
+    for package in result["missing"].values():
+        by[package] = by.get(package, 0) + 1
+    return (f"; {len(result['missing'])} need packages not installed here: "
+            + ", ".join(f"{p} ({n})" for p, n in sorted(by.items()))) if by else ""
 
 
 def import_ok(result: dict) -> bool:
@@ -1254,24 +1298,24 @@ def _counted(n: int) -> str:
     return "no pipeline classes" if n == 0 else f"{n} pipeline class" + ("es" if n > 1 else "")
 
 
-def import_check(src: Path) -> str:
+def import_check(src: Path, required: set | None = None) -> str:
     """One cell: 'ok (N pipeline classes)', or 'FAIL: ...' naming each class that does not import."""
-    r = import_pipelines(src)
+    r = import_pipelines(src, required)
     if r["error"]:
         return "FAIL: " + r["error"][:120].replace("|", "/")
     if not str(r["file"]).startswith(r["src"]):
         return f"FAIL: imported {r['file']} instead"
-    total = len(r["pipelines"]) + len(r["failed"])
+    total = len(r["pipelines"]) + len(r["failed"]) + len(r["missing"])
     if r["failed"]:
         return (f"FAIL: {len(r['failed'])} of {_counted(total)} do not import: "
                 + "; ".join(f"{n}: {w}" for n, w in sorted(r["failed"].items()))).replace("|", "/")
     return f"ok ({_counted(total)}" + (f", {len(r['placeholders'])} placeholders for backends not installed"
-                                        if r["placeholders"] else "") + ")"
+                                        if r["placeholders"] else "") + _needs(r) + ")"
 
 
 def import_lines(result: dict) -> list[str]:
     """The import check's report: one line where it passed, else the failures in one block."""
-    r, total = result, len(result["pipelines"]) + len(result["failed"])
+    r, total = result, len(result["pipelines"]) + len(result["failed"]) + len(result["missing"])
     if r["error"]:
         return [f"import: FAILED: import diffusers: {r['error']}"]
     if not str(r["file"]).startswith(r["src"]):
@@ -1281,7 +1325,7 @@ def import_lines(result: dict) -> list[str]:
                 + [f"  {n}: {w}" for n, w in sorted(r["failed"].items())])
     held = (f" ({len(r['placeholders'])} placeholders for backends not installed: {', '.join(r['placeholders'])})"
             if r["placeholders"] else "")
-    return [f"import: ok: diffusers and its {_counted(total)}{held}" if total
+    return [f"import: ok: diffusers and its {_counted(total)}{held}{_needs(r)}" if total
             else "import: ok: diffusers (it exports no pipeline classes)"]
 
 
