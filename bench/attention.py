@@ -1,9 +1,10 @@
 """The attention microbenchmark: ``python -m bench attention [options]``.
 
 Every attention call Stable Diffusion v1.x makes at 512x512 (UNet batch = 2 x images, 8 heads; the
-VAE's single head of dim 512), run through ``attention_dispatch.attention(q, k, v, backend=name)`` for
-each backend, plus the backend that ``auto`` picks (``attention_dispatch.choose``). Milliseconds are the
-median over --repeats blocks of calls timed with CUDA events; TFLOP/s counts 4 * B * H * Sq * Sk * D.
+VAE's single head of dim 512), or with --today those of SDXL, SD3 medium and Flux.1-dev at 1024x1024,
+run through ``attention_dispatch.attention(q, k, v, backend=name)`` for each backend, plus the backend
+that ``auto`` picks (``attention_dispatch.choose``). Milliseconds are the median over --repeats blocks
+of calls timed with CUDA events; TFLOP/s counts 4 * B * H * Sq * Sk * D.
 A backend that is unavailable, or that refuses a shape, is reported with its reason.
 """
 from __future__ import annotations
@@ -37,14 +38,25 @@ SD2_SHAPES = [
     ("SD 2.x cross, 8 images, 64x64", 16, 5, 4096, 77, 64, False),
     ("self, head dim 128, 8 images", 16, 8, 4096, 4096, 128, False),
 ]
+# --today: the attention of today's models at 1024x1024, 1 image (bench/models.py): SDXL's UNet (10 heads of 64 at
+# 64x64 latents, 20 at 32x32, guidance: batch 2), SD3 medium's joint attention (24 heads of 64 over 4096 image +
+# 333 text tokens, guidance: batch 2) and Flux.1-dev's (24 heads of 128 over 4096 + 512 tokens, batch 1)
+TODAY_SHAPES = [
+    ("SDXL self, 1 image, 64x64", 2, 10, 4096, 4096, 64, False),
+    ("SDXL self, 1 image, 32x32", 2, 20, 1024, 1024, 64, False),
+    ("SDXL cross, 1 image, 64x64", 2, 10, 4096, 77, 64, False),
+    ("SD3 joint, 1 image", 2, 24, 4429, 4429, 64, False),
+    ("Flux joint, 1 image", 1, 24, 4608, 4608, 128, False),
+    ("SDXL self, 4 images, 64x64", 8, 10, 4096, 4096, 64, False),
+]
 TINY_DIVISOR = 64  # --tiny: query and key lengths / 64 (text's 77 stays), for a CPU in seconds
 
 
 Shape = tuple[str, int, int, int, int, int, bool]
 
 
-def shapes(tiny: bool, sd2: bool = False) -> list[Shape]:
-    chosen = SHAPES + (SD2_SHAPES if sd2 else [])
+def shapes(tiny: bool, sd2: bool = False, today: bool = False) -> list[Shape]:
+    chosen = (TODAY_SHAPES if today else SHAPES) + (SD2_SHAPES if sd2 else [])
     if not tiny:
         return chosen
     return [(f"{label} /{TINY_DIVISOR}", b, h, sq // TINY_DIVISOR, sk if sk == 77 else sk // TINY_DIVISOR, d, up)
@@ -136,14 +148,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine(args.device)
     rows = []
     with torch.no_grad():
-        for shape in shapes(args.tiny, args.sd2):
+        for shape in shapes(args.tiny, args.sd2, args.today):
             rows += measure(ad, shape, args.backends, verdicts, args.device, DTYPES[args.dtype], args.repeats,
                             args.cuda_graph)
             print(f"attention: {shape[0]} done", file=sys.stderr)
     return dict(kind="attention", schema=1, machine=info, backend_status=backend_status_list(),
                 config=dict(device=args.device, dtype=args.dtype, tiny=args.tiny, repeats=args.repeats,
                             backends=args.backends, tiny_divisor=TINY_DIVISOR if args.tiny else None,
-                            sd2=args.sd2, cuda_graph=args.cuda_graph),
+                            sd2=args.sd2, today=args.today, cuda_graph=args.cuda_graph),
                 rows=rows)
 
 
@@ -188,6 +200,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="timed blocks per cell; the median is reported (default 10, "
                                                 "3 on a CPU)")
     ap.add_argument("--sd2", action="store_true", help="also SD 2.x's head dim 64 and a head dim of 128")
+    ap.add_argument("--today", action="store_true",
+                    help="the shapes of SDXL, SD3 medium and Flux.1-dev at 1024x1024 instead of SD 1.x's")
     ap.add_argument("--cuda-graph", action="store_true", help="time each call as the replay of a CUDA graph "
                                                                 "(the fast path's view: no Python, no launches)")
     ap.add_argument("--json", metavar="FILE")

@@ -111,6 +111,17 @@ def test_attention_microbenchmark_tiny(tmp_path):
     assert "auto chose" in proc.stdout
 
 
+def test_attention_microbenchmark_todays_shapes():
+    """--today: SDXL's, SD3 medium's joint and Flux.1-dev's attention at 1024x1024, instead of SD 1.x's."""
+    from bench import attention
+
+    today = attention.shapes(tiny=False, today=True)
+    assert ("SD3 joint, 1 image", 2, 24, 4096 + 333, 4096 + 333, 64, False) in today
+    assert ("Flux joint, 1 image", 1, 24, 4096 + 512, 4096 + 512, 128, False) in today
+    assert not set(today) & set(attention.shapes(tiny=False))
+    assert attention.parse(["--today"]).today and not attention.parse([]).today
+
+
 def test_find_max_batch_doubles_then_bisects():
     for largest in (1, 5, 37, 48, 192, 1000):
         probes = []
