@@ -128,12 +128,17 @@ def apply_best(pipe: Any, mode: str) -> list[str]:
     for key, value in BEST_INDUCTOR.items():
         setattr(config, key, value)
     done.append("inductor flags")
-    if hasattr(pipe, "fuse_qkv_projections"):
+    # the pipeline's fuse_qkv_projections where it has one (SDXL), else each model's (SD3's and Flux's transformer)
+    owners = [("pipeline", pipe)] if hasattr(pipe, "fuse_qkv_projections") else [
+        (name, getattr(pipe, name, None)) for name in ("unet", "transformer", "vae")]
+    for name, owner in owners:
+        if owner is None or not hasattr(owner, "fuse_qkv_projections"):
+            continue
         try:
-            pipe.fuse_qkv_projections()
-            done.append("fuse_qkv_projections")
-        except Exception as e:  # a pipeline whose models cannot fuse: the recipe goes on without
-            done.append(f"no fuse_qkv_projections ({type(e).__name__})")
+            owner.fuse_qkv_projections()
+            done.append(f"fuse_qkv_projections ({name})")
+        except Exception as e:  # models that cannot fuse: the recipe goes on without
+            done.append(f"no fuse_qkv_projections ({name}: {type(e).__name__})")
     if getattr(pipe, "unet", None) is not None:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
