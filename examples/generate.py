@@ -88,7 +88,7 @@ PROMPT_KEYS = {"prompt", "seed", "negative_prompt"}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ENV_BACKEND = "DIFFUSERS_ATTENTION_BACKEND"
 TINY = "local_pipelines:tiny:vae8"  # the model in run.json and the folder hash: the four-block VAE, latents 1/8
-FAST_PATH_TOLERANCE = "images within 2/255 of the plain pipeline's"
+FAST_PATH_TOLERANCE = "images within 1/255 of the plain pipeline's"
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 
 

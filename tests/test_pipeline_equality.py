@@ -13,7 +13,7 @@ from diffusers.flash import local_pipelines
 from diffusers.flash.attention import dispatch as ad
 
 CUDA = torch.cuda.is_available()
-DEVICES = [("cpu", torch.float32, 1 / 255)] + ([("cuda", torch.float16, 2 / 255)] if CUDA else [])
+DEVICES = [("cpu", torch.float32, 1 / 255)] + ([("cuda", torch.float16, 1 / 255)] if CUDA else [])
 
 
 def _images(seed, pipe):
