@@ -1313,6 +1313,16 @@ def import_check(src: Path, required: set | None = None) -> str:
                                         if r["placeholders"] else "") + _needs(r) + ")"
 
 
+def _absent_modules(failed: dict) -> dict[str, list[str]]:
+    """{top-level module: [class, ...]} of the failures that are only a module not installed."""
+    by: dict[str, list[str]] = {}
+    for name, why in failed.items():
+        found = re.fullmatch(r"(?:ModuleNotFoundError|RuntimeError): .*No module named '([\w.]+)'\W*", why)
+        if found:
+            by.setdefault(found.group(1).split(".")[0], []).append(name)
+    return by
+
+
 def import_lines(result: dict) -> list[str]:
     """The import check's report: one line where it passed, else the failures in one block."""
     r, total = result, len(result["pipelines"]) + len(result["failed"]) + len(result["missing"])
@@ -1321,8 +1331,13 @@ def import_lines(result: dict) -> list[str]:
     if not str(r["file"]).startswith(r["src"]):
         return [f"import: FAILED: diffusers came from {r['file']}, not from {r['src']}"]
     if r["failed"]:
-        return ([f"import: FAILED: {len(r['failed'])} of {_counted(total)} the release exports do not import:"]
-                + [f"  {n}: {w}" for n, w in sorted(r["failed"].items())])
+        absent = _absent_modules(r["failed"])
+        head = [f"import: FAILED: {len(r['failed'])} of {_counted(total)} the release exports do not import:"]
+        for module, names in sorted(absent.items()):
+            head.append(f"  {len(names)} only for want of the module `{module}`, not installed here: install the "
+                        "release's requirements (its Requires-Dist), then `fork.py rebase --continue`")
+        listed = {n for names in absent.values() for n in names}
+        return head + [f"  {n}: {w}" for n, w in sorted(r["failed"].items()) if n not in listed]
     held = (f" ({len(r['placeholders'])} placeholders for backends not installed: {', '.join(r['placeholders'])})"
             if r["placeholders"] else "")
     return [f"import: ok: diffusers and its {_counted(total)}{held}{_needs(r)}" if total
