@@ -1268,3 +1268,30 @@ def test_the_release_requirements_are_read_from_its_file(tmp_path, monkeypatch):
     target = {"source": "pypi", "version": "0.36.0", "file": "x.whl", "sha256": "0" * 64}
     assert rebase_tool.required_packages(tmp_path, target) == {"httpx", "pillow"}
     assert rebase_tool.required_packages(tmp_path, {**target, "source": "git"}) is None
+
+
+def test_a_variant_whose_last_change_came_in_a_merge_keeps_its_name(tmp_path):
+    """The rebase back names a kept text after the variant file that held those bytes in the project's
+    history, also where those bytes first appeared in a merge commit (a branch's variant merged with a
+    change of main's): else a round trip renames the file (0.37.1.patch serving 0.36.0 came back as
+    0.36.0.patch)."""
+    root = tmp_path / "p"
+    folder = root / "patches" / "variants" / "0005-x"
+    folder.mkdir(parents=True)
+    git(root, "init", "-q", "-b", "main")
+    (folder / "0.37.1.patch").write_text("Applies-To: 0.36.0..0.37.1\nold\n\n\nbase\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "a variant")
+    git(root, "checkout", "-qb", "side")
+    (folder / "0.37.1.patch").write_text("Applies-To: 0.36.0..0.37.1\nold\n\n\nbase\nside\n")
+    git(root, "commit", "-qam", "side")
+    git(root, "checkout", "-q", "main")
+    (folder / "0.37.1.patch").write_text("Applies-To: 0.36.0..0.37.1\nmain\nold\n\n\nbase\n")
+    git(root, "commit", "-qam", "main")
+    git(root, "merge", "-q", "side", "-m", "merge")
+    merged = (folder / "0.37.1.patch").read_text()
+    assert merged.startswith("Applies-To: 0.36.0..0.37.1\nmain\n") and merged.endswith("side\n"), merged
+    (folder / "0.37.1.patch").unlink()
+    git(root, "commit", "-qam", "rebased: the variant became the main text")
+    assert rebase_tool.history_label(root, "0005-x.patch", merged) == "0.37.1"
+    assert rebase_tool.history_label(root, "0005-x.patch", merged + "other\n") is None

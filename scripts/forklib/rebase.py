@@ -901,7 +901,7 @@ def history_label(root: Path, name: str, text: str) -> str | None:
     data = text.encode("utf-8")
     blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
     folder = f"patches/{variants.DIR}/{variants.stem(name)}/"
-    res = subprocess.run(["git", "-C", str(root), "log", "--format=", "--raw", "--no-abbrev", "--no-renames",
+    res = subprocess.run(["git", "-C", str(root), "log", "-m", "--format=", "--raw", "--no-abbrev", "--no-renames",
                           "HEAD", "--", folder], capture_output=True, text=True)
     for line in res.stdout.splitlines() if res.returncode == 0 else []:
         meta, _, path = line.partition("\t")
