@@ -240,7 +240,7 @@ def test_uncached_repo_offline_names_the_repo(tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.flash.compat.hub import HubOfflineError
 
-    # 0001 (hub compat) raises our HubOfflineError; from its Upstream-Since on, upstream's own OSError names the repo
+    # 0001 (hub compat) raises our HubOfflineError; from its Applied-Upstream on, upstream's own OSError names the repo
     ours = "0001-hub-compat.patch" in dict(active_patches(ROOT))
     with pytest.raises(HubOfflineError if ours else OSError, match="someone/not-cached-anywhere"):
         UNet2DConditionModel.from_pretrained("someone/not-cached-anywhere", cache_dir=tmp_path, local_files_only=True,
