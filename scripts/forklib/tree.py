@@ -562,6 +562,8 @@ def patches_doc(root: Path) -> str:
                 f"- Applies to upstream: {patch.field('Applies-To') or '?'}",
                 f"- Upstream status: {patch.field('Forwarded') or '?'}",
                 f"- Touches ({changed} changed lines): {', '.join(files)}"]
+        if patch.field("Bug"):
+            out.append(f"- Bug: {patch.field('Bug')}")
         if variants.since(patch):
             out.append(f"- Applied upstream: {variants.since(patch)} (not applied on that release and later; "
                        "kept in the series for the older ones)")
