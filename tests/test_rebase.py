@@ -720,7 +720,6 @@ def test_verify_checks_applied_upstream(env):
     assert any("Applied-Upstream: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
 
 
-
 def test_the_old_field_name_upstream_since_is_still_read(env, capsys):
     """A patch file written before the series took DEP-3's name says ``Upstream-Since``: the same meaning, and
     it agrees with a variant that says ``Applied-Upstream``."""
@@ -736,6 +735,7 @@ def test_the_old_field_name_upstream_since_is_still_read(env, capsys):
     assert tree.verify(env["root"]) == []
     upstream_since(env, "0002-late-line.patch", "soon", doc=False, field="Upstream-Since")
     assert any("Upstream-Since: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
+
 
 # ---------------------------------------------------------------- what the fork tool checks (issue 19)
 KILLER = '''"""Run a script, killed (SIGKILL) halfway through the first write whose data holds KILL_MARK."""
