@@ -167,7 +167,7 @@ def test_readme_install_line_needs_no_placeholder_and_is_for_users_only():
     docs/maintaining.md."""
     text = " ".join(section("Install and the two commands").split())
     assert "OWNER" not in README and "git remote get-url origin" in text and "pip install /path/to/the/clone" in text
-    for maintainer in ("## How the fork is built", "What the fork tool checks", "test-upstream", "Upstream-Since"):
+    for maintainer in ("## How the fork is built", "What the fork tool checks", "test-upstream", "Applied-Upstream"):
         assert maintainer not in README, maintainer
     maintaining = (ROOT / "docs" / "maintaining.md").read_text(encoding="utf-8")
     assert "## How the fork is built: a patch series" in maintaining and "### What the fork tool checks" in maintaining

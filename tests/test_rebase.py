@@ -572,7 +572,7 @@ def test_a_replaced_text_upstream_has_on_the_old_release_is_kept_for_the_release
     the old one as the 1.0.0 variant it is (not as 1.8.0's, which it never served), so the way back is identical."""
     upstream_since(env, "0001-ours-in-a.patch", "1.8.0")
     variant = add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
-    variant.write_text(variant.read_text().replace("\nApplies-To:", "\nUpstream-Since: 1.8.0\nApplies-To:", 1))
+    variant.write_text(variant.read_text().replace("\nApplies-To:", "\nApplied-Upstream: 1.8.0\nApplies-To:", 1))
     tree.write_patches_doc(env["root"])
     git(env["root"], "commit", "-qam", "the variant says so too")
     assert tree.verify(env["root"]) == []
@@ -660,12 +660,13 @@ def test_refresh_warns_that_variants_need_the_same_change(env):
                for m in said)
 
 
-# ---------------------------------------------------------------- Upstream-Since: patches upstream has
-def upstream_since(env, name, version, doc=True):
-    """Declare in ``name``'s header that upstream has its change from ``version`` on; commit."""
+# ---------------------------------------------------------------- Applied-Upstream: patches upstream has
+def upstream_since(env, name, version, doc=True, field="Applied-Upstream"):
+    """Declare in ``name``'s header (DEP-3's ``Applied-Upstream``, or ``field``) that upstream has its change
+    from ``version`` on; commit."""
     path = env["root"] / "patches" / name
-    text = re.sub(r"\nUpstream-Since: .*", "", path.read_text(), count=1)
-    path.write_text(text.replace("\nApplies-To:", f"\nUpstream-Since: {version}\nApplies-To:", 1))
+    text = re.sub(r"\n(Applied-Upstream|Upstream-Since): .*", "", path.read_text(), count=1)
+    path.write_text(text.replace("\nApplies-To:", f"\n{field}: {version}\nApplies-To:", 1))
     if doc:
         tree.write_patches_doc(env["root"])
     git(env["root"], "add", "-A")
@@ -678,14 +679,14 @@ def test_a_patch_upstream_has_is_skipped_from_that_release_on_and_applied_before
     assert expected_rows(capsys.readouterr().out)["1.7.0"][0] == "empty"
     upstream_since(env, "0002-late-line.patch", "1.7.0")
     assert tree.verify(env["root"]) == []  # on 1.0.0 it is applied as before
-    assert "Upstream since: 1.7.0" in (env["root"] / "PATCHES.md").read_text()
+    assert "Applied upstream: 1.7.0" in (env["root"] / "PATCHES.md").read_text()
     assert rebase(env, "--check", "1.1.0", "1.7.0", "--no-import") == 0
     rows = expected_rows(capsys.readouterr().out)
     assert rows["1.1.0"][:2] == ["offsets", "offsets: 0001 x1, 0002 x1"]  # before the release: applied
     assert rows["1.7.0"][:2] == ["clean", "0002 upstream since 1.7.0"]  # from it on: skipped
 
 
-def test_round_trip_past_upstream_since_is_byte_identical(env, capsys):
+def test_round_trip_past_applied_upstream_is_byte_identical(env, capsys):
     patch = upstream_since(env, "0002-late-line.patch", "1.7.0")
     text, before = patch.read_bytes(), snapshot(env["root"])
     repo = ["--upstream-repo", str(env["upstream"])]
@@ -707,15 +708,32 @@ def test_round_trip_past_upstream_since_is_byte_identical(env, capsys):
     assert snapshot(env["root"]) == before  # series, patches, PATCHES.md, pin and laid-down tree
 
 
-def test_verify_checks_upstream_since(env):
+def test_verify_checks_applied_upstream(env):
     upstream_since(env, "0002-late-line.patch", "1.7.0")
     add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
     assert tree.verify(env["root"]) == []
     upstream_since(env, "0001-ours-in-a.patch", "2.0")  # the main patch says so, its variant does not
     problems = tree.verify(env["root"])
-    assert any("0001-ours-in-a/1.3.0.patch: Upstream-Since (none) but 0001-ours-in-a.patch says 2.0" in p
+    assert any("0001-ours-in-a/1.3.0.patch: Applied-Upstream (none) but 0001-ours-in-a.patch says 2.0" in p
                for p in problems)
     upstream_since(env, "0002-late-line.patch", "soon", doc=False)
+    assert any("Applied-Upstream: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
+
+
+def test_the_old_field_name_upstream_since_is_still_read(env, capsys):
+    """A patch file written before the series took DEP-3's name says ``Upstream-Since``: the same meaning, and
+    it agrees with a variant that says ``Applied-Upstream``."""
+    upstream_since(env, "0002-late-line.patch", "1.7.0", field="Upstream-Since")
+    assert tree.verify(env["root"]) == []
+    assert "Applied upstream: 1.7.0" in (env["root"] / "PATCHES.md").read_text()
+    assert rebase(env, "--check", "1.7.0", "--no-import") == 0
+    assert expected_rows(capsys.readouterr().out)["1.7.0"][:2] == ["clean", "0002 upstream since 1.7.0"]
+    upstream_since(env, "0001-ours-in-a.patch", "2.0", field="Upstream-Since")
+    variant = add_variant(env, "0001-ours-in-a.patch", "1.3.0", "1.3.0", RESOLVED_1_3)
+    variant.write_text(variant.read_text().replace("\nApplies-To:", "\nApplied-Upstream: 2.0\nApplies-To:", 1))
+    tree.write_patches_doc(env["root"])
+    assert tree.verify(env["root"]) == []
+    upstream_since(env, "0002-late-line.patch", "soon", doc=False, field="Upstream-Since")
     assert any("Upstream-Since: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
 
 

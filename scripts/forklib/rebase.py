@@ -14,8 +14,9 @@ there; ``--abort`` throws the attempt away (and restores the old tree if a rebas
 
 A patch with a variant for the target release (patches/variants/<patch>/<release>.patch, chosen by
 its Applies-To; see variants.py) is applied from that variant instead. A patch whose header says
-``Upstream-Since: X`` is not applied on X or later ("upstream since X"): it stays in the series, byte for
-byte, for the releases before X, where a rebase back applies it again.
+``Applied-Upstream: X`` (DEP-3; ``Upstream-Since: X`` in older files) is not applied on X or later
+("upstream since X"): it stays in the series, byte for byte, for the releases before X, where a rebase
+back applies it again.
 
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
 against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
@@ -881,7 +882,7 @@ def kept_label(root: Path, name: str, patch, text: str, old: str) -> str:
     """The release a replaced main text is kept for: the name it had as a variant where this project's history
     holds it, byte for byte, under patches/variants/ (a variant the rebase there promoted to the main text,
     named after a release other than the one rebased to: 0.42.1.patch serving 0.40.0..0.42.1); else ``old``,
-    which it served; but a text upstream has the change of on ``old`` (Upstream-Since) did not serve it: the
+    which it served; but a text upstream has the change of on ``old`` (Applied-Upstream) did not serve it: the
     last release its Applies-To names before that."""
     label = history_label(root, name, text)
     if label and covers(patch.field("Applies-To"), label):

@@ -523,7 +523,7 @@ def series_count(root: Path, pin: dict) -> str:
 
 
 def since_problems(root: Path, name: str, patch) -> list:
-    """Upstream-Since must be a release, the same in the patch and each of its variants (a variant that
+    """Applied-Upstream must be a release, the same in the patch and each of its variants (a variant that
     becomes the main patch on a rebase carries it on)."""
     mine = variants.since(patch)
     out = []
@@ -562,8 +562,10 @@ def patches_doc(root: Path) -> str:
                 f"- Applies to upstream: {patch.field('Applies-To') or '?'}",
                 f"- Upstream status: {patch.field('Forwarded') or '?'}",
                 f"- Touches ({changed} changed lines): {', '.join(files)}"]
+        if patch.field("Bug"):
+            out.append(f"- Bug: {patch.field('Bug')}")
         if variants.since(patch):
-            out.append(f"- Upstream since: {variants.since(patch)} (not applied on that release and later; "
+            out.append(f"- Applied upstream: {variants.since(patch)} (not applied on that release and later; "
                        "kept in the series for the older ones)")
         out += [f"- Variant for {v['applies']}: `patches/{v['rel']}`" for v in found.get(name, [])]
         out.append("")

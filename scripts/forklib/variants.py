@@ -122,20 +122,23 @@ def problems(root: Path, names: list) -> list:
     return out
 
 
-# ---------------------------------------------------------------- patches upstream has since a release
-SINCE = "Upstream-Since"
+# ---------------------------------------------------------------- patches upstream has applied itself
+SINCE = "Applied-Upstream"  # DEP-3: the first upstream release that has the patch's change
+OLD_SINCE = "Upstream-Since"  # the name this series used before DEP-3's; still read in old files
 
 
 def since(patch) -> str | None:
-    """The release from which upstream has the patch's change (its ``Upstream-Since`` field), or None."""
-    value = patch.field(SINCE)
+    """The release from which upstream has the patch's change (its DEP-3 ``Applied-Upstream`` field, or
+    ``Upstream-Since`` in a file written before the series used DEP-3's name), or None."""
+    name = SINCE if patch.field(SINCE) is not None else OLD_SINCE
+    value = patch.field(name)
     if value and (".." in value or not _ITEM.match(value)):
-        raise ForkError(f"{SINCE}: {value!r} is not a release version (e.g. 0.7.0)")
+        raise ForkError(f"{name}: {value!r} is not a release version (e.g. 0.7.0)")
     return value.lstrip("v") if value else None
 
 
 def skipped(patch, version: str) -> str | None:
-    """``Upstream-Since`` where it says ``version`` needs the patch no more (version >= it), else None.
+    """``Applied-Upstream`` where it says ``version`` needs the patch no more (version >= it), else None.
     Such a patch stays in patches/series for older releases, but on ``version`` it is not applied."""
     s = since(patch)
     return s if s and vkey(version) >= vkey(s) else None
