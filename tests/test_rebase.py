@@ -811,8 +811,11 @@ def cli(env, *args, kill_at=None, kill_unlink=None, popen=False):
         cmd = [PY, str(root / "scripts" / "killer.py"), *cmd[1:]]
         run_env.update(KILL_MARK=kill_at or "", KILL_UNLINK=str(kill_unlink or 0))
     if popen:
+        # SIGINT as a terminal gives it: a runner started in the background by a shell without job control
+        # (CI scripts, `(cmd &)`) passes it on ignored, and Python then never raises KeyboardInterrupt
         return subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, env=run_env, capture_output=True, text=True)
 
 
@@ -1178,12 +1181,12 @@ def test_the_test_run_is_announced_with_its_expected_length(env, tmp_path):
 def test_ctrl_c_during_the_tests_gives_one_line_and_continue_finishes(env, tmp_path):
     root, started = env["root"], tmp_path / "tests-started"
     cli(env, "verify")
-    cmd = f"{PY} -c \"import pathlib, time; pathlib.Path('{started}').touch(); time.sleep(60)\""
+    cmd = f"{PY} -c \"import pathlib, time; pathlib.Path('{started}').touch(); time.sleep(600)\""
     first = cli(env, "rebase", "1.1.0", "--test-cmd", cmd, popen=True)
     try:
         wait_for(started.exists, "the tests to start")
         os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C sends: the terminal's foreground process group
-        out, err = first.communicate(timeout=30)
+        out, err = first.communicate(timeout=60)  # the test command sleeps 600 s: Ctrl-C must stop it
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
