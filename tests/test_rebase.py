@@ -38,6 +38,14 @@ def a_py(edits=None, prepend=0):
     return "".join([f"# upstream header line {k}\n" for k in range(prepend)] + lines)
 
 
+def d_py(edits=None, prepend=0):
+    lines = [f"y{i} = {i}\n" for i in range(1, 21)]
+    for n, text in (edits or {}).items():
+        lines[n - 1] = text
+    return "".join([f"# upstream header line {k}\n" for k in range(prepend)] + lines)
+
+
+D_EDITS = {n: f"y{n} = {n}  # upstream edit\n" for n in (8, 9, 11, 12)}
 B_PY = "def g():\n    return 1\n\n\ndef h():\n    return 2\n"
 INIT = "VERSION = 'fake'\n"
 RELEASES = {
@@ -51,6 +59,10 @@ RELEASES = {
     "1.7.0": {"a.py": a_py({25: "x25 = -25\n"})},                      # upstream has 0002's change
     "1.8.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"}, prepend=2)},  # 1.3.0's edit, moved down
     "1.9.0": {"a.py": a_py({10: "x10 = 10  # upstream edit\n"}, prepend=1)},  # and by one line only
+    "2.0.0": {"a.py": a_py(), "d.py": d_py()},                          # d.py new (0003 Applies-From 2.0.0)
+    "2.1.0": {"a.py": a_py(), "d.py": d_py(prepend=2)},                # its context moved down
+    "2.2.0": {"a.py": a_py(), "d.py": d_py(D_EDITS)},                   # its context edited: 0003's main text
+    "2.3.0": {"a.py": a_py(), "d.py": d_py(D_EDITS, prepend=3)},       # and moved down
 }
 
 
@@ -325,7 +337,7 @@ def test_bad_input_gets_a_clear_error(env, capsys, argv, message):
 
 # ---------------------------------------------------------------- --check
 def expected_rows(out):
-    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if ln.startswith("| 1.")]
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if re.match(r"\| \d+\.", ln)]
     return {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
 
 
@@ -335,7 +347,7 @@ def test_check_table(env, capsys, source):
     extra = ["--upstream-repo", str(env["upstream"])] if source == "git" else []
     assert rebase(env, "--check", "1.0.0..1.6.0", *extra) == 1  # 1.3.0 and 1.5.0 conflict
     rows = expected_rows(capsys.readouterr().out)
-    checked = [v for v in RELEASES if v not in ("1.7.0", "1.8.0", "1.9.0")]
+    checked = [v for v in RELEASES if v < "1.7.0"]
     assert [rows[v][0] for v in checked] == ["clean", "offsets", "three-way", "conflict", "clean", "conflict", "clean"]
     assert rows["1.6.0"][1] == "0001 (upstream moved b.py -> sub/b.py)"
     assert rows["1.5.0"][1] == "0001-ours-in-a.patch: b.py (gone upstream)"
@@ -718,6 +730,86 @@ def test_verify_checks_applied_upstream(env):
                for p in problems)
     upstream_since(env, "0002-late-line.patch", "soon", doc=False)
     assert any("Applied-Upstream: 'soon' is not a release version" in p for p in tree.verify(env["root"]))
+
+
+# ---------------------------------------------------------------- Applies-From: code that came in later
+D_PATCHED = "from .flash.ours import f; y10 = f(10)\n"
+
+
+def add_applies_from(env):
+    """0003-new-code.patch changes d.py, which upstream added in 2.0.0 (``Applies-From: 2.0.0``): the main text
+    written for 2.2.0 (serving 2.2.0..2.3.0, the newest releases), a variant written for 2.0.0 (2.0.0..2.1.0)."""
+    from forklib import patchfile
+
+    def text(label, applies, before):
+        after = "".join(D_PATCHED if ln == "y10 = 10\n" else ln for ln in before.splitlines(True))
+        header = (f"Description: ours in d, written for {label}\nOrigin: test\nApplies-From: 2.0.0\n"
+                  f"Applies-To: {applies}\n")
+        return patchfile.render(header, [patchfile.diff_file("src/diffusers/d.py", before, after)])
+
+    root = env["root"]
+    (root / "patches" / "0003-new-code.patch").write_text(text("2.2.0", "2.2.0..2.3.0", d_py(D_EDITS)))
+    tree.write(root / "patches" / "variants" / "0003-new-code", "2.0.0.patch", text("2.0.0", "2.0.0..2.1.0", d_py()))
+    (root / "patches" / "series").write_text((root / "patches" / "series").read_text() + "0003-new-code.patch\n")
+    tree.write_patches_doc(root)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "0003 from 2.0.0")
+
+
+def test_a_patch_applies_from_the_release_that_has_its_code(env, capsys):
+    add_applies_from(env)
+    assert tree.verify(env["root"]) == []  # not applied on the pin (no d.py there), and nothing is missing
+    assert "3 patches, 2 applied (0003 from 2.0.0)" in tree.status_line(env["root"])
+    assert "Applies from: 2.0.0" in (env["root"] / "PATCHES.md").read_text()
+    assert rebase(env, "--check", "1.1.0", "2.0.0", "2.1.0", "2.2.0", "2.3.0", "--no-import") == 0
+    rows = expected_rows(capsys.readouterr().out)
+    assert rows["1.1.0"][1].startswith("0003 from 2.0.0")
+    assert "0003 variant 2.0.0" in rows["2.0.0"][1] and "0003 variant 2.0.0" in rows["2.1.0"][1]
+    assert "0003" not in rows["2.2.0"][1] and "0003 x1" in rows["2.3.0"][1]  # the main text; offsets
+    assert rebase(env, "2.1.0", "--no-tests") == 0
+    assert laid(env, "d.py") == d_py({10: D_PATCHED}, prepend=2)
+
+
+@pytest.mark.parametrize("trip", [("2.0.0", "1.0.0"), ("2.1.0", "1.0.0"), ("2.2.0", "1.0.0"), ("2.3.0", "1.0.0"),
+                                  ("2.0.0", "2.3.0", "1.0.0"), ("2.3.0", "2.1.0", "1.1.0", "1.0.0")])
+def test_round_trip_through_releases_a_patch_applies_from_is_byte_identical(env, capsys, trip):
+    """On the way out the text serving the release becomes the main one; on the way back to a release older
+    than Applies-From the text for the newest release the patch serves is the main one again, and nothing is
+    left behind that a rebase from the pin would make again."""
+    add_applies_from(env)
+    before = snapshot(env["root"])
+    repo = ["--upstream-repo", str(env["upstream"])]
+    for target in trip:
+        assert rebase(env, target, "--no-tests", *repo) == 0, capsys.readouterr()
+        assert tree.verify(env["root"]) == []
+        if target.startswith("2."):
+            assert "y10 = f(10)" in laid(env, "d.py")
+        git(env["root"], "add", "-A")
+        git(env["root"], "commit", "-qm", f"on {target}")
+    after = snapshot(env["root"])
+    assert [k for k in set(before) | set(after) if before.get(k) != after.get(k)] == []
+
+
+def test_the_newest_text_of_a_patch_is_chosen_by_the_last_release_it_serves():
+    from forklib import variants
+
+    body = "\n--- a/src/diffusers/d.py\n+++ b/src/diffusers/d.py\n@@ -1 +1 @@\n-y1 = 1\n+y1 = 2\n"
+    main = "Description: d\nApplies-To: 2.2.0\n" + body
+    found = [{"applies": "2.0.0..2.1.0", "rel": "v/2.0.0.patch"}, {"applies": "2.2.0..2.3.0", "rel": "v/2.3.0.patch"}]
+    assert variants.newest(found, main)["rel"] == "v/2.3.0.patch"
+    assert variants.newest(found[:1], main) is None  # the main text serves a newer release
+    assert variants.newest(found, "Description: d\nApplies-To: 2.0.0, 2.4.0\n" + body) is None
+    assert variants.newest(found, main.replace("2.2.0", "2.3.0"))["rel"] == "v/2.3.0.patch"  # a tie: the variant
+
+
+def test_verify_checks_applies_from(env):
+    add_applies_from(env)
+    variant = env["root"] / "patches" / "variants" / "0003-new-code" / "2.0.0.patch"
+    variant.write_text(variant.read_text().replace("Applies-From: 2.0.0", "Applies-From: 1.9.0"))
+    assert any("2.0.0.patch: Applies-From 1.9.0 but 0003-new-code.patch says 2.0.0" in p
+               for p in tree.verify(env["root"]))
+    variant.write_text(variant.read_text().replace("Applies-From: 1.9.0", "Applies-From: later"))
+    assert any("Applies-From: 'later' is not a release version" in p for p in tree.verify(env["root"]))
 
 
 def test_the_old_field_name_upstream_since_is_still_read(env, capsys):

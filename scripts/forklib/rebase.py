@@ -16,7 +16,9 @@ A patch with a variant for the target release (patches/variants/<patch>/<release
 its Applies-To; see variants.py) is applied from that variant instead. A patch whose header says
 ``Applied-Upstream: X`` (DEP-3; ``Upstream-Since: X`` in older files) is not applied on X or later
 ("upstream since X"): it stays in the series, byte for byte, for the releases before X, where a rebase
-back applies it again.
+back applies it again. A patch whose header says ``Applies-From: X`` changes code upstream added in X: it is
+not applied on releases before X ("from X"); on those its main text is its text for the newest release it
+serves (a rebase back there restores it), and from X on its variants serve as for any patch.
 
 When every patch applies, the new tree is laid down, the patches are rewritten with zero fuzz
 against the new release (Applies-To and Last-Update updated), each replaced text the rebase back could
@@ -290,9 +292,9 @@ def replay(patches, old_states, new_before, start, old_version, new_version, kee
         name, patch = patches[k]
         labels = (f"{old_version} + {name}", f"{old_version}", f"{new_version}")
         since = variants.skipped(patch, new_version)
-        if since:  # upstream has it from new_version on: not applied, its text kept as it is
+        if since:  # upstream has it from new_version on, or the code it changes is not there yet: not applied
             results.append({"name": name, "hunks": [], "conflicts": [], "moved": {}, "status": "upstream",
-                            "since": since})
+                            "since": since, "not_yet": bool(variants.not_yet(patch, new_version))})
             continue
         v = variants.choose((found_variants or {}).get(name, []), new_version)
         if v:
@@ -590,6 +592,9 @@ def proceed(root, st, start, new_before, texts, patches, old_states, options: di
 
 
 def print_result(res: dict) -> None:
+    if res.get("not_yet"):
+        print(f"  {res['name']:<34} from {res['since']}: not applied (the code it changes is not in this release)")
+        return
     if res.get("since"):
         print(f"  {res['name']:<34} upstream since {res['since']}: not applied (kept in the series for older releases)")
         return
@@ -849,6 +854,12 @@ def write_patches(root: Path, st: dict, texts: dict) -> None:
     out, promoted = {}, set()
     for res in st["results"]:
         name, used = res["name"], res.get("variant")
+        if res.get("not_yet"):  # the code it changes is not in the new release: its text for the newest
+            newest = variants.newest(found.get(name, []), mains[name])  # release it serves becomes the main one
+            out[name] = newest["text"] if newest else mains[name]
+            if newest:
+                promoted.add(newest["rel"])
+            continue
         if res.get("since"):  # not applied on the new release: kept byte for byte for the older ones
             out[name] = mains[name]
             continue
@@ -890,6 +901,11 @@ def kept_label(root: Path, name: str, patch, text: str, old: str) -> str:
     since = variants.skipped(patch, old)
     if not since:
         return old
+    if variants.not_yet(patch, old):  # it did not serve old (too early for it): the newest release it serves
+        try:
+            return ".".join(map(str, max(hi for _, hi in variants.parse_applies(patch.field("Applies-To")))))
+        except (ForkError, ValueError):
+            return old
     try:
         served = [hi for _, hi in variants.parse_applies(patch.field("Applies-To")) if hi < vkey(since)]
     except ForkError:
@@ -955,6 +971,13 @@ def reproducible(root: Path, st: dict, names: list, out: dict, mains: dict, left
             text = None if res["conflicts"] else tree.patch_text(v["patch"].header, old_states[k], after,
                                                                  changed(old_states[k], after))
             if text is not None and new_text(text, v["text"], old, False) == mains[name]:
+                same.add(name)
+            continue
+        if variants.skipped(patch, new):  # not applied on the new release: the rebase back applies it as written
+            after, res = rebase_patch(name, patch, None, None, old_states[k], labels)
+            text = None if res["conflicts"] else tree.patch_text(patch.header, old_states[k], after,
+                                                                 changed(old_states[k], after))
+            if text is not None and new_text(text, out[name], old, False) == mains[name]:
                 same.add(name)
             continue
         after, res = rebase_patch(name, patch, new_states[k], new_states[k + 1], old_states[k], labels)
@@ -1144,7 +1167,7 @@ def check_one(root, version, repo, patches, old_states, pin, args) -> dict:
 
 def later(res: dict) -> str:
     if res.get("since"):
-        return f"{res['name'][:4]} upstream since {res['since']}"
+        return skip_note(res)
     n = len(res["conflicts"])
     return f"{res['name'][:4]} {res['status']}" + (f" ({n} file{'s' * (n > 1)})" if n else "")
 
@@ -1161,9 +1184,14 @@ def check_detail(results: list) -> str:
                if any(h["how"] == "offset" for h in r["hunks"])]
     moved = [f"{r['name'][:4]}{moves(r)}" for r in results if r.get("moved")]
     used = [f"{r['name'][:4]} {label(r)}" for r in results if r.get("variant")]
-    gone = [f"{r['name'][:4]} upstream since {r['since']}" for r in results if r.get("since")]
+    gone = [skip_note(r) for r in results if r.get("since")]
     return "; ".join(gone + (["variants: " + ", ".join(used)] if used else []) + parts
                      + (["offsets: " + ", ".join(offsets)] if offsets else []) + moved) or "-"
+
+
+def skip_note(res: dict) -> str:
+    """'0008 upstream since 0.7.0', or '0012 from 0.17.0' for a patch whose code is not in the release yet."""
+    return f"{res['name'][:4]} {'from' if res.get('not_yet') else 'upstream since'} {res['since']}"
 
 
 def label(res: dict) -> str:

@@ -513,7 +513,8 @@ def series_count(root: Path, pin: dict) -> str:
     """'8 patches', or '8 patches, 7 applied (0008 upstream since 0.7.0)' where upstream has some."""
     try:
         patches = load_patches(root)
-        out = [f"{n[:4]} upstream since {variants.since(p)}" for n, p in patches if variants.skipped(p, pin["version"])]
+        out = [f"{n[:4]} from {variants.not_yet(p, pin['version'])}" if variants.not_yet(p, pin["version"]) else
+               f"{n[:4]} upstream since {variants.since(p)}" for n, p in patches if variants.skipped(p, pin["version"])]
     except (ForkError, patchfile.PatchError):  # a missing or broken patch, or a bad series: verify names it
         try:
             return f"{len(series(root))} patches"
@@ -525,17 +526,22 @@ def series_count(root: Path, pin: dict) -> str:
 def since_problems(root: Path, name: str, patch) -> list:
     """Applied-Upstream must be a release, the same in the patch and each of its variants (a variant that
     becomes the main patch on a rebase carries it on)."""
-    mine = variants.since(patch)
     out = []
-    for v in variants.load(root, [name]).get(name, []):
+    for field, read in ((variants.SINCE, variants.since), (variants.FROM, variants.applies_from)):
         try:
-            theirs = variants.since(v["patch"])
+            mine = read(patch)
         except ForkError as e:
-            out.append(f"patches/{v['rel']}: {e}")
+            out.append(f"patches/{name}: {e}")
             continue
-        if theirs != mine:
-            out.append(f"patches/{v['rel']}: {variants.SINCE} {theirs or '(none)'} but {name} says {mine or '(none)'}; "
-                       "a patch and its variants must agree")
+        for v in variants.load(root, [name]).get(name, []):
+            try:
+                theirs = read(v["patch"])
+            except ForkError as e:
+                out.append(f"patches/{v['rel']}: {e}")
+                continue
+            if theirs != mine:
+                out.append(f"patches/{v['rel']}: {field} {theirs or '(none)'} but {name} says {mine or '(none)'}; "
+                           "a patch and its variants must agree")
     return out
 
 
@@ -564,6 +570,9 @@ def patches_doc(root: Path) -> str:
                 f"- Touches ({changed} changed lines): {', '.join(files)}"]
         if patch.field("Bug"):
             out.append(f"- Bug: {patch.field('Bug')}")
+        if variants.applies_from(patch):
+            out.append(f"- Applies from: {variants.applies_from(patch)} (the code it changes came in then; not "
+                       "applied on older releases)")
         if variants.since(patch):
             out.append(f"- Applied upstream: {variants.since(patch)} (not applied on that release and later; "
                        "kept in the series for the older ones)")

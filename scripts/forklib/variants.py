@@ -86,6 +86,22 @@ def choose(variants: list, version: str) -> dict | None:
     return hits[0] if hits else None
 
 
+def newest(found: list, main: str) -> dict | None:
+    """The variant serving the newest release, where it serves one as new as the main text ``main`` or newer (by the
+    last release of each Applies-To), else None. At a release older than a patch's ``Applies-From`` the patch is
+    not applied, and its main text is, by this rule, its text for the newest release it serves: so a rebase
+    there and back restores the series byte for byte whichever release's text was the main one in between."""
+    def last(applies: str | None) -> tuple:
+        try:
+            return max((hi for _, hi in parse_applies(applies)), default=())
+        except ForkError:
+            return ()
+    mine = last(patchfile.parse(main, "main").field("Applies-To"))
+    best = max(found, key=lambda v: last(v["applies"]), default=None)
+    return best if best is not None and last(best["applies"]) >= mine else None  # a tie: the variant (the main
+    # text was then written by a rebase to that release, from this variant)
+
+
 def problems(root: Path, names: list) -> list:
     """What verify reports about patches/variants/: unknown patches, stray files, variants without a
     Description or whose Applies-To is malformed or leaves out the release they are named after. (Two
@@ -137,11 +153,32 @@ def since(patch) -> str | None:
     return value.lstrip("v") if value else None
 
 
+FROM = "Applies-From"  # the first upstream release that has the code the patch changes (older ones lack it)
+
+
+def applies_from(patch) -> str | None:
+    """The release from which the patch has something to change (its ``Applies-From`` field), or None: the
+    code it fixes came in then (a scheduler added in 0.17, say), so the releases before need nothing."""
+    value = patch.field(FROM)
+    if value and (".." in value or not _ITEM.match(value)):
+        raise ForkError(f"{FROM}: {value!r} is not a release version (e.g. 0.17.0)")
+    return value.lstrip("v") if value else None
+
+
+def not_yet(patch, version: str) -> str | None:
+    """``Applies-From`` where ``version`` is older than it (the code the patch changes is not there yet)."""
+    f = applies_from(patch)
+    return f if f and vkey(version) < vkey(f) else None
+
+
 def skipped(patch, version: str) -> str | None:
-    """``Applied-Upstream`` where it says ``version`` needs the patch no more (version >= it), else None.
-    Such a patch stays in patches/series for older releases, but on ``version`` it is not applied."""
+    """Why the patch is not applied on ``version``, as a release: its ``Applied-Upstream`` where upstream has
+    the change (version >= it), or its ``Applies-From`` where the code it changes is not there yet (version
+    older than it); else None. Such a patch stays in patches/series for the releases it serves."""
     s = since(patch)
-    return s if s and vkey(version) >= vkey(s) else None
+    if s and vkey(version) >= vkey(s):
+        return s
+    return not_yet(patch, version)
 
 
 def active(patches: list, version: str) -> list:
