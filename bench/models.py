@@ -120,6 +120,16 @@ class Timers:
             fn()
 
 
+ROW_BACKEND = {"math": "math", "eager": None, "graphs": None, "fast": None}  # the fork's rows; None: auto
+
+
+def set_row_backend(row: str) -> None:
+    """The fork's attention backend for ``row`` (``math`` for the reference row, ``auto`` for the others)."""
+    from diffusers.flash.attention.dispatch import set_attention_backend
+
+    set_attention_backend(ROW_BACKEND[row])
+
+
 def apply_best(pipe: Any, mode: str) -> list[str]:
     """Upstream's own speed recipe on ``pipe``; returns what was applied."""
     import torch._inductor.config as config
@@ -221,14 +231,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.images, exist_ok=True)
     for row in args.rows:
         applied: Any = None
-        if row == "math":
-            from diffusers.flash.attention.dispatch import set_attention_backend
-
-            set_attention_backend("math")
-        elif row in ("graphs", "fast"):
-            from diffusers.flash.attention.dispatch import set_attention_backend
-
-            set_attention_backend(None)
+        if fork:  # every row names its backend: an eager row after the math row is auto's, not math's
+            set_row_backend(row)
+        if row in ("graphs", "fast"):
             applied = pipe.enable_fast_path(compile=row == "fast")
         elif row == "best":
             applied = apply_best(pipe, args.best_mode)

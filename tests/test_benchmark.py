@@ -410,3 +410,20 @@ def test_the_peer_at_its_best_follows_upstreams_recipe_and_runs_last(monkeypatch
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert "channels-last UNet" in done and "channels-last VAE" in done
+
+
+def test_bench_models_rows_each_name_their_backend(monkeypatch):
+    """``bench models``' fork rows run in one process one after another: the eager row after the math row is
+    timed on ``auto``, not on the math backend the row before set (an eager row equal to math, pixel for
+    pixel and in time, was this mistake: H100, Flux and SD3, 2026-12-07)."""
+    from bench import models
+
+    from diffusers.flash.attention import dispatch
+
+    monkeypatch.delenv("DIFFUSERS_ATTENTION_BACKEND", raising=False)
+    try:
+        for row, expected in (("math", "math"), ("eager", dispatch.AUTO), ("math", "math"), ("fast", dispatch.AUTO)):
+            models.set_row_backend(row)
+            assert dispatch.backend_for(None) == expected, row
+    finally:
+        dispatch.set_attention_backend(None)

@@ -309,3 +309,45 @@ def test_serve_hands_upstreams_calls_to_our_dispatcher_on_any_release(fake_upstr
     monkeypatch.setenv(upstream_choice.UPSTREAM_ENV, "native")
     assert serve() is None and serve(upstream_dispatch.Pinned("math")) is None  # named upstream's way: it wins
     assert seen == ["auto", "math", "sdpa", "sdpa-cudnn"] and calls == []
+
+
+def _sd3():
+    import diffusers
+
+    if not hasattr(diffusers, "SD3Transformer2DModel"):
+        pytest.skip("this release has no SD3 transformer (it came in 0.29)")
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                           caption_projection_dim=16, pooled_projection_dim=16, out_channels=4).eval()
+
+
+def _run_sd3(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model(hidden_states=torch.randn(1, 4, 8, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                     pooled_projections=torch.randn(1, 16), timestep=torch.tensor([1])).sample
+
+
+def test_sd3s_joint_attention_goes_through_our_dispatcher(spy, monkeypatch):
+    """SD3's processor (JointAttnProcessor2_0) calls F.scaled_dot_product_attention itself, not upstream's
+    dispatch_attention_fn: every one of its calls reaches our dispatcher too, and ``math`` named globally serves
+    them (H100, 2026-12-07: SD3 at 1024x1024 ran torch's own SDPA under the fork's ``math``, so its reference
+    row was not ours)."""
+    model = _sd3()
+    calls = []
+    for m in model.modules():
+        if type(getattr(m, "processor", None)).__name__ == "JointAttnProcessor2_0":
+            m.register_forward_hook(lambda *_: calls.append(1))
+    assert calls == [] and any(type(getattr(m, "processor", None)).__name__ == "JointAttnProcessor2_0"
+                               for m in model.modules()), "no joint attention processor: the model changed shape"
+    seen = []
+    real = dispatch.attention
+    monkeypatch.setattr(dispatch, "attention", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("backend"))
+                        or real(*a, **k))
+    plain = _run_sd3(model)
+    assert calls and len(seen) == len(calls) and set(seen) == {"auto"}, (len(calls), seen)
+    seen.clear()
+    with dispatch.attention_backend("math"):
+        torch.testing.assert_close(_run_sd3(model), plain, atol=1e-5, rtol=1e-4)
+    assert seen and set(seen) == {"math"}, seen

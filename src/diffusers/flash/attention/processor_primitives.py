@@ -28,6 +28,8 @@ runs as upstream runs it (:mod:`upstream_choice`).
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +80,25 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
         return upstream_choice.upstream_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return sdpa_on(dispatch.backend_for(module), query, key, value, attn_mask, dropout_p, is_causal, scale,
                    enable_gqa, upcast)
+
+
+_FUNCTIONAL: types.ModuleType | None = None
+
+
+def functional(torch_functional: types.ModuleType = F) -> types.ModuleType:
+    """``torch.nn.functional`` whose ``scaled_dot_product_attention`` is :func:`sdpa`, for a module of upstream
+    that calls ``F.scaled_dot_product_attention`` in many places (0.39+'s attention_processor.py: SD3's
+    JointAttnProcessor2_0 and 30-odd others): one line there (``F = functional(F)``) sends every such call
+    through our dispatcher. A module object (every other name is torch's own function), made once, so that
+    torch.compile reads it as it reads ``torch.nn.functional``."""
+    global _FUNCTIONAL
+    if _FUNCTIONAL is None:
+        proxy = types.ModuleType("diffusers.flash.attention.functional",
+                                 "torch.nn.functional, with scaled_dot_product_attention through our dispatcher")
+        proxy.__dict__.update({k: v for k, v in vars(torch_functional).items() if not k.startswith("__")})
+        proxy.scaled_dot_product_attention = sdpa
+        _FUNCTIONAL = proxy
+    return _FUNCTIONAL
 
 
 def sdpa_on(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
