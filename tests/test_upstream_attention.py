@@ -351,3 +351,31 @@ def test_sd3s_joint_attention_goes_through_our_dispatcher(spy, monkeypatch):
     with dispatch.attention_backend("math"):
         torch.testing.assert_close(_run_sd3(model), plain, atol=1e-5, rtol=1e-4)
     assert seen and set(seen) == {"math"}, seen
+
+
+@pytest.fixture
+def log(caplog):
+    """diffusers' log lines (its logger does not propagate to pytest's handler by default)."""
+    import logging
+
+    root = logging.getLogger("diffusers")
+    before, root.propagate = root.propagate, True
+    try:
+        with caplog.at_level("WARNING", logger="diffusers"):
+            yield caplog
+    finally:
+        root.propagate = before
+
+
+def test_a_pin_that_cannot_reach_sd3s_joint_attention_says_so(log):
+    """A model's pin reaches the calls made with the attention module at hand; SD3's joint attention calls
+    F.scaled_dot_product_attention with none, so it follows the process-wide backend: pinning says so in one
+    line, naming the processor, and pinning a UNet (every call reachable) says nothing."""
+    model = _sd3()
+    model.set_attention_backend("math")
+    said = [r.getMessage() for r in log.records if "set_attention_backend('math')" in r.getMessage()]
+    assert len(said) == 1 and "JointAttnProcessor2_0" in said[0] and "process-wide" in said[0], said
+    log.clear()
+    model.set_attention_backend("auto")  # unpinning: nothing to say
+    _unet().set_attention_backend("math")
+    assert not [r for r in log.records if "set_attention_backend" in r.getMessage()]

@@ -4,10 +4,16 @@
 """Pinning a backend on a model's or a pipeline's attention modules: :class:`AttentionBackendMixin`."""
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import sys
 
 import torch
+
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["AttentionBackendMixin", "attention_classes"]
 
@@ -72,12 +78,38 @@ class AttentionBackendMixin:
             return self
         pin = None if name in (None, AUTO) else check_name(name)
         classes = attention_classes()
+        unreached = set()
         for model in models:
             for m in model.modules():
                 if isinstance(m, classes):
                     m._attention_backend = pin
                 _pin_processor(getattr(m, "processor", None), pin)
+                if pin is not None and _calls_sdpa_itself(type(getattr(m, "processor", None))):
+                    unreached.add(type(m.processor).__name__)
+        if unreached:
+            logger.warning(
+                f"set_attention_backend({name!r}): {', '.join(sorted(unreached))} call F.scaled_dot_product_attention "
+                "themselves, with no module to read a pin from: their calls follow the process-wide backend "
+                "(diffusers.flash.set_attention_backend, $DIFFUSERS_ATTENTION_BACKEND, or "
+                "`with attention_backend(...)`), not this pin")
         return self
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_sdpa_itself(processor_class: type) -> bool:
+    """Whether a processor class of upstream's attention_processor.py calls ``F.scaled_dot_product_attention``
+    itself, where patch 0004 made that module's ``F`` ours (0.29 and later): such calls reach our dispatcher
+    with no module, so a model's pin cannot reach them (SD3's JointAttnProcessor2_0)."""
+    from diffusers.flash.attention.processor_primitives import functional
+
+    module = sys.modules.get(getattr(processor_class, "__module__", ""))
+    if module is None or getattr(module, "F", None) is not functional() or not callable(processor_class):
+        return False
+    try:
+        source = inspect.getsource(processor_class.__call__)
+    except (OSError, TypeError):
+        return False
+    return "F.scaled_dot_product_attention(" in source
 
 
 def _pin_processor(processor: object, pin: str | None) -> None:
