@@ -68,20 +68,6 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture
-def log(caplog):
-    """The fast path's log lines (diffusers' logger does not propagate to pytest's handler by default)."""
-    import logging
-
-    root = logging.getLogger("diffusers")
-    before, root.propagate = root.propagate, True
-    try:
-        with caplog.at_level("INFO", logger="diffusers"):
-            yield caplog
-    finally:
-        root.propagate = before
-
-
 def _refused(store, log, why, loaded=None):
     if loaded is None:
         loaded = store.load()

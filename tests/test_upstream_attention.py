@@ -353,20 +353,6 @@ def test_sd3s_joint_attention_goes_through_our_dispatcher(spy, monkeypatch):
     assert seen and set(seen) == {"math"}, seen
 
 
-@pytest.fixture
-def log(caplog):
-    """diffusers' log lines (its logger does not propagate to pytest's handler by default)."""
-    import logging
-
-    root = logging.getLogger("diffusers")
-    before, root.propagate = root.propagate, True
-    try:
-        with caplog.at_level("WARNING", logger="diffusers"):
-            yield caplog
-    finally:
-        root.propagate = before
-
-
 def test_a_pin_that_cannot_reach_sd3s_joint_attention_says_so(log):
     """A model's pin reaches the calls made with the attention module at hand; SD3's joint attention calls
     F.scaled_dot_product_attention with none, so it follows the process-wide backend: pinning says so in one

@@ -902,10 +902,7 @@ def kept_label(root: Path, name: str, patch, text: str, old: str) -> str:
     if not since:
         return old
     if variants.not_yet(patch, old):  # it did not serve old (too early for it): the newest release it serves
-        try:
-            return ".".join(map(str, max(hi for _, hi in variants.parse_applies(patch.field("Applies-To")))))
-        except (ForkError, ValueError):
-            return old
+        return ".".join(map(str, variants.last_served(patch.field("Applies-To")))) or old
     try:
         served = [hi for _, hi in variants.parse_applies(patch.field("Applies-To")) if hi < vkey(since)]
     except ForkError:

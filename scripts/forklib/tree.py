@@ -513,8 +513,8 @@ def series_count(root: Path, pin: dict) -> str:
     """'8 patches', or '8 patches, 7 applied (0008 upstream since 0.7.0)' where upstream has some."""
     try:
         patches = load_patches(root)
-        out = [f"{n[:4]} from {variants.not_yet(p, pin['version'])}" if variants.not_yet(p, pin["version"]) else
-               f"{n[:4]} upstream since {variants.since(p)}" for n, p in patches if variants.skipped(p, pin["version"])]
+        out = [f"{n[:4]} {'from' if variants.not_yet(p, pin['version']) else 'upstream since'} {why}"
+               for n, p in patches if (why := variants.skipped(p, pin["version"]))]
     except (ForkError, patchfile.PatchError):  # a missing or broken patch, or a bad series: verify names it
         try:
             return f"{len(series(root))} patches"

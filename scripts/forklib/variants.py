@@ -91,15 +91,18 @@ def newest(found: list, main: str) -> dict | None:
     last release of each Applies-To), else None. At a release older than a patch's ``Applies-From`` the patch is
     not applied, and its main text is, by this rule, its text for the newest release it serves: so a rebase
     there and back restores the series byte for byte whichever release's text was the main one in between."""
-    def last(applies: str | None) -> tuple:
-        try:
-            return max((hi for _, hi in parse_applies(applies)), default=())
-        except ForkError:
-            return ()
-    mine = last(patchfile.parse(main, "main").field("Applies-To"))
-    best = max(found, key=lambda v: last(v["applies"]), default=None)
-    return best if best is not None and last(best["applies"]) >= mine else None  # a tie: the variant (the main
-    # text was then written by a rebase to that release, from this variant)
+    mine = last_served(patchfile.parse(main, "main").field("Applies-To"))
+    best = max(found, key=lambda v: last_served(v["applies"]), default=None)
+    return best if best is not None and last_served(best["applies"]) >= mine else None  # a tie: the variant (the
+    # main text was then written by a rebase to that release, from this variant)
+
+
+def last_served(applies: str | None) -> tuple:
+    """The newest release an ``Applies-To`` names, as a version key; () where it names none or is malformed."""
+    try:
+        return max((hi for _, hi in parse_applies(applies)), default=())
+    except ForkError:
+        return ()
 
 
 def problems(root: Path, names: list) -> list:
@@ -146,7 +149,12 @@ OLD_SINCE = "Upstream-Since"  # the name this series used before DEP-3's; still 
 def since(patch) -> str | None:
     """The release from which upstream has the patch's change (its DEP-3 ``Applied-Upstream`` field, or
     ``Upstream-Since`` in a file written before the series used DEP-3's name), or None."""
-    name = SINCE if patch.field(SINCE) is not None else OLD_SINCE
+    return _release_field(patch, SINCE if patch.field(SINCE) is not None else OLD_SINCE)
+
+
+def _release_field(patch, name: str) -> str | None:
+    """Header field ``name`` as one release version ('0.7.0'; a leading v dropped), or None; ForkError where it
+    is something else (a range, a word)."""
     value = patch.field(name)
     if value and (".." in value or not _ITEM.match(value)):
         raise ForkError(f"{name}: {value!r} is not a release version (e.g. 0.7.0)")
@@ -159,10 +167,7 @@ FROM = "Applies-From"  # the first upstream release that has the code the patch 
 def applies_from(patch) -> str | None:
     """The release from which the patch has something to change (its ``Applies-From`` field), or None: the
     code it fixes came in then (a scheduler added in 0.17, say), so the releases before need nothing."""
-    value = patch.field(FROM)
-    if value and (".." in value or not _ITEM.match(value)):
-        raise ForkError(f"{FROM}: {value!r} is not a release version (e.g. 0.17.0)")
-    return value.lstrip("v") if value else None
+    return _release_field(patch, FROM)
 
 
 def not_yet(patch, version: str) -> str | None:
