@@ -501,7 +501,7 @@ def test_round_trip_through_a_variant_restores_everything_byte_for_byte(env, cap
     on_1_3 = snapshot(env["root"])
     assert on_1_3 != before and "patches/variants/0001-ours-in-a/1.0.0.patch" in on_1_3
     assert on_1_3["patches/variants/0001-ours-in-a/1.0.0.patch"] == before["patches/0001-ours-in-a.patch"]
-    assert b"Variant for 1.0.0: `patches/variants/0001-ours-in-a/1.0.0.patch`" in on_1_3["PATCHES.md"]
+    assert b"Variants in `patches/variants/0001-ours-in-a/`: 1.0.0\n" in on_1_3["PATCHES.md"]
     git(env["root"], "commit", "-qam", "on 1.3.0")
     git(env["root"], "add", "-A")
     git(env["root"], "commit", "-qm", "variants")

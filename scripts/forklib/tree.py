@@ -576,7 +576,9 @@ def patches_doc(root: Path) -> str:
         if variants.since(patch):
             out.append(f"- Applied upstream: {variants.since(patch)} (not applied on that release and later; "
                        "kept in the series for the older ones)")
-        out += [f"- Variant for {v['applies']}: `patches/{v['rel']}`" for v in found.get(name, [])]
+        if found.get(name):  # one line: each variant's release (its file's name), with the range it serves
+            out.append(f"- Variants in `patches/{variants.DIR}/{variants.stem(name)}/`: " + ", ".join(
+                v["label"] + ("" if v["applies"] == v["label"] else f" ({v['applies']})") for v in found[name]))
         out.append("")
     out.append(DOC_END)
     return "\n".join(out)
