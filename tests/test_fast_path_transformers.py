@@ -52,6 +52,52 @@ def test_graphed_denoiser_leaves_cpu_calls_to_the_model():
     assert seen and seen[0][1]["hidden_states"] is x and not wrapper.calls
 
 
+@pytest.mark.parametrize("kind", ["clip", "clip-projection", "t5"])
+@pytest.mark.parametrize("hidden", [None, False, True])
+def test_text_encoder_output_round_trips_through_flat_tensors(kind, hidden):
+    """What a graphed text encoder hands back is its own output class with the same fields (SDXL and SD3 read
+    ``hidden_states[-2]`` and ``text_embeds``, Flux ``pooler_output``), built from the flat tensors a graph
+    returns."""
+    tokenizer = local._tokenizer(77)
+    model = {"clip": lambda: local._clip(local.CLIP_TINY, tokenizer, False),
+             "clip-projection": lambda: local._clip(local.CLIP_TINY, tokenizer, True),
+             "t5": lambda: local._t5(local.T5_TINY)}[kind]()
+    ids = torch.randint(0, 99, (2, 77))
+    with torch.no_grad():
+        out = model(ids) if hidden is None else model(ids, output_hidden_states=hidden)
+    spec, tensors = graphs.flatten_output(out)
+    assert all(isinstance(t, torch.Tensor) for t in tensors)
+    copies = tuple(t.clone() + 1 for t in tensors)  # a graph's outputs are other tensors than the model's
+    back = graphs.unflatten_output(spec, copies)
+    assert type(back) is type(out) and list(back.keys()) == list(out.keys())
+    for key in out.keys():
+        a, b = out[key], back[key]
+        pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+        for x, y in pairs:
+            torch.testing.assert_close(y, x + 1)
+    assert (back.hidden_states is not None) == bool(hidden)
+    plain = graphs.unflatten_output(graphs.flatten_output(tuple(out.values()))[0], tensors)
+    assert type(plain) is tuple and len(plain) == len(out)
+    with pytest.raises(TypeError, match="'bad'"):
+        graphs.flatten_output({"bad": "text"})
+
+
+def test_graphed_text_encoder_leaves_other_calls_to_the_model():
+    """CPU ids, masks and grad reach the encoder's own forward with every argument as given."""
+    seen = []
+
+    def forward(ids, *args, **kwargs):
+        seen.append(kwargs)
+        return ("out",)
+
+    wrapper = graphs.GraphedTextForward(forward, name="text encoder 3")
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    assert wrapper(ids, output_hidden_states=True) == ("out",)
+    assert wrapper(ids, attention_mask=ids) == ("out",)
+    assert seen == [{"output_hidden_states": True}, {"attention_mask": ids}]
+    assert wrapper.graphs == {} and wrapper.graphed.name == "text encoder 3"
+
+
 @pytest.mark.parametrize("model", sorted(PIPELINES))
 def test_tiny_pipeline_gives_the_size_asked_for(model):
     _needs(model)
@@ -95,12 +141,18 @@ def test_transformer_fast_path_gives_the_same_images_and_replays(model, compile)
         reference = _images(pipe, side)
     report = pipe.enable_fast_path(compile=compile)
     assert "transformer" in report["cuda_graphs"], report
+    encoders = {"sd3": ["text encoder", "text encoder 2", "text encoder 3"],
+                "flux": ["text encoder", "text encoder 2"]}[model]  # CLIP (with projection in SD3), T5
+    assert [w for w in report["cuda_graphs"] if w.startswith("text")] == encoders, report
     first = _images(pipe, side)
-    wrapper = pipe.transformer.__dict__["forward"]
-    captured = dict(wrapper.graphs)
-    assert captured, "the transformer step was not captured"
+    wrappers = [pipe.transformer.__dict__["forward"]] + [
+        getattr(pipe, w.replace("text encoder", "text_encoder").replace(" ", "_")).__dict__["forward"]
+        for w in encoders]
+    captured = [dict(w.graphs) for w in wrappers]
+    assert all(captured), f"not captured: {[w for w, c in zip(['transformer'] + encoders, captured) if not c]}"
+    assert all(c.failed is None for w in wrappers for c in w.calls.values())
     second = _images(pipe, side)
-    assert dict(wrapper.graphs) == captured, "the second call captured again instead of replaying"
+    assert [dict(w.graphs) for w in wrappers] == captured, "the second call captured again instead of replaying"
     np.testing.assert_array_equal(first, second)
     diff = np.abs((first * 255).round() - (reference * 255).round()).max()
     print(f"{model} compile={compile}: largest difference against math {diff}/255")

@@ -1,7 +1,7 @@
 # diffusers-flash: pipe.enable_fast_path(), the one call that makes generation as fast as the card allows
 # while keeping the images: enable() and disable(), and what they report.
 """The fast path for diffusion pipelines: the denoiser (a UNet, or the transformer of SD3, Flux and their
-kin), the VAE decode and a CLIP text encoder each captured as a CUDA graph per input shape and replayed.
+kin), the VAE decode and the text encoders (CLIP, T5) each captured as a CUDA graph per input shape and replayed.
 
 At one image a UNet step on an H100 spends most of its time launching kernels from Python (eager
 26 ms against 12-13 ms of GPU work): replaying a CUDA graph removes that. ``compile=True`` also runs the
@@ -31,7 +31,7 @@ from diffusers.flash.fastpath.compiling import (INDUCTOR_OPTIONS, REGIONS, After
                                                 CompiledOrEager, RegionalCompile, _compile, _compile_regions,
                                                 _torch_compile)
 from diffusers.flash.fastpath.graphs import (GraphedCall, GraphedDecode, GraphedForward,  # noqa: F401
-                                             GraphedTextForward, join_extra, split_extra)
+                                             GraphedTextForward, TEXT_ENCODERS, join_extra, split_extra)
 from diffusers.flash.fastpath.graphs import reason as _reason
 from diffusers.flash.torch_private import (cache_counts, caches_on, inductor_config,  # noqa: F401
                                            set_inductor_config)
@@ -45,7 +45,11 @@ def _on_cuda(model: torch.nn.Module) -> bool:
     return p is not None and p.device.type == "cuda"
 
 
-WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode, "text encoder": GraphedTextForward}
+# a pipeline's text encoders (SDXL has two, SD3 three) and their names in the report
+TEXT_ENCODER_PARTS = (("text_encoder", "text encoder"), ("text_encoder_2", "text encoder 2"),
+                      ("text_encoder_3", "text encoder 3"))
+WRAPPERS = {"UNet": GraphedForward, "VAE decode": GraphedDecode} | {
+    what: GraphedTextForward for _, what in TEXT_ENCODER_PARTS}
 
 
 def _wrapper(what: str) -> type:
@@ -87,7 +91,9 @@ def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, rep
     if prepare is not None and hook:
         prepare, after = hook["before"](prepare), hook.get("after")
     if cuda_graphs:
-        fn = _wrapper(what)(fn, pool, prepare=prepare, after=after)
+        wrapper = _wrapper(what)
+        named = {"name": what} if wrapper is GraphedTextForward else {}
+        fn = wrapper(fn, pool, prepare=prepare, after=after, **named)
         report["cuda_graphs"].append(what)
     if fn is not getattr(model, attr):
         setattr(model, attr, fn)
@@ -114,7 +120,7 @@ def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, cha
         if value not in (False, True, "regional") and not (name == "compile_vae" and value is None):
             raise ValueError(f"{name} must be False, True or 'regional', not {value!r}")
     modes = {"UNet": compile, "transformer": compile, "VAE decode": compile if compile_vae is None else compile_vae,
-             "text encoder": False}
+             **{what: False for _, what in TEXT_ENCODER_PARTS}}
     if cache is not None and not (modes["UNet"] or modes["VAE decode"]):
         raise ValueError("cache= keeps torch.compile's work: it needs compile=True or 'regional'")
     if trust_cache is not False and cache is None:
@@ -146,12 +152,15 @@ def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, cha
                 report["reasons"].append(why)
             else:
                 parts.append(("VAE decode", pipe.vae, "decode"))
-        if text_encoder and getattr(pipe, "text_encoder", None) is not None:
-            if type(pipe.text_encoder).__name__ == "CLIPTextModel":
-                parts.append(("text encoder", pipe.text_encoder, "forward"))
+        for attr, what in TEXT_ENCODER_PARTS if text_encoder else ():
+            model = getattr(pipe, attr, None)
+            if model is None:
+                continue
+            if type(model).__name__ in TEXT_ENCODERS:
+                parts.append((what, model, "forward"))
             else:
-                report["reasons"].append(f"the text encoder ({type(pipe.text_encoder).__name__}) runs as before: "
-                                         f"only a CLIPTextModel's plain call is graphed")
+                report["reasons"].append(f"the {what} ({type(model).__name__}) runs as before: only the plain "
+                                         f"calls of {', '.join(TEXT_ENCODERS)} are graphed")
         ahead = None
         if parallel_compile and cuda_graphs and name == "UNet" and not (store and store.loaded):
             ahead = _ahead(pipe, parts, modes, report, channels_last, options)
@@ -253,7 +262,8 @@ def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
 
 
 # the pipeline's models the fast path wraps, and the method of each it takes the place of
-WRAPPED = (("unet", "forward"), ("transformer", "forward"), ("vae", "decode"), ("text_encoder", "forward"))
+WRAPPED = (("unet", "forward"), ("transformer", "forward"), ("vae", "decode")) + tuple(
+    (attr, "forward") for attr, _ in TEXT_ENCODER_PARTS)
 
 
 def warmup_seconds(pipe: Any) -> dict:
@@ -307,5 +317,5 @@ def disable(pipe: Any) -> None:
             regions.undo()
         if regions is not None or attr in model.__dict__:
             model.__dict__.pop(attr, None)  # back to the class's own method
-            if name != "text_encoder":
+            if not name.startswith("text_encoder"):
                 model.to(memory_format=torch.contiguous_format)

@@ -233,25 +233,84 @@ class GraphedDecode:
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
 
+# the text encoders whose plain calls are graphed: CLIP (SD 1.x/2.x, Flux), CLIP with projection (SDXL's second
+# encoder, SD3's two) and T5's encoder (SD3, Flux); their outputs hold tensors and tuples of tensors alone
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+
+
+def flatten_output(out: Any) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """A text encoder's output (a transformers ModelOutput or a tuple) as (spec, tensors): ``spec`` says how
+    ``unflatten_output`` builds it again around other tensors (a graph's outputs). Fields that are None are
+    left out, as ModelOutput leaves them out."""
+    items = list(out.items()) if hasattr(out, "items") else list(enumerate(out))
+    fields, tensors = [], []
+    for key, value in items:
+        if isinstance(value, torch.Tensor):
+            fields.append((key, None))
+            tensors.append(value)
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+            fields.append((key, len(value)))
+            tensors.extend(value)
+        elif value is not None:
+            raise TypeError(f"a text encoder output field {key!r} of type {type(value).__name__} cannot be graphed")
+    return (type(out), tuple(fields)), tuple(tensors)
+
+
+def unflatten_output(spec: tuple, tensors: tuple[torch.Tensor, ...]) -> Any:
+    cls, fields = spec
+    values, at = {}, 0
+    for key, n in fields:
+        if n is None:
+            values[key], at = tensors[at], at + 1
+        else:
+            values[key], at = tuple(tensors[at:at + n]), at + n
+    if cls is tuple:  # a model configured with return_dict=False
+        return tuple(values[i] for i in range(len(values)))
+    return cls(**values)
+
+
 class GraphedTextForward:
-    """Takes the place of a CLIPTextModel's ``forward`` for the pipelines' plain ``text_encoder(ids)`` call;
-    any other call (masks, hidden states, grad) takes the model's own forward."""
+    """Takes the place of a text encoder's ``forward`` (``TEXT_ENCODERS``) for the pipelines' plain calls:
+    ``encoder(ids)`` and ``encoder(ids, output_hidden_states=True/False)`` (SDXL and SD3 take a hidden layer
+    of the CLIP encoders, Flux passes False): one graph per value of that flag and per shape, the output built
+    again as the model's own class. Any other call (masks, other options, grad, CPU ids) takes the model's own
+    forward."""
 
     def __init__(self, forward: Callable[..., Any], pool: Any = None, prepare: Callable[..., Any] | None = None,
-                 after: Callable[..., Any] | None = None) -> None:
+                 after: Callable[..., Any] | None = None, name: str = "text encoder") -> None:
         self.inner = forward
+        self.name, self._args = name, (pool, prepare, after)
+        self.calls: dict[bool | None, GraphedCall] = {}
+        self.specs: dict[bool | None, tuple] = {}
+        self.graphed = self._call(None)
 
-        def run(ids: torch.Tensor) -> tuple[Any, Any]:
-            out = forward(ids)
-            return out[0], out[1]
+    def _call(self, hidden: bool | None) -> GraphedCall:
+        call = self.calls.get(hidden)
+        if call is None:
+            pool, prepare, after = self._args
+            forward, kwargs = self.inner, {} if hidden is None else {"output_hidden_states": hidden}
 
-        self.graphed = GraphedCall(run, "text encoder", pool, warmup=1, prepare=prepare, after=after)
+            def run(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                self.specs[hidden], tensors = flatten_output(forward(ids, **kwargs))
+                return tensors
+
+            call = self.calls[hidden] = GraphedCall(run, self.name, pool, warmup=1, prepare=prepare, after=after)
+        return call
+
+    @property
+    def graphs(self) -> dict[tuple, _Captured]:
+        return {(hidden, key): cap for hidden, call in self.calls.items() for key, cap in call.graphs.items()}
+
+    @property
+    def capture_s(self) -> float:
+        return sum(call.capture_s for call in self.calls.values())
 
     def __call__(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        if (args or any(v is not None for v in kwargs.values()) or input_ids is None or not input_ids.is_cuda
-                or torch.is_grad_enabled()):
+        hidden = kwargs.pop("output_hidden_states", None)
+        if (args or any(v is not None for v in kwargs.values()) or hidden not in (None, True, False)
+                or input_ids is None or not input_ids.is_cuda or torch.is_grad_enabled()):
+            if hidden is not None:
+                kwargs["output_hidden_states"] = hidden
             return self.inner(input_ids, *args, **kwargs)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        hidden, pooled = self.graphed(input_ids)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+        out = self._call(hidden)(input_ids)  # its function ran (and set the spec) before any replay
+        return unflatten_output(self.specs[hidden], out if isinstance(out, tuple) else (out,))
