@@ -63,8 +63,9 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
                 cache=fast_path.cache_status(pipe))
 
 
-def run_one(job: dict[str, Any], scratch: str) -> dict[str, Any]:
-    """``job`` in a new process with empty inductor and Triton caches of its own."""
+def run_one(job: dict[str, Any], scratch: str, logs: str | None = None) -> dict[str, Any]:
+    """``job`` in a new process with empty inductor and Triton caches of its own; its stderr kept as
+    ``logs/MODE-IMAGES.log`` where ``logs`` is given (with ``TORCH_LOGS`` set: what each cache key is made of)."""
     caches = tempfile.mkdtemp(prefix=f"{job['mode']}-{job['images']}-", dir=scratch)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"), PYTHONUNBUFFERED="1")
@@ -74,6 +75,10 @@ def run_one(job: dict[str, Any], scratch: str) -> dict[str, Any]:
                               capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return dict(row, reason=f"over {CHILD_TIMEOUT_S} s")
+    if logs:
+        os.makedirs(logs, exist_ok=True)
+        with open(os.path.join(logs, f"{job['mode']}-{job['images']}.log"), "w") as f:
+            f.write(proc.stderr)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -108,6 +113,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=2, help="denoising steps of the timed calls (default 2)")
     ap.add_argument("--tiny", action="store_true", help="tiny model, fp32, CPU, 128px: checks this script only")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON (after every row)")
+    ap.add_argument("--logs", metavar="DIR", help="keep each process's stderr here (MODE-IMAGES.log)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
@@ -144,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for mode in modes:
                 job = dict(mode=mode, images=images, steps=args.steps, device=device, dtype=dtype, size=size,
                            tiny=args.tiny, cache=cache if mode.startswith("cache") else None)
-                row = run_one(job, scratch)
+                row = run_one(job, scratch, args.logs)
                 if mode == "cache-write" and os.path.exists(cache):
                     row["cache_file_mib"] = os.path.getsize(cache) / 2**20
                 report["rows"].append(row)

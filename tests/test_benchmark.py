@@ -369,6 +369,27 @@ def test_coldstart_options_and_table(capsys):
     assert "| no-helper | 8 | - |" in text and "error: exit status 1: boom" in text
 
 
+def test_coldstart_keeps_each_childs_log_where_asked(tmp_path, monkeypatch):
+    """--logs DIR: each child's stderr (TORCH_LOGS' cache-key lines, when set) lands in DIR/MODE-IMAGES.log,
+    and the child's own caches are empty folders of its own."""
+    from bench import coldstart
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"warmup_s": 1.5}\n', stderr="key parts\n")
+
+    monkeypatch.setattr(coldstart.subprocess, "run", fake_run)
+    job = dict(mode="cache-load", images=8)
+    row = coldstart.run_one(job, str(tmp_path), str(tmp_path / "logs"))
+    assert row["status"] == "ok" and row["warmup_s"] == 1.5
+    assert (tmp_path / "logs" / "cache-load-8.log").read_text() == "key parts\n"
+    assert seen["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+    assert not (tmp_path / "no-logs").exists() and coldstart.run_one(job, str(tmp_path))["status"] == "ok"
+    assert coldstart.parse(["--tiny", "--logs", "d"]).logs == "d"
+
+
 @pytest.mark.slow
 def test_coldstart_tiny_runs_each_mode_in_a_new_process(tmp_path):
     out = tmp_path / "cold.json"
