@@ -9,6 +9,10 @@ if sys.argv[1:2] == ["models"]:  # SDXL, SD3 and Flux at full size, one side per
     from .models import main as models
 
     sys.exit(models(sys.argv[2:]))
+if sys.argv[1:2] == ["profile"]:  # the compiled fast path's kernels by class (bench/profile.py)
+    from .profile import main as profile
+
+    sys.exit(profile(sys.argv[2:]))
 from .pipeline import main  # noqa: E402
 
 sys.exit(main())

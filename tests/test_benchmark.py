@@ -448,3 +448,31 @@ def test_bench_models_rows_each_name_their_backend(monkeypatch):
             assert dispatch.backend_for(None) == expected, row
     finally:
         dispatch.set_attention_backend(None)
+
+
+# ---------------------------------------------------------------------------------------------- profile
+def test_profile_classes_kernels_and_flops():
+    """Kernel names land in the class their work is (cuDNN's attention says "fprop" too: attention wins), and
+    the FLOPs of a call are split by aten op: a convolution and a linear layer counted apart, as the formula
+    gives them."""
+    from bench import profile
+
+    names = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc": "convolution",
+             "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN": "gemm",
+             "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "gemm",
+             "triton_red_fused_native_group_norm_silu_3": "normalisation",
+             "triton_poi_fused_add_convolution_7": "elementwise", "kernel_unknown_thing": "other",
+             "triton_tem_fused_addmm_2": "gemm", "triton_tem_fused_convolution_4": "convolution",
+             "void at::native::(anonymous namespace)::vectorized_elementwise_kernel<4>": "elementwise"}
+    assert {n: profile.kernel_class(n) for n in names} == names
+    conv, lin = torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(16, 32)
+
+    def fn(x, y):
+        return conv(x), lin(y)
+
+    flops = profile.flops_by_class(fn, (torch.ones(2, 4, 10, 10), torch.ones(5, 16)))
+    assert flops == {"convolution": 2 * 2 * 8 * 8 * 8 * 4 * 9, "gemm": 2 * 5 * 16 * 32}, flops
+    assert profile.parse(["--images", "1"]).images == 1
+    with pytest.raises(SystemExit):
+        profile.parse(["--iters", "0"])
