@@ -16,22 +16,22 @@ class FastPathMixin:
                          vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
                          parallel_compile: bool = True, cache: str | os.PathLike | None = None,
                          trust_cache: bool | str = False) -> dict:
-        """Make generation as fast as this GPU allows, with the same images: the UNet step, the VAE decode and
-        the text encoder are each captured as a CUDA graph per input shape and replayed; ``compile=True`` runs
-        the UNet and the VAE decoder through torch.compile first (channels-last weights; about a minute of
-        warm-up in a fresh process, cached after); ``compile="regional"`` compiles each repeated block instead
-        (slightly slower steps); ``compile_vae`` sets the VAE decoder's apart (default: as ``compile``), e.g.
-        ``False``: graphed only; ``parallel_compile`` (default on) compiles the VAE decoder in a helper process
-        while this one compiles the UNet, for a shorter warm-up; ``cache="file"`` keeps torch.compile's work in
-        a portable file: loaded before compiling (then no helper), written after a compile it lacked, so that
-        a new machine warms up like a second process (a damaged file is reported and rewritten). Loading a
-        compile cache runs code from it (torch's artifacts contain pickles), so use only files you wrote or
-        trust like code: a file is loaded only where it is yours, not writable by others, and signed with
-        your key (``~/.cache/diffusers-flash/cache-key``); ``trust_cache=True`` (or the file's sha256) loads
-        a file another machine wrote. SDXL's pipelines (0.19 on) are served too: their
-        extra UNet inputs are graph inputs, and a VAE the pipeline casts to float32 for each decode
-        (``force_upcast``) is left as it is. Returns a report of what was applied; what cannot apply is
-        logged with the reason and runs as before. ``disable_fast_path()`` undoes it."""
+        """Make generation as fast as this GPU allows, with the same images: the UNet step, the VAE decode and the text
+        encoders (CLIP, CLIP with projection, T5) are each captured as a CUDA graph per input shape and replayed;
+        ``compile=True`` runs the UNet and the VAE decoder through torch.compile first (channels-last weights; about a
+        minute of warm-up in a fresh process, cached after); ``compile="regional"`` compiles each repeated block instead
+        (slightly slower steps); ``compile_vae`` sets the VAE decoder's apart (default: as ``compile``), e.g. ``False``:
+        graphed only; ``parallel_compile`` (default on) compiles the VAE decoder in a helper process while this one
+        compiles the UNet, for a shorter warm-up; ``cache="file"`` keeps torch.compile's work in a portable file: loaded
+        before compiling (then no helper), written after a compile it lacked, so that a new machine warms up like a
+        second process (a damaged file is reported and rewritten). Loading a compile cache runs code from it (torch's
+        artifacts contain pickles), so use only files you wrote or trust like code: a file is loaded only where it is
+        yours, not writable by others, and signed with your key (``~/.cache/diffusers-flash/cache-key``);
+        ``trust_cache=True`` (or the file's sha256) loads a file another machine wrote. SDXL's pipelines (0.19 on) are
+        served too: their extra UNet inputs are graph inputs, and a VAE the pipeline casts to float32 for each decode
+        (``force_upcast``) is left as it is. Returns a report of what was applied; what cannot apply is logged with the
+        reason and runs as before. ``disable_fast_path()`` undoes it.
+        """
         from diffusers.flash.fastpath import engine as fast_path
 
         return fast_path.enable(self, cuda_graphs=cuda_graphs, compile=compile, channels_last=channels_last,
