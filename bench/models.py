@@ -262,6 +262,66 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def work(model: str, size: str = "full", device: str = "meta") -> dict[str, float]:
+    """TFLOP of one denoiser call (the batch each pipeline runs for one image: 2 under guidance for SDXL and SD3,
+    1 for guidance-distilled Flux) and of one VAE decode, at the benchmark's image size, counted by
+    FlopCounterMode. On ``meta`` tensors (the default) nothing is allocated, so the full models count on any
+    machine; the dispatcher does not serve meta tensors, so there attention is torch's SDPA, which FlopCounterMode
+    counts as its two matmuls, as the dispatcher's ``math`` backend counts on real tensors."""
+    import unittest.mock
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    local = builders()
+    cfg = local.CONFIGS[model][size]
+    side = cfg["image_size"] // 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)  # latents
+    import diffusers
+    from diffusers.flash.attention import dispatch
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *args: Any,
+             **kwargs: Any) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    def count(fn: Callable[[], Any]) -> float:
+        mode = FlopCounterMode(display=False)
+        with mode, torch.no_grad():
+            if device == "meta":
+                with unittest.mock.patch.object(dispatch, "attention", sdpa):
+                    fn()
+            else:
+                with dispatch.attention_backend("math"):
+                    fn()
+        return mode.get_total_flops() / 1e12
+
+    with local._building(device, torch.float32 if device == "cpu" else torch.bfloat16):
+        torch.manual_seed(0)
+        r = torch.randn
+        if model == "sdxl":
+            c = cfg["unet"]
+            net = diffusers.UNet2DConditionModel(**c)
+            text_embeds = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+            step = lambda: net(r(2, c["in_channels"], side, side), torch.ones(2), r(2, 77, c["cross_attention_dim"]),  # noqa: E731
+                               added_cond_kwargs={"text_embeds": r(2, text_embeds), "time_ids": r(2, 6)})
+        elif model == "sd3":
+            c = cfg["transformer"]
+            net = diffusers.SD3Transformer2DModel(**c)
+            step = lambda: net(hidden_states=r(2, c["in_channels"], side, side), timestep=torch.ones(2),  # noqa: E731
+                               encoder_hidden_states=r(2, 77 + 256, c["joint_attention_dim"]),
+                               pooled_projections=r(2, c["pooled_projection_dim"]))
+        else:
+            c = cfg["transformer"]
+            net = diffusers.FluxTransformer2DModel(**c)
+            tokens, guidance = (side // 2) ** 2, torch.ones(1) if c.get("guidance_embeds") else None
+            step = lambda: net(hidden_states=r(1, tokens, c["in_channels"]), timestep=torch.ones(1),  # noqa: E731
+                               encoder_hidden_states=r(1, 512, c["joint_attention_dim"]),
+                               pooled_projections=r(1, c["pooled_projection_dim"]), img_ids=torch.zeros(tokens, 3),
+                               txt_ids=torch.zeros(512, 3), guidance=guidance)
+        vae = diffusers.AutoencoderKL(**cfg["vae"])
+        decode = lambda: vae.decode(r(1, cfg["vae"]["latent_channels"], side, side))  # noqa: E731
+        return {"denoiser_tflop": count(step), "vae_tflop": count(decode),
+                "denoiser_params_b": sum(p.numel() for p in net.parameters()) / 1e9}
+
+
 def compare(directory: str) -> dict[str, float]:
     """Largest pixel difference (in 1/255) of every saved first image against the fork's ``math`` image of the
     same model and batch."""
@@ -301,6 +361,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["work"]:  # FLOPs of each model's step and VAE decode, on meta tensors (no GPU needed)
+        print(json.dumps({m: work(m) for m in (argv[1:] or sorted(SETTINGS))}, indent=1))
+        return 0
     if argv[:1] == ["compare"]:
         print(json.dumps(compare(argv[1] if len(argv) > 1 else "out/bench-models"), indent=1))
         return 0

@@ -476,3 +476,19 @@ def test_profile_classes_kernels_and_flops():
     assert profile.parse(["--images", "1"]).images == 1
     with pytest.raises(SystemExit):
         profile.parse(["--iters", "0"])
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sd3", "flux"])
+def test_models_work_on_meta_counts_what_a_real_run_counts(model):
+    """``bench models work`` counts full-size models on meta tensors, with torch's SDPA in place of the
+    dispatcher: the tiny models give the same FLOPs that way as on real CPU tensors through ``math``."""
+    import diffusers
+
+    cls = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[model]
+    if not hasattr(diffusers, cls):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {cls}")
+    from bench import models
+
+    meta, real = models.work(model, "tiny", "meta"), models.work(model, "tiny", "cpu")
+    assert meta["denoiser_tflop"] > 0 and meta["vae_tflop"] > 0
+    assert meta == pytest.approx(real, rel=1e-9), (meta, real)
