@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffusers.flash.fastpath.graphs import GraphedCall, join_extra, split_extra
+from diffusers.flash.fastpath.graphs import GraphedCall, WeightCheck, join_extra, split_extra
 
 # values that may be part of a layout: a graph per value (anything else is not captured)
 STATIC = (bool, str)
@@ -35,9 +35,10 @@ class GraphedDenoiser:
     be graph inputs take the plain forward. One graph per layout of the keyword arguments and per shapes."""
 
     def __init__(self, forward: Callable, pool: Any = None, warmup: int = 2, prepare: Callable | None = None,
-                 after: Callable | None = None) -> None:
+                 after: Callable | None = None, weights: WeightCheck | None = None) -> None:
         self.inner = forward  # the model's own forward, or torch.compile of it
         self._args = (pool, warmup, prepare, after)
+        self.weights = weights
         self.calls: dict[tuple, GraphedCall] = {}
 
     def _call(self, layout: tuple) -> GraphedCall:
@@ -52,7 +53,7 @@ class GraphedDenoiser:
 
             forward = taking(self.inner)
             call = self.calls[layout] = GraphedCall(lambda *x: forward(*x)[0], "transformer step", pool, warmup,
-                                                    taking(prepare), taking(after))
+                                                    taking(prepare), taking(after), self.weights)
         return call
 
     @property

@@ -31,7 +31,8 @@ from diffusers.flash.fastpath.compiling import (INDUCTOR_OPTIONS, REGIONS, After
                                                 CompiledOrEager, RegionalCompile, _compile, _compile_regions,
                                                 _torch_compile)
 from diffusers.flash.fastpath.graphs import (GraphedCall, GraphedDecode, GraphedForward,  # noqa: F401
-                                             GraphedTextForward, TEXT_ENCODERS, join_extra, split_extra)
+                                             GraphedTextForward, TEXT_ENCODERS, WeightCheck, join_extra,
+                                             split_extra)
 from diffusers.flash.fastpath.graphs import reason as _reason
 from diffusers.flash.torch_private import (cache_counts, caches_on, inductor_config,  # noqa: F401
                                            set_inductor_config)
@@ -93,7 +94,7 @@ def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, rep
     if cuda_graphs:
         wrapper = _wrapper(what)
         named = {"name": what} if wrapper is GraphedTextForward else {}
-        fn = wrapper(fn, pool, prepare=prepare, after=after, **named)
+        fn = wrapper(fn, pool, prepare=prepare, after=after, weights=WeightCheck(model, what), **named)
         report["cuda_graphs"].append(what)
     if fn is not getattr(model, attr):
         setattr(model, attr, fn)

@@ -21,7 +21,55 @@ def reason(e: Exception) -> str:
 
 
 class _Captured:
-    __slots__ = ("graph", "inputs", "out")
+    __slots__ = ("graph", "inputs", "out", "generation")
+
+
+class WeightCheck:
+    """Where a model's parameters and buffers were when its graphs were captured. A graph replays those
+    addresses, so weights that moved since (``pipe.to("cpu")`` and back, a dtype cast, CPU offload moving them
+    at each call, a parameter replaced by another) would be read from memory that is no longer theirs:
+    silently wrong images. Each call compares the addresses (a list walk, about 0.1 ms for SD 1.x's UNet);
+    where they moved, the ``generation`` goes up and every graph of an older one is captured again. Weights
+    changed in place (a LoRA fused, ``load_state_dict``) keep their addresses and need nothing. Past
+    ``MAX_MOVES`` moves the model runs without graphs from then on, with the reason logged once."""
+
+    MAX_MOVES = 3
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        self.model, self.name = model, name
+        self.generation, self.moves, self.gave_up = 0, 0, None
+        self._slots: list[tuple[dict, str]] | None = None
+        self._at: list[int] = []
+
+    def _take(self) -> None:
+        self._slots = [(m._parameters, n) for m in self.model.modules() for n, t in m._parameters.items()
+                       if t is not None]
+        self._slots += [(m._buffers, n) for m in self.model.modules() for n, t in m._buffers.items() if t is not None]
+        self._at = self._addresses()
+
+    def _addresses(self) -> list[int]:
+        out = []
+        for d, n in self._slots:
+            t = d.get(n)
+            out.append(-1 if t is None else t.data_ptr())
+        return out
+
+    def current(self) -> int:
+        """The generation of the weights as they are now (checked against the last snapshot)."""
+        if self._slots is None:
+            self._take()
+        elif self._addresses() != self._at:
+            self.moves += 1
+            self.generation += 1
+            self._take()
+            if self.moves > self.MAX_MOVES and self.gave_up is None:
+                self.gave_up = (f"its weights moved {self.moves} times since its graphs were captured (CPU "
+                                f"offload, or repeated .to()): it runs without CUDA graphs from now on")
+                logger.warning(f"fast path: the {self.name}: {self.gave_up}")
+            elif self.gave_up is None:
+                logger.info(f"fast path: the {self.name}'s weights moved since its graphs were captured "
+                            f"(.to(), a cast, offload): its graphs are captured again")
+        return self.generation
 
 
 class GraphedCall:
@@ -31,20 +79,27 @@ class GraphedCall:
     that fails is logged once with its reason and ``fn`` runs eagerly from then on."""
 
     def __init__(self, fn: Callable[..., Any], name: str, pool: Any = None, warmup: int = 2,
-                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None) -> None:
+                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None,
+                 weights: WeightCheck | None = None) -> None:
         # prepare: called with the same inputs once before a capture's warm-up, its result unused; after:
-        # called with them once the warm-up (where torch.compile compiles) is done, before the capture
+        # called with them once the warm-up (where torch.compile compiles) is done, before the capture;
+        # weights: the model's WeightCheck (a graph of weights that have moved since is captured again)
         self.fn, self.name, self.pool, self.warmup, self.prepare = fn, name, pool, warmup, prepare
-        self.after = after
+        self.after, self.weights = after, weights
         self.graphs = {}
         self.failed = None  # the reason capture was given up, if it was
         self.capture_s = 0.0  # seconds spent capturing, compiles included (the warm-up this model costs)
 
     def __call__(self, *tensors: torch.Tensor) -> Any:
-        if self.failed is not None:
+        generation = self.weights.current() if self.weights is not None else 0
+        if self.failed is not None or (self.weights is not None and self.weights.gave_up):
+            self.graphs.clear()  # graphs of weights that moved: their memory back to the pool
             return self.fn(*tensors)
         key = tuple((t.shape, t.dtype, t.device) for t in tensors)
         cap = self.graphs.get(key)
+        if cap is not None and cap.generation != generation:  # captured on weights that have moved since
+            del self.graphs[key]
+            cap = None
         if cap is None:
             try:
                 cap = self.graphs[key] = self._capture(tensors)
@@ -80,6 +135,7 @@ class GraphedCall:
         with torch.cuda.graph(cap.graph, pool=self.pool):
             out = self.fn(*cap.inputs)
         cap.out = out if isinstance(out, tuple) else (out,)
+        cap.generation = self.weights.generation if self.weights is not None else 0
         torch.cuda.synchronize()
         took = time.perf_counter() - start
         self.capture_s += took
@@ -142,9 +198,11 @@ class GraphedForward:
     one graph per layout of them (``split_extra``) and per shapes."""
 
     def __init__(self, forward: Callable[..., Any], pool: Any = None, warmup: int = 2,
-                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None) -> None:
+                 prepare: Callable[..., Any] | None = None, after: Callable[..., Any] | None = None,
+                 weights: WeightCheck | None = None) -> None:
         self.inner = forward  # the UNet's own forward, or torch.compile of it
         self._args = (pool, warmup, prepare, after)
+        self.weights = weights
         self.calls: dict[tuple, GraphedCall] = {}
         self.graphed = self._call(())  # SD 1.x/2.x: (sample, timestep, encoder_hidden_states) alone
         self._timesteps = {}
@@ -162,7 +220,7 @@ class GraphedForward:
 
             forward = taking(self.inner)
             call = self.calls[layout] = GraphedCall(lambda *a: forward(*a).sample, "UNet step", pool, warmup,
-                                                    taking(prepare), taking(after))
+                                                    taking(prepare), taking(after), self.weights)
         return call
 
     @property
@@ -215,10 +273,10 @@ class GraphedDecode:
     """Takes the place of an AutoencoderKL's ``decode``."""
 
     def __init__(self, decode: Callable[..., Any], pool: Any = None, prepare: Callable[..., Any] | None = None,
-                 after: Callable[..., Any] | None = None) -> None:
+                 after: Callable[..., Any] | None = None, weights: WeightCheck | None = None) -> None:
         self.inner = decode
         self.graphed = GraphedCall(lambda z: decode(z).sample, "VAE decode", pool, warmup=1, prepare=prepare,
-                                   after=after)
+                                   after=after, weights=weights)
 
     def __call__(self, z: torch.Tensor, return_dict: bool = True, generator: Any = None, **kwargs: Any) -> Any:
         DecoderOutput = _output_class("DecoderOutput", "vae", "autoencoders.vae")
@@ -277,9 +335,10 @@ class GraphedTextForward:
     forward."""
 
     def __init__(self, forward: Callable[..., Any], pool: Any = None, prepare: Callable[..., Any] | None = None,
-                 after: Callable[..., Any] | None = None, name: str = "text encoder") -> None:
+                 after: Callable[..., Any] | None = None, name: str = "text encoder",
+                 weights: WeightCheck | None = None) -> None:
         self.inner = forward
-        self.name, self._args = name, (pool, prepare, after)
+        self.name, self._args, self.weights = name, (pool, prepare, after), weights
         self.calls: dict[bool | None, GraphedCall] = {}
         self.specs: dict[bool | None, tuple] = {}
         self.graphed = self._call(None)
@@ -294,7 +353,8 @@ class GraphedTextForward:
                 self.specs[hidden], tensors = flatten_output(forward(ids, **kwargs))
                 return tensors
 
-            call = self.calls[hidden] = GraphedCall(run, self.name, pool, warmup=1, prepare=prepare, after=after)
+            call = self.calls[hidden] = GraphedCall(run, self.name, pool, warmup=1, prepare=prepare, after=after,
+                                                    weights=self.weights)
         return call
 
     @property
