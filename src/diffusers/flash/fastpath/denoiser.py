@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffusers.flash.fastpath.graphs import GraphedCall, WeightCheck, join_extra, split_extra
+from diffusers.flash.fastpath.graphs import GraphedCall, GraphedCalls, WeightCheck, join_extra, split_extra
 
 # values that may be part of a layout: a graph per value (anything else is not captured)
 STATIC = (bool, str)
@@ -29,7 +29,7 @@ def _output_class() -> type:
     return Transformer2DModelOutput
 
 
-class GraphedDenoiser:
+class GraphedDenoiser(GraphedCalls):
     """Takes the place of a transformer denoiser's ``forward`` (the model object stays: saving, ``.to()``
     and its config work as before). Training (grad enabled), CPU inputs and calls with values that cannot
     be graph inputs take the plain forward. One graph per layout of the keyword arguments and per shapes."""
@@ -55,14 +55,6 @@ class GraphedDenoiser:
             call = self.calls[layout] = GraphedCall(lambda *x: forward(*x)[0], "transformer step", pool, warmup,
                                                     taking(prepare), taking(after), self.weights)
         return call
-
-    @property
-    def graphs(self) -> dict:
-        return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
-
-    @property
-    def capture_s(self) -> float:
-        return sum(call.capture_s for call in self.calls.values())
 
     @property
     def graphed(self) -> GraphedCall | None:

@@ -191,7 +191,22 @@ def join_extra(layout: tuple, tensors: tuple) -> dict:
     return out
 
 
-class GraphedForward:
+class GraphedCalls:
+    """A wrapper with one GraphedCall per layout of its call (``calls``): all their graphs, keyed by layout
+    and input signature, and the seconds all their captures took."""
+
+    calls: dict
+
+    @property
+    def graphs(self) -> dict[tuple, _Captured]:
+        return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
+
+    @property
+    def capture_s(self) -> float:
+        return sum(call.capture_s for call in self.calls.values())
+
+
+class GraphedForward(GraphedCalls):
     """Takes the place of a UNet2DConditionModel's ``forward`` (the UNet object itself stays, so saving,
     ``.to()`` and its config work as before). Training (grad enabled) and CPU inputs take the plain
     forward. Tensor keyword arguments (SDXL's ``added_cond_kwargs``, ``timestep_cond``) are graph inputs:
@@ -223,13 +238,6 @@ class GraphedForward:
                                                     taking(prepare), taking(after), self.weights)
         return call
 
-    @property
-    def graphs(self) -> dict[tuple, _Captured]:
-        return {(layout, key): cap for layout, call in self.calls.items() for key, cap in call.graphs.items()}
-
-    @property
-    def capture_s(self) -> float:
-        return sum(call.capture_s for call in self.calls.values())
 
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
                  return_dict: bool = True, **kwargs: Any) -> Any:
@@ -327,7 +335,7 @@ def unflatten_output(spec: tuple, tensors: tuple[torch.Tensor, ...]) -> Any:
     return cls(**values)
 
 
-class GraphedTextForward:
+class GraphedTextForward(GraphedCalls):
     """Takes the place of a text encoder's ``forward`` (``TEXT_ENCODERS``) for the pipelines' plain calls:
     ``encoder(ids)`` and ``encoder(ids, output_hidden_states=True/False)`` (SDXL and SD3 take a hidden layer
     of the CLIP encoders, Flux passes False): one graph per value of that flag and per shape, the output built
@@ -357,13 +365,6 @@ class GraphedTextForward:
                                                     weights=self.weights)
         return call
 
-    @property
-    def graphs(self) -> dict[tuple, _Captured]:
-        return {(hidden, key): cap for hidden, call in self.calls.items() for key, cap in call.graphs.items()}
-
-    @property
-    def capture_s(self) -> float:
-        return sum(call.capture_s for call in self.calls.values())
 
     def __call__(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         hidden = kwargs.pop("output_hidden_states", None)
