@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if ref.exists():  # the largest pixel difference against the fork's math path, in 1/255
                     r["max_diff_vs_math"] = int(np.abs(mine.astype(np.int16) - np.load(ref).astype(np.int16)).max())
             r["applied"] = applied if isinstance(applied, (list, str)) or applied is None else {
-                k: v for k, v in applied.items() if k in ("cuda_graphs", "compile", "reasons")}
+                k: v for k, v in applied.items() if k in ("cuda_graphs", "compile", "float32", "reasons")}
             report["rows"].append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "calls_s"}), flush=True)
             if args.json:  # after every row: a call stopped at its time limit keeps what it measured

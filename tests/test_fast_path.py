@@ -11,7 +11,7 @@ import torch
 from diffusers.flash.fastpath import engine as fast_path
 from diffusers.flash import local_pipelines
 from test_compile_ahead import _no_cpp_compiler
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 @pytest.fixture(autouse=True)
@@ -89,16 +89,37 @@ def test_the_unet_call_keywords_become_graph_inputs_and_come_back():
     assert fast_path.split_extra({"timestep_cond": cond}, torch.device("meta")) is None  # another device
 
 
-def test_a_pipeline_that_upcasts_its_vae_keeps_the_vae_decode_as_it_is():
-    """SDXL's pipelines cast an fp16 VAE with force_upcast to float32 around each decode: not graphed."""
+def test_a_pipeline_that_upcasts_its_vae_is_seen():
+    """SDXL's pipelines cast an fp16 VAE with force_upcast to float32 around each decode."""
     vae = types.SimpleNamespace(config={"force_upcast": True}, dtype=torch.float16)
     sdxl = types.SimpleNamespace(vae=vae, upcast_vae=lambda: None)
-    assert "force_upcast" in fast_path._vae_upcast(sdxl)
-    assert fast_path._vae_upcast(types.SimpleNamespace(vae=vae)) is None  # SD 1.x's pipelines do not upcast
+    assert fast_path._vae_upcast(sdxl)
+    assert not fast_path._vae_upcast(types.SimpleNamespace(vae=vae))  # SD 1.x's pipelines do not upcast
     vae.config = {"force_upcast": False}
-    assert fast_path._vae_upcast(sdxl) is None
+    assert not fast_path._vae_upcast(sdxl)
     vae.config, vae.dtype = {"force_upcast": True}, torch.float32
-    assert fast_path._vae_upcast(sdxl) is None
+    assert not fast_path._vae_upcast(sdxl)
+
+
+def test_a_vae_kept_in_float32_decodes_float16_latents_and_goes_back_on_disable():
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)).half()
+    pipe = types.SimpleNamespace(vae=vae, upcast_vae=lambda: vae.to(torch.float32))
+    z = torch.randn(1, 4, 8, 8, dtype=torch.float16)
+    want = vae.float().decode(z.float()).sample
+    vae.half()
+    report = fast_path._report()
+    fast_path._keep_vae_float32(pipe, report)
+    assert report["float32"] == ["VAE"] and vae.dtype == torch.float32 and pipe._fast_path_vae_dtype == torch.float16
+    torch.testing.assert_close(vae.decode(z).sample, want, rtol=0, atol=0)  # the same float32 arithmetic
+    fast_path.disable(pipe)
+    assert vae.dtype == torch.float16 and "decode" not in vars(vae) and "_fast_path_vae_dtype" not in vars(pipe)
+    # 0.19-0.39's upcast_vae leaves the first layers in float16: the latents go in as the pipeline gives them
+    pipe.upcast_vae = lambda: (vae.to(torch.float32), vae.post_quant_conv.half(), vae.decoder.conv_in.half())
+    fast_path._keep_vae_float32(pipe, fast_path._report())
+    assert vae.decode.input_cast == torch.float16 and vae.dtype == torch.float32
+    fast_path.disable(pipe)
+    assert {p.dtype for p in vae.parameters()} == {torch.float16}
 
 
 def _sdxl_or_skip(**kwargs):
@@ -122,14 +143,18 @@ def test_sdxl_fast_path_gives_the_same_images(force_upcast, compile, dtype):
     plain = {n: run(n) for n in (1, 2)}
     assert all(np.isfinite(im).all() for im in plain.values())
     report = pipe.enable_fast_path(compile=compile)
-    assert report["cuda_graphs"][:1] == ["UNet"] and ("VAE decode" in report["cuda_graphs"]) != force_upcast, report
-    assert any("force_upcast" in why for why in report["reasons"]) == force_upcast, report
+    assert report["cuda_graphs"][:2] == ["UNet", "VAE decode"] and report["reasons"] == [], report
+    # a VAE the pipeline casts to float32 for each decode is kept in float32, its decode graphed
+    assert report["float32"] == (["VAE"] if force_upcast else []), report
+    assert pipe.vae.dtype == (torch.float32 if force_upcast else dtype)
     for n in (1, 2, 1):
         np.testing.assert_allclose(run(n), plain[n], atol=1 / 255)
+    assert len(pipe.vae.decode.graphed.graphs) == 2 and pipe.vae.decode.graphed.failed is None
     calls = pipe.unet.forward.calls  # the SDXL call (added_cond_kwargs) was captured, per batch
     sdxl = [c for layout, c in calls.items() if layout and layout[0][0] == "added_cond_kwargs"]
     assert len(sdxl) == 1 and len(sdxl[0].graphs) == 2 and sdxl[0].failed is None, calls
     pipe.disable_fast_path()
+    assert pipe.vae.dtype == dtype
     np.testing.assert_allclose(run(1), plain[1], atol=1e-6)
 
 

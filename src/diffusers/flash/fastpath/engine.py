@@ -21,6 +21,7 @@ diffusers/flash/torch_private.py.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -62,7 +63,7 @@ def _wrapper(what: str) -> type:
 
 
 def _report() -> dict:
-    return {"cuda_graphs": [], "compile": [], "channels_last": [], "reasons": []}
+    return {"cuda_graphs": [], "compile": [], "channels_last": [], "float32": [], "reasons": []}
 
 
 def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, report: dict,
@@ -148,11 +149,9 @@ def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, cha
         pool = torch.cuda.graph_pool_handle() if cuda_graphs else None  # one memory pool for all the graphs
         parts = [(name, denoiser, "forward")]
         if vae and getattr(pipe, "vae", None) is not None and hasattr(pipe.vae, "decode"):
-            why = _vae_upcast(pipe)
-            if why:
-                report["reasons"].append(why)
-            else:
-                parts.append(("VAE decode", pipe.vae, "decode"))
+            if _vae_upcast(pipe) and _on_cuda(pipe.vae):
+                _keep_vae_float32(pipe, report)
+            parts.append(("VAE decode", pipe.vae, "decode"))
         for attr, what in TEXT_ENCODER_PARTS if text_encoder else ():
             model = getattr(pipe, attr, None)
             if model is None:
@@ -176,18 +175,42 @@ def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, cha
     return report
 
 
-def _vae_upcast(pipe: Any) -> str | None:
-    """Why the VAE decode is not graphed, where the pipeline casts the VAE to float32 for each decode and back
-    (SDXL's ``upcast_vae`` where the VAE's config has ``force_upcast``): a graph of the float16 VAE would
-    read weights that are no longer there. None where it can be graphed."""
+def _vae_upcast(pipe: Any) -> bool:
+    """Whether the pipeline casts its float16 VAE to float32 around each decode and back (SDXL's
+    ``upcast_vae``, where the VAE's config has ``force_upcast``): a graph of the float16 VAE would then read
+    weights that are no longer there."""
     vae = pipe.vae
     config = getattr(vae, "config", None)
     force = config.get("force_upcast", False) if isinstance(config, dict) else getattr(config, "force_upcast", False)
-    if hasattr(pipe, "upcast_vae") and force and getattr(vae, "dtype", None) == torch.float16:
-        return ("the VAE decode is left as it is: this pipeline casts the VAE to float32 around each decode "
-                "(force_upcast in the VAE's config), which a graph of the float16 VAE cannot follow; a VAE "
-                "with force_upcast=False (one that is exact in float16) is graphed")
-    return None
+    return bool(hasattr(pipe, "upcast_vae") and force and getattr(vae, "dtype", None) == torch.float16)
+
+
+def _keep_vae_float32(pipe: Any, report: dict) -> None:
+    """Where the pipeline would cast its VAE to float32 for each decode (``_vae_upcast``), cast it once and
+    keep it so (upstream's own advice in ``upcast_vae``'s deprecation), so that its decode can be graphed and
+    compiled. The cast is the pipeline's own ``upcast_vae`` (0.19-0.39 leave a few layers in float16, and its
+    deprecation notice is not the user's to see), and the decode takes the latents in the dtype the pipeline
+    gives them for it (its first layer's): the same arithmetic as the pipeline's, for the VAE's weights in
+    float32 once more on the GPU. ``disable`` casts it back."""
+    vae = pipe.vae
+    pipe._fast_path_vae_dtype = vae.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe.upcast_vae()
+    first = getattr(vae, "post_quant_conv", None) or vae
+    vae.decode = decode_as(vae.decode, next(first.parameters()).dtype)
+    report["float32"].append("VAE")
+    logger.info("fast path: the VAE is kept in float32 (force_upcast in its config: the pipeline would cast it "
+                "to float32 around each decode), so that its decode is graphed")
+
+
+def decode_as(decode: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
+    """``decode`` taking latents of any floating dtype, cast to ``dtype`` (the VAE's) first."""
+    def decode_cast(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return decode(z.to(dtype), *args, **kwargs)
+
+    decode_cast.input_cast = dtype
+    return decode_cast
 
 
 def _ahead(pipe: Any, parts: list[tuple[str, Any, str]], modes: dict[str, bool | str], report: dict,
@@ -208,6 +231,8 @@ def _ahead(pipe: Any, parts: list[tuple[str, Any, str]], modes: dict[str, bool |
         logger.info("fast path: no helper process for the VAE decode's compile: inductor's on-disk cache is off")
         return None
     vae = names["VAE decode"]
+    # the latents' dtype where the decode casts them (a VAE kept in float32), else the VAE's own
+    latents_dtype = str(getattr(pipe, "_fast_path_vae_dtype", next(vae.parameters()).dtype)).replace("torch.", "")
     try:
         latent_channels = int(dict(vae.config)["latent_channels"])
     except Exception as e:  # e.g. a VAE without diffusers' config
@@ -216,7 +241,7 @@ def _ahead(pipe: Any, parts: list[tuple[str, Any, str]], modes: dict[str, bool |
 
     def extra() -> dict:  # what compile_in_helper needs, as this process has it when a helper starts
         return {"mode": modes["VAE decode"], "options": options, "channels_last": channels_last is not False,
-                "inductor_config": inductor_config()}
+                "inductor_config": inductor_config(), "latents_dtype": latents_dtype}
 
     ahead = pipe._fast_path_ahead = compile_ahead.Ahead(vae, "decode", "VAE decode", f"{__name__}:compile_in_helper",
                                                         extra, cache_counts)
@@ -244,13 +269,16 @@ def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
     extra = spec["extra"]
     set_inductor_config(extra["inductor_config"])
     param = next(model.parameters())
+    latents = getattr(torch, extra.get("latents_dtype") or spec["dtype"])
+    if latents != param.dtype:  # as this process's decode of a VAE kept in float32: latents cast in the graph
+        setattr(model, spec["attr"], decode_as(getattr(model, spec["attr"]), param.dtype))
     report = _report()
     apply_to(model, spec["what"], spec["attr"], extra["mode"], report, channels_last=extra["channels_last"],
              cuda_graphs=param.device.type == "cuda", options=extra["options"])
     if spec["what"] not in report["compile"]:
         return f"not compiled: {report['reasons']}"
     with torch.no_grad():
-        getattr(model, spec["attr"])(torch.randn(spec["shape"], device=param.device, dtype=param.dtype))
+        getattr(model, spec["attr"])(torch.randn(spec["shape"], device=param.device, dtype=latents))
     if param.device.type == "cuda":
         torch.cuda.synchronize(param.device)
     regions = model.__dict__.get("_fast_path_regions")
@@ -320,3 +348,7 @@ def disable(pipe: Any) -> None:
             model.__dict__.pop(attr, None)  # back to the class's own method
             if not name.startswith("text_encoder"):
                 model.to(memory_format=torch.contiguous_format)
+    dtype = pipe.__dict__.pop("_fast_path_vae_dtype", None)
+    if dtype is not None:  # the VAE kept in float32 for its graphs: back to the pipeline's dtype
+        pipe.vae.__dict__.pop("decode", None)
+        pipe.vae.to(dtype)

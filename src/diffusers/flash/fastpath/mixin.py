@@ -28,9 +28,10 @@ class FastPathMixin:
         artifacts contain pickles), so use only files you wrote or trust like code: a file is loaded only where it is
         yours, not writable by others, and signed with your key (``~/.cache/diffusers-flash/cache-key``);
         ``trust_cache=True`` (or the file's sha256) loads a file another machine wrote. SDXL's pipelines (0.19 on) are
-        served too: their extra UNet inputs are graph inputs, and a VAE the pipeline casts to float32 for each decode
-        (``force_upcast``) is left as it is. Returns a report of what was applied; what cannot apply is logged with the
-        reason and runs as before. ``disable_fast_path()`` undoes it.
+        served too: their extra UNet inputs are graph inputs, and a VAE the pipeline would cast to float32 for each
+        decode (``force_upcast``) is kept in float32 so that its decode is graphed too (the same arithmetic). Returns a
+        report of what was applied; what cannot apply is logged with the reason and runs as before.
+        ``disable_fast_path()`` undoes it.
         """
         from diffusers.flash.fastpath import engine as fast_path
 
