@@ -40,6 +40,13 @@ def torch_payload(artifacts: dict) -> bytes:
     return zlib.crc32(body).to_bytes(4, "big") + body
 
 
+def appended(*batches: dict) -> bytes:
+    """What torch.compiler.save_cache_artifacts returns after one call per batch (one compile each): the
+    entries of every call, one after the other, an artifact type once per call."""
+    body = (1).to_bytes(8, "big") + b"".join(torch_payload(batch)[12:] for batch in batches)
+    return zlib.crc32(body).to_bytes(4, "big") + body
+
+
 def planted_file(payload: bytes, mac_key: bytes = b"not the user's key") -> bytes:
     """A cache file as someone without this user's key can write one: the header's checksum is right (the
     writer computes it), its MAC is one made with another key."""
@@ -167,6 +174,27 @@ def test_a_file_this_user_wrote_is_loaded_into_torchs_cache(home, log):
     landed = list((home / "inductor").rglob("*"))
     assert any(p.is_file() and p.read_bytes() == b"compiled" for p in landed), landed
     assert f"loaded 1 compiled artifacts from {path}" in log.text
+
+
+def test_artifacts_saved_after_each_of_two_compiles_are_all_loaded():
+    """save_cache_artifacts after each compile appends an entry per type; torch's loader keeps the last
+    entry of each type, so the first compile's graph (the UNet's, before the VAE decoder's) was lost."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    unet = {"inductor": [("f3pf", b"unet graph")], "aot_autograd": [("aebe", b"unet aot")]}
+    vae = {"inductor": [("fqzd", b"vae graph")], "autotune": [("2n/ab.best_config", b"{}")]}
+    payload = appended(unet, vae)
+    assert compile_cache.artifact_keys(payload) == {"inductor": ["f3pf", "fqzd"], "aot_autograd": ["aebe"],
+                                                     "autotune": ["2n/ab.best_config"]}
+    lost = CacheArtifactManager.deserialize(payload)  # torch's own reading of the appended entries
+    assert [a.key for a in lost["inductor"]] == ["fqzd"]
+    whole = compile_cache.merged(payload)
+    loaded = CacheArtifactManager.deserialize(whole)
+    assert {kind: [(a.key, a.content) for a in items] for kind, items in loaded.items()} == {
+        "inductor": [("f3pf", b"unet graph"), ("fqzd", b"vae graph")], "aot_autograd": [("aebe", b"unet aot")],
+        "autotune": [("2n/ab.best_config", b"{}")]}
+    assert compile_cache.merged(whole) == whole  # one entry per type: as it was
+    assert compile_cache.merged(torch_payload(unet)) == torch_payload(unet)
 
 
 def test_a_tampered_byte_is_refused(home, log):
@@ -441,26 +469,30 @@ CACHE_RUN = """
 import json, sys, torch
 from diffusers.flash.fastpath import engine as fast_path
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1)).eval()
+# two models compiled one after the other, the file updated after each (as the UNet's and the VAE's)
+first = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 1)).eval()
+second = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
 store = fast_path.CompileCache(sys.argv[1])
 store.load()
 report = fast_path._report()
-fast_path.apply_to(model, "VAE decode", "forward", True, report, channels_last=False, cuda_graphs=False,
-                   cache=store)
+for what, model in (("UNet", first), ("VAE decode", second)):
+    fast_path.apply_to(model, what, "forward", True, report, channels_last=False, cuda_graphs=False, cache=store)
 with torch.no_grad():
-    out = model(torch.ones(1, 4, 8, 8))
-    model(torch.ones(1, 4, 8, 8))  # the same shape: no compile, no update
+    out = first(torch.ones(1, 4, 8, 8))
+    first(torch.ones(1, 4, 8, 8))  # the same shape: no compile, no update
+    out2 = second(torch.ones(2, 8))
 hits, misses = fast_path.cache_counts()
-print(json.dumps({"compile": report["compile"], "failed": model.forward.fn.failed, "loaded": store.loaded,
-                  "problem": store.problem, "written": store.written, "sum": float(out.sum()),
-                  "hits": hits, "misses": misses}))
+print(json.dumps({"compile": report["compile"], "failed": [m.forward.fn.failed for m in (first, second)],
+                  "loaded": store.loaded, "problem": store.problem, "written": store.written,
+                  "sum": float(out.sum()) + float(out2.sum()), "hits": hits, "misses": misses}))
 """
 
 
 @pytest.mark.slow
 def test_a_cache_file_serves_the_compile_in_a_new_process_with_an_empty_inductor_cache(home):
-    """Process 1 (fresh inductor and Triton caches) compiles with cache=file and writes it; process 2 (other
-    empty caches) loads it: its compile is a cache hit with no miss, and the file is not rewritten."""
+    """Process 1 (fresh inductor and Triton caches) compiles two models with cache=file, writing it after each;
+    process 2 (other empty caches) loads it: both compiles are cache hits with no miss, and the file is not
+    rewritten (torch's loader kept only the second model's graph of a file saved twice: ``merged``)."""
     from test_compile_ahead import _no_cpp_compiler
 
     reason = _no_cpp_compiler()
@@ -477,10 +509,10 @@ def test_a_cache_file_serves_the_compile_in_a_new_process_with_an_empty_inductor
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run("machine-1")
-    assert first["compile"] == ["VAE decode"] and first["failed"] is None, first
-    assert first["misses"] >= 1 and not first["loaded"] and first["written"] == 1, first
+    assert first["compile"] == ["UNet", "VAE decode"] and first["failed"] == [None, None], first
+    assert first["misses"] >= 2 and not first["loaded"] and first["written"] == 2, first
     assert path.read_bytes().startswith(fast_path.CACHE_MAGIC)
     second = run("machine-2")
-    assert second["loaded"] and second["problem"] is None and second["failed"] is None, second
-    assert second["hits"] >= 1 and second["misses"] == 0, second
+    assert second["loaded"] and second["problem"] is None and second["failed"] == [None, None], second
+    assert second["hits"] >= 2 and second["misses"] == 0, second
     assert second["written"] == 0 and second["sum"] == pytest.approx(first["sum"], rel=1e-5)

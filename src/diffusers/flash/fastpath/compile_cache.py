@@ -163,11 +163,11 @@ def user_key() -> bytes:
 
 
 # ------------------------------------------------------------------ torch's artifacts, read without torch
-def artifact_keys(payload: bytes) -> dict[str, list[str]]:
-    """The artifact keys in torch.compiler.save_cache_artifacts' bytes, by type, read without handing
-    anything to torch (its format: a crc32 of the rest, a version, then per type its name, a count and
-    (key, content) pairs, strings base64). Refused where it cannot be read or a key would name a place
-    outside torch's cache folders."""
+def _entries(payload: bytes) -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """torch.compiler.save_cache_artifacts' bytes as (type, [(key, encoded key and content)]) entries, read
+    without handing anything to torch (its format: a crc32 of the rest, a version, then entries of a type's
+    name, a count and (key, content) pairs, each a length and its bytes, names base64). Refused where it cannot
+    be read or a key would name a place outside torch's cache folders."""
     at = 0
 
     def take(n: int) -> bytes:
@@ -192,17 +192,43 @@ def artifact_keys(payload: bytes) -> dict[str, list[str]]:
     version = number()
     if version != TORCH_FORMAT:
         raise Refused(f"its artifacts are in torch's format {version}, which this version cannot check")
-    out: dict[str, list[str]] = {}
+    out: list[tuple[str, list[tuple[str, bytes]]]] = []
     while at < len(payload):
         kind = text()
         if kind not in _KEY_PARTS:
             raise Refused(f"it holds artifacts of a type this version cannot check ({kind[:40]!r})")
+        items = []
         for _ in range(number()):
+            begin = at
             key = text()
             take(number())  # the content: torch's, opaque here
             _check_key(kind, key)
-            out.setdefault(kind, []).append(key)
+            items.append((key, payload[begin:at]))
+        out.append((kind, items))
     return out
+
+
+def artifact_keys(payload: bytes) -> dict[str, list[str]]:
+    """The artifact keys in torch.compiler.save_cache_artifacts' bytes, by type (see ``_entries``)."""
+    out: dict[str, list[str]] = {}
+    for kind, items in _entries(payload):
+        out.setdefault(kind, []).extend(key for key, _ in items)
+    return out
+
+
+def merged(payload: bytes) -> bytes:
+    """``payload`` with one entry per artifact type. torch.compiler.save_cache_artifacts, called after each
+    compile, appends an entry per type each time, and load_cache_artifacts keeps only the last entry of each
+    type (it reads them into a dict): the UNet's compiled graph, saved before the VAE decoder's, was dropped on
+    loading. Merged, every artifact is loaded; a payload with one entry per type comes back as it was."""
+    kinds: dict[str, list[bytes]] = {}
+    for kind, items in _entries(payload):
+        kinds.setdefault(kind, []).extend(raw for _, raw in items)
+    body = bytearray(TORCH_FORMAT.to_bytes(8, "big"))
+    for kind, raws in kinds.items():
+        name = base64.b64encode(kind.encode("utf-8"))
+        body += len(name).to_bytes(8, "big") + name + len(raws).to_bytes(8, "big") + b"".join(raws)
+    return zlib.crc32(body).to_bytes(4, "big") + bytes(body)
 
 
 def _check_key(kind: str, key: str) -> None:
@@ -281,7 +307,7 @@ class CompileCache:
                 return False
             payload = self._verify(data)
             kinds = artifact_keys(payload)
-            info = torch.compiler.load_cache_artifacts(payload)
+            info = torch.compiler.load_cache_artifacts(merged(payload))
             if info is None:
                 raise Refused("torch could not read its artifacts (its log says why)")
         except Refused as e:
@@ -365,7 +391,11 @@ class CompileCache:
             return
         if got is None or _artifact_set(got[1]) <= self.keys:
             return
-        data, keys = got[0], _artifact_set(got[1])
+        try:
+            data, keys = merged(got[0]), _artifact_set(got[1])
+        except Refused as e:  # torch wrote a format this version cannot read: not written
+            logger.warning(f"fast path: the compile cache {self.path} is not written ({e})")
+            return
         try:
             self._place()
             if os.path.islink(self.path):
