@@ -1,5 +1,11 @@
 """Same seed, same image: every attention backend against upstream's math, for txt2img, img2img and
-inpaint, on a tiny Stable Diffusion pipeline built locally (CPU fp32; GPU fp16 where CUDA is present)."""
+inpaint, on a tiny Stable Diffusion pipeline built locally (CPU fp32; GPU fp16 where CUDA is present).
+
+In fp16 the bound is 1/255 beyond math's own rounding: no backend may be more than 1/255 further from the
+image of math in fp32 than math in fp16 is. A plain 1/255 against fp16 math asks every kernel to repeat math's
+rounding errors: on an H100 (2026-12-07) auto differed from fp16 math by 1.49/255 (img2img) and 2.37/255
+(inpaint); run in fp16 on the CPU, math itself was 0.8-2.0/255 from fp32 math on img2img and inpaint, while
+SDPA's error stayed within 0.25/255 of math's (and up to 2.7/255 from fp16 math's image)."""
 import inspect
 
 import numpy as np
@@ -49,13 +55,15 @@ def test_backends_give_the_same_image_as_math(device, dtype, tol, task):
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh every run; printed on failure
     pipe = local_pipelines.stable_diffusion("tiny", seed=seed % 1000, pipeline_class=PIPELINES[task])
     pipe = pipe.to(device)
-    if dtype != torch.float32:
-        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-            m.to(dtype)
     pipe.set_progress_bar_config(disable=True) if hasattr(pipe, "set_progress_bar_config") else None
     with ad.attention_backend("math"):
+        exact = _run(pipe, task, device, seed)  # fp32: the image fp16's rounding is measured from
+        if dtype != torch.float32:
+            for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+                m.to(dtype)
         ref = _run(pipe, task, device, seed)
     assert np.isfinite(ref).all() and ref.std() > 0
+    bound = np.abs(ref - exact).max() + tol  # math's own rounding (0 in fp32), and 1/255 more
     names = ["auto"] + [n for n, ok, _ in ad.backend_status() if ok and n != "math"]
     for name in names:
         try:
@@ -64,9 +72,11 @@ def test_backends_give_the_same_image_as_math(device, dtype, tol, task):
         except ad.AttentionBackendError as e:  # a forced kernel that cannot serve a shape says why
             assert name != "auto", e
             continue
-        diff = np.abs(out - ref).max()
-        print(f"{task} {device} {name}: max pixel difference to math {diff * 255:.3f}/255")  # shown with -s
-        assert diff <= tol, f"{task} {name} seed={seed}: max pixel difference {diff * 255:.2f}/255"
+        diff, off = np.abs(out - ref).max(), np.abs(out - exact).max()
+        print(f"{task} {device} {name}: max pixel difference to math {diff * 255:.3f}/255, to fp32 math "
+              f"{off * 255:.3f}/255 (fp16 math {(bound - tol) * 255:.3f}/255)")  # shown with -s
+        assert off <= bound, (f"{task} {name} seed={seed}: max pixel difference to fp32 math {off * 255:.2f}/255, "
+                              f"fp16 math's {(bound - tol) * 255:.2f}/255")
         pipe.enable_attention_slicing(1)  # slicing (one batch x head row at a time) changes nothing either
         with ad.attention_backend(name):
             sliced = _run(pipe, task, device, seed)
