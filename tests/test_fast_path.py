@@ -129,7 +129,8 @@ def _sdxl_or_skip(**kwargs):
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("force_upcast,compile,dtype", [(True, False, torch.float16), (False, True, torch.float32)])
+@pytest.mark.parametrize("force_upcast,compile,dtype", [(True, False, torch.float16), (True, True, torch.float16),
+                                                         (False, True, torch.float32)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sdxl_fast_path_gives_the_same_images(force_upcast, compile, dtype):
