@@ -134,14 +134,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe, _ = build(ns)
     torch.set_grad_enabled(False)
     peak = matmul_peak("cuda", torch.float16)
-    applied = pipe.enable_fast_path(compile=True)
+    applied = pipe.enable_fast_path(compile=True, channels_last=not args.contiguous)
     pipe([PROMPT] * args.images, num_inference_steps=args.steps, guidance_scale=7.5, height=512, width=512,
          generator=torch.Generator("cuda").manual_seed(0), output_type="np")
     torch.cuda.synchronize()
     parts = [profile_part("UNet step", pipe.unet.forward.graphed, peak["tflops"], args.iters),
              profile_part("VAE decode", pipe.vae.decode.graphed, peak["tflops"], args.iters)]
     return dict(kind="profile", machine=machine("cuda"), images=args.images, matmul_peak=peak,
-                applied={k: applied[k] for k in ("cuda_graphs", "compile", "reasons")}, parts=parts)
+                applied={k: applied[k] for k in ("cuda_graphs", "compile", "channels_last", "reasons")},
+                parts=parts)
 
 
 def render(report: dict[str, Any]) -> str:
@@ -162,6 +163,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=8, help="images per call (default 8)")
     ap.add_argument("--steps", type=int, default=2, help="steps of the call that compiles and captures")
     ap.add_argument("--iters", type=int, default=20, help="calls timed and profiled per part")
+    ap.add_argument("--contiguous", action="store_true",
+                    help="keep the weights in the contiguous layout (default: channels-last where compiled)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON")
     args = ap.parse_args(argv)
     if args.images < 1 or args.iters < 1 or args.steps < 1:

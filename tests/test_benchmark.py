@@ -474,6 +474,7 @@ def test_profile_classes_kernels_and_flops():
     flops = profile.flops_by_class(fn, (torch.ones(2, 4, 10, 10), torch.ones(5, 16)))
     assert flops == {"convolution": 2 * 2 * 8 * 8 * 8 * 4 * 9, "gemm": 2 * 5 * 16 * 32}, flops
     assert profile.parse(["--images", "1"]).images == 1
+    assert profile.parse(["--contiguous"]).contiguous and not profile.parse([]).contiguous
     with pytest.raises(SystemExit):
         profile.parse(["--iters", "0"])
 
