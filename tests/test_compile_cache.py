@@ -164,6 +164,16 @@ def _genuine(path, artifacts=None):
     return payload
 
 
+def _signed(path, artifacts):
+    """A cache file signed with this user's key around any artifacts, as CompileCache writes its header (as an
+    earlier version, or anyone holding the key, could write one)."""
+    payload = torch_payload(artifacts)
+    header = {"torch": torch.__version__, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    header["hmac_sha256"] = compile_cache._mac(compile_cache.user_key(), header, payload)
+    path.write_bytes(fast_path.CACHE_MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    os.chmod(path, 0o644)
+
+
 def test_a_file_this_user_wrote_is_loaded_into_torchs_cache(home, log):
     path = home / "work" / "compiled.bin"
     _genuine(path)
@@ -230,9 +240,14 @@ def test_a_wrong_signature_is_refused_with_the_reason_logged(home, log):
 def test_a_signed_file_whose_artifact_names_a_place_outside_torchs_cache_is_refused(home, log, key):
     """Even a file this user's key signed: nothing whose key torch would join into a path outside its folder."""
     path = home / "work" / "compiled.bin"
-    _genuine(path, {"aot_autograd": [("aabc", b"x")], "inductor": [(key, b"x")]})
+    _signed(path, {"aot_autograd": [("aabc", b"x")], "inductor": [(key, b"x")]})
     _refused(fast_path.CompileCache(path), log, "names a place outside torch's cache folders")
     assert not (home / "inductor").exists() or not any((home / "inductor").rglob("*"))
+    # nor is such a file written, whoever hands it over (torch's save_cache_artifacts here)
+    path.unlink()
+    with pytest.raises(AssertionError):
+        _genuine(path, {"aot_autograd": [("aabc", b"x")], "inductor": [(key, b"x")]})
+    assert not path.exists() and "outside torch's cache folders" in log.text
 
 
 def test_an_autotune_key_below_torchs_folder_is_accepted_and_one_escaping_it_is_not():
