@@ -112,12 +112,15 @@ def test_a_vae_kept_in_float32_decodes_float16_latents_and_goes_back_on_disable(
     fast_path._keep_vae_float32(pipe, report)
     assert report["float32"] == ["VAE"] and vae.dtype == torch.float32 and pipe._fast_path_vae_dtype == torch.float16
     torch.testing.assert_close(vae.decode(z).sample, want, rtol=0, atol=0)  # the same float32 arithmetic
+    vae.half()  # as SDXL's img2img leaves it after encoding: the latents follow the VAE's dtype
+    assert vae.decode(z).sample.dtype == torch.float16
+    vae.float()
     fast_path.disable(pipe)
     assert vae.dtype == torch.float16 and "decode" not in vars(vae) and "_fast_path_vae_dtype" not in vars(pipe)
     # 0.19-0.39's upcast_vae leaves the first layers in float16: the latents go in as the pipeline gives them
     pipe.upcast_vae = lambda: (vae.to(torch.float32), vae.post_quant_conv.half(), vae.decoder.conv_in.half())
     fast_path._keep_vae_float32(pipe, fast_path._report())
-    assert vae.decode.input_cast == torch.float16 and vae.dtype == torch.float32
+    assert vae.decode.layer.weight.dtype == torch.float16 and vae.dtype == torch.float32
     fast_path.disable(pipe)
     assert {p.dtype for p in vae.parameters()} == {torch.float16}
 

@@ -197,19 +197,24 @@ def _keep_vae_float32(pipe: Any, report: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         pipe.upcast_vae()
-    first = getattr(vae, "post_quant_conv", None) or vae
-    vae.decode = decode_as(vae.decode, next(first.parameters()).dtype)
+    vae.decode = decode_as(vae.decode, _first_layer(vae))
     report["float32"].append("VAE")
     logger.info("fast path: the VAE is kept in float32 (force_upcast in its config: the pipeline would cast it "
                 "to float32 around each decode), so that its decode is graphed")
 
 
-def decode_as(decode: Callable[..., Any], dtype: torch.dtype) -> Callable[..., Any]:
-    """``decode`` taking latents of any floating dtype, cast to ``dtype`` (the VAE's) first."""
-    def decode_cast(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return decode(z.to(dtype), *args, **kwargs)
+def _first_layer(vae: torch.nn.Module) -> torch.nn.Module:
+    """The layer a VAE's decode starts with: its ``post_quant_conv`` where it has one, else its decoder's first."""
+    return getattr(vae, "post_quant_conv", None) or vae.decoder.conv_in
 
-    decode_cast.input_cast = dtype
+
+def decode_as(decode: Callable[..., Any], layer: torch.nn.Module) -> Callable[..., Any]:
+    """``decode`` taking latents of any floating dtype, cast to the dtype of ``layer``'s weight (the layer the
+    decode starts with) at each call: as the pipeline casts them, whatever it has done to the VAE since."""
+    def decode_cast(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return decode(z.to(layer.weight.dtype), *args, **kwargs)
+
+    decode_cast.layer = layer
     return decode_cast
 
 
@@ -271,7 +276,7 @@ def compile_in_helper(model: torch.nn.Module, spec: dict) -> str | None:
     param = next(model.parameters())
     latents = getattr(torch, extra.get("latents_dtype") or spec["dtype"])
     if latents != param.dtype:  # as this process's decode of a VAE kept in float32: latents cast in the graph
-        setattr(model, spec["attr"], decode_as(getattr(model, spec["attr"]), param.dtype))
+        setattr(model, spec["attr"], decode_as(getattr(model, spec["attr"]), _first_layer(model)))
     report = _report()
     apply_to(model, spec["what"], spec["attr"], extra["mode"], report, channels_last=extra["channels_last"],
              cuda_graphs=param.device.type == "cuda", options=extra["options"])
