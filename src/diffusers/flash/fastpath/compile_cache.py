@@ -208,12 +208,30 @@ def _entries(payload: bytes) -> list[tuple[str, list[tuple[str, bytes]]]]:
     return out
 
 
+def _by_kind(entries: list[tuple[str, list[tuple[str, bytes]]]]) -> dict[str, list[tuple[str, bytes]]]:
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for kind, items in entries:
+        out.setdefault(kind, []).extend(items)
+    return out
+
+
+def _keys(kinds: dict[str, list[tuple[str, bytes]]]) -> dict[str, list[str]]:
+    return {kind: [key for key, _ in items] for kind, items in kinds.items()}
+
+
 def artifact_keys(payload: bytes) -> dict[str, list[str]]:
     """The artifact keys in torch.compiler.save_cache_artifacts' bytes, by type (see ``_entries``)."""
-    out: dict[str, list[str]] = {}
-    for kind, items in _entries(payload):
-        out.setdefault(kind, []).extend(key for key, _ in items)
-    return out
+    return _keys(_by_kind(_entries(payload)))
+
+
+def _merge(kinds: dict[str, list[tuple[str, bytes]]]) -> bytes:
+    """torch's format again, from ``_by_kind``'s entries: one entry per artifact type."""
+    body = bytearray(TORCH_FORMAT.to_bytes(8, "big"))
+    for kind, items in kinds.items():
+        name = base64.b64encode(kind.encode("utf-8"))
+        body += len(name).to_bytes(8, "big") + name + len(items).to_bytes(8, "big")
+        body += b"".join(raw for _, raw in items)
+    return zlib.crc32(body).to_bytes(4, "big") + bytes(body)
 
 
 def merged(payload: bytes) -> bytes:
@@ -221,14 +239,7 @@ def merged(payload: bytes) -> bytes:
     compile, appends an entry per type each time, and load_cache_artifacts keeps only the last entry of each
     type (it reads them into a dict): the UNet's compiled graph, saved before the VAE decoder's, was dropped on
     loading. Merged, every artifact is loaded; a payload with one entry per type comes back as it was."""
-    kinds: dict[str, list[bytes]] = {}
-    for kind, items in _entries(payload):
-        kinds.setdefault(kind, []).extend(raw for _, raw in items)
-    body = bytearray(TORCH_FORMAT.to_bytes(8, "big"))
-    for kind, raws in kinds.items():
-        name = base64.b64encode(kind.encode("utf-8"))
-        body += len(name).to_bytes(8, "big") + name + len(raws).to_bytes(8, "big") + b"".join(raws)
-    return zlib.crc32(body).to_bytes(4, "big") + bytes(body)
+    return _merge(_by_kind(_entries(payload)))
 
 
 def _check_key(kind: str, key: str) -> None:
@@ -306,8 +317,9 @@ class CompileCache:
                 logger.info(f"fast path: no compile cache at {self.path} yet: written after the first compile")
                 return False
             payload = self._verify(data)
-            kinds = artifact_keys(payload)
-            info = torch.compiler.load_cache_artifacts(merged(payload))
+            entries = _by_kind(_entries(payload))  # read once: checked here, merged for torch
+            kinds = _keys(entries)
+            info = torch.compiler.load_cache_artifacts(_merge(entries))
             if info is None:
                 raise Refused("torch could not read its artifacts (its log says why)")
         except Refused as e:

@@ -354,6 +354,5 @@ def disable(pipe: Any) -> None:
             if not name.startswith("text_encoder"):
                 model.to(memory_format=torch.contiguous_format)
     dtype = pipe.__dict__.pop("_fast_path_vae_dtype", None)
-    if dtype is not None:  # the VAE kept in float32 for its graphs: back to the pipeline's dtype
-        pipe.vae.__dict__.pop("decode", None)
+    if dtype is not None:  # the VAE kept in float32 for its graphs (its decode_as went above): back to its dtype
         pipe.vae.to(dtype)

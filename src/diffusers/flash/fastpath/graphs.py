@@ -238,7 +238,6 @@ class GraphedForward(GraphedCalls):
                                                     taking(prepare), taking(after), self.weights)
         return call
 
-
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor, *args: Any,
                  return_dict: bool = True, **kwargs: Any) -> Any:
         UNet2DConditionOutput = _output_class("UNet2DConditionOutput", "unet_2d_condition", "unets.unet_2d_condition")
@@ -364,7 +363,6 @@ class GraphedTextForward(GraphedCalls):
             call = self.calls[hidden] = GraphedCall(run, self.name, pool, warmup=1, prepare=prepare, after=after,
                                                     weights=self.weights)
         return call
-
 
     def __call__(self, input_ids: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         hidden = kwargs.pop("output_hidden_states", None)
