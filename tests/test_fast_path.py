@@ -332,6 +332,36 @@ def test_torch_compile_traces_the_attention_dispatcher_without_graph_breaks():
     assert (again.graph_count, again.graph_break_count) == (1, 0), again.break_reasons
 
 
+def test_a_model_compiled_before_any_eager_call_compiles_once():
+    """A user's own torch.compile(unet), called before the dispatcher has planned its shapes: the first trace
+    plans them. The plans must not be written from the compiled call, or the guard dynamo puts on their
+    absence fails at the second call and the whole model compiles again."""
+    from diffusers.flash.attention import dispatch as attention_dispatch
+
+    unet = local_pipelines.components("tiny")["unet"].eval()
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(7)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    attention_dispatch._cache.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend=count, fullgraph=True)
+    with torch.no_grad():
+        expected = unet(x, t, ctx).sample
+        attention_dispatch._cache.clear()  # as in a new process: nothing planned before the compiled call
+        outs = [compiled(x, t, ctx).sample for _ in range(3)]
+    assert len(graphs) == 1, f"compiled {len(graphs)} times"
+    for out in outs:
+        torch.testing.assert_close(out, expected)
+    with torch.no_grad():  # an eager call afterwards plans and remembers, as before
+        unet(x, t, ctx)
+    assert any(key[0] == "plan" for key in attention_dispatch._cache)
+
+
 @pytest.mark.slow
 def test_the_fast_path_compile_options_keep_the_unet_output():
     """torch.compile with the fast path's inductor options (on the CPU here: the same graph passes as on

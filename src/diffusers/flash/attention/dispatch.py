@@ -201,6 +201,11 @@ CACHE_LIMIT = 4096  # entries; past it the oldest quarter is dropped (re-planned
 
 
 def _remember(key: tuple, value: object) -> object:
+    """``value`` kept under ``key``; not from a call torch.compile is tracing: dynamo guards on the key's
+    absence, and a write replayed by the compiled call would fail that guard at the next call, compiling the
+    whole model again. A compiled call plans at trace time, once per compile."""
+    if _compiling():
+        return value
     if len(_cache) >= CACHE_LIMIT:
         for old in list(_cache)[: CACHE_LIMIT // 4]:  # list(dict) copies the keys in one step (threads)
             _cache.pop(old, None)
@@ -298,7 +303,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | Non
         why = _verdict(cand, c)
         if not why:
             logged = ("logged", c.key())
-            if logged not in _cache and not _compiling():  # a logger call would break torch.compile's graph
+            if not _compiling() and logged not in _cache:  # a logger call would break torch.compile's graph
                 _remember(logged, True)
                 logger.debug(f"attention auto ({c.describe()}): {cand}"
                              + ("; skipped " + "; ".join(skipped) if skipped else ""))
