@@ -322,6 +322,67 @@ def work(model: str, size: str = "full", device: str = "meta") -> dict[str, floa
                 "denoiser_params_b": sum(p.numel() for p in net.parameters()) / 1e9}
 
 
+# Flux's transformer shrunk for the CPU: 12 heads of 128 (full: 24), 2 double and 4 single blocks (full: 19, 38)
+DRIFT_REDUCED = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                     num_attention_heads=12, joint_attention_dim=1024, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+DRIFT_ROWS = (("bf16 math", "math", False), ("bf16 auto", "auto", False), ("bf16 auto compiled", "auto", True))
+
+
+def drift(size: str = "reduced", steps: int = 28, image_tokens: int = 256, text_tokens: int = 128,
+          device: str = "cpu", rows: Sequence[tuple[str, str, bool]] = DRIFT_ROWS) -> dict[str, Any]:
+    """How far Flux's bf16 rows land from a float32 computation after ``steps`` Euler steps of its transformer
+    (random weights rounded to bf16 first, so only the arithmetic differs; random text embeddings), in units of
+    the float32 result's standard deviation: each row against float32 ``math``, and each pair of rows. Shows
+    whether a row that differs from bf16 ``math`` is further from the exact result, or as far in another
+    direction. ``size``: "reduced" (:data:`DRIFT_REDUCED`, minutes on a CPU), "full" (Flux.1-dev's, a GPU)
+    or "tiny"."""
+    import diffusers
+    from diffusers.flash.attention import dispatch
+
+    cfg = DRIFT_REDUCED if size == "reduced" else builders().CONFIGS["flux"][size]["transformer"]
+    side = int(image_tokens ** 0.5)
+    if side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a square number, not {image_tokens}")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(**cfg).eval().to(device, torch.bfloat16).float()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, image_tokens, cfg["in_channels"], generator=g).to(device)
+    text = torch.randn(1, text_tokens, cfg["joint_attention_dim"], generator=g).to(device)
+    pooled = torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device)
+    grid = torch.arange(side, dtype=torch.float32)
+    img_ids = torch.stack([torch.zeros(side, side), grid[:, None].expand(side, side),
+                           grid[None].expand(side, side)], -1).reshape(-1, 3).to(device)
+    txt_ids = torch.zeros(text_tokens, 3, device=device)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+
+    def run(dtype: torch.dtype, backend: str, compiled: bool) -> torch.Tensor:
+        net = model.to(dtype)
+        fn = torch.compile(net) if compiled else net
+        x = x0.to(dtype)
+        guidance = torch.full((1,), 3.5, device=device, dtype=dtype) if cfg.get("guidance_embeds") else None
+        with torch.no_grad(), dispatch.attention_backend(backend):
+            for i in range(steps):
+                v = fn(hidden_states=x, timestep=sigmas[i].reshape(1).to(device, dtype), guidance=guidance,
+                       encoder_hidden_states=text.to(dtype), pooled_projections=pooled.to(dtype), img_ids=img_ids,
+                       txt_ids=txt_ids, return_dict=False)[0]
+                x = (x.float() + float(sigmas[i + 1] - sigmas[i]) * v.float()).to(dtype)
+        return x.float()
+
+    exact = run(torch.float32, "math", False)
+    unit = exact.std().item()
+
+    def diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+        d = (a - b).abs()
+        return {"max": d.max().item() / unit, "mean": d.mean().item() / unit}
+
+    out = {name: run(torch.bfloat16, backend, compiled) for name, backend, compiled in rows}
+    names = list(out)
+    return {"size": size, "steps": steps, "tokens": [image_tokens, text_tokens], "device": device,
+            "torch": torch.__version__, "vs_float32_math": {n: diff(out[n], exact) for n in names},
+            "pairs": {f"{a} vs {b}": diff(out[a], out[b]) for i, a in enumerate(names) for b in names[i + 1:]}}
+
+
 def compare(directory: str) -> dict[str, float]:
     """Largest pixel difference (in 1/255) of every saved first image against the fork's ``math`` image of the
     same model and batch."""
@@ -363,6 +424,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["work"]:  # FLOPs of each model's step and VAE decode, on meta tensors (no GPU needed)
         print(json.dumps({m: work(m) for m in (argv[1:] or sorted(SETTINGS))}, indent=1))
+        return 0
+    if argv[:1] == ["drift"]:  # Flux's bf16 rows against a float32 computation (see drift)
+        ap = argparse.ArgumentParser(prog="python -m bench models drift", description=drift.__doc__)
+        ap.add_argument("--size", choices=("tiny", "reduced", "full"), default="reduced")
+        ap.add_argument("--steps", type=int, default=28)
+        ap.add_argument("--image-tokens", type=int, default=256, help="a square number (Flux at 1024x1024: 4096)")
+        ap.add_argument("--text-tokens", type=int, default=128, help="(Flux.1-dev: 512)")
+        ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        ap.add_argument("--json", help="write the report here")
+        a = ap.parse_args(argv[1:])
+        if a.steps < 1 or a.text_tokens < 1 or round(max(a.image_tokens, 0) ** 0.5) ** 2 != a.image_tokens:
+            ap.error("--steps and --text-tokens must be at least 1, --image-tokens a square number")
+        report = drift(a.size, a.steps, a.image_tokens, a.text_tokens, a.device)
+        print(json.dumps(report, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=1))
         return 0
     if argv[:1] == ["compare"]:
         print(json.dumps(compare(argv[1] if len(argv) > 1 else "out/bench-models"), indent=1))

@@ -493,3 +493,26 @@ def test_models_work_on_meta_counts_what_a_real_run_counts(model):
     meta, real = models.work(model, "tiny", "meta"), models.work(model, "tiny", "cpu")
     assert meta["denoiser_tflop"] > 0 and meta["vae_tflop"] > 0
     assert meta == pytest.approx(real, rel=1e-9), (meta, real)
+
+
+def test_models_drift_measures_each_row_against_float32():
+    """``bench models drift`` on the tiny Flux transformer: every bf16 row lands near, not on, the float32
+    computation; a row repeated is at distance 0 from itself; a pair's distance is bounded by the triangle
+    through float32."""
+    import diffusers
+
+    if not hasattr(diffusers, "FluxTransformer2DModel"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no FluxTransformer2DModel")
+    from bench import models
+
+    rows = (("bf16 math", "math", False), ("bf16 math again", "math", False), ("bf16 sdpa", "sdpa", False))
+    report = models.drift("tiny", steps=2, image_tokens=16, text_tokens=8, rows=rows)
+    vs = report["vs_float32_math"]
+    assert set(vs) == {name for name, _, _ in rows}
+    for name, d in vs.items():
+        assert 0 < d["mean"] <= d["max"] < 1, (name, d)  # bf16 differs from float32, by a fraction of the spread
+    assert report["pairs"]["bf16 math vs bf16 math again"] == {"max": 0.0, "mean": 0.0}
+    pair = report["pairs"]["bf16 math vs bf16 sdpa"]
+    assert pair["max"] <= vs["bf16 math"]["max"] + vs["bf16 sdpa"]["max"] + 1e-6
+    with pytest.raises(ValueError, match="square"):
+        models.drift("tiny", steps=1, image_tokens=15, text_tokens=8, rows=rows[:1])
