@@ -436,6 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = ap.parse_args(argv[1:])
         if a.steps < 1 or a.text_tokens < 1 or round(max(a.image_tokens, 0) ** 0.5) ** 2 != a.image_tokens:
             ap.error("--steps and --text-tokens must be at least 1, --image-tokens a square number")
+        import diffusers
+
+        if not hasattr(diffusers, "FluxTransformer2DModel"):
+            print(f"bench models drift: needs Flux (diffusers 0.30 on; installed: {diffusers.__version__})",
+                  file=sys.stderr)
+            return 2
         report = drift(a.size, a.steps, a.image_tokens, a.text_tokens, a.device)
         print(json.dumps(report, indent=1))
         if a.json:

@@ -516,3 +516,15 @@ def test_models_drift_measures_each_row_against_float32():
     assert pair["max"] <= vs["bf16 math"]["max"] + vs["bf16 sdpa"]["max"] + 1e-6
     with pytest.raises(ValueError, match="square"):
         models.drift("tiny", steps=1, image_tokens=15, text_tokens=8, rows=rows[:1])
+
+
+def test_models_drift_says_in_one_line_where_the_release_has_no_flux(capsys):
+    import diffusers
+
+    if hasattr(diffusers, "FluxTransformer2DModel"):
+        pytest.skip(f"diffusers {diffusers.__version__} has Flux: the drift runs (test above)")
+    from bench import models
+
+    assert models.main(["drift", "--size", "tiny", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs Flux" in err[0], err
