@@ -514,7 +514,7 @@ def test_models_drift_measures_each_row_against_float32():
     assert report["pairs"]["bf16 math vs bf16 math again"] == {"max": 0.0, "mean": 0.0}
     pair = report["pairs"]["bf16 math vs bf16 sdpa"]
     assert pair["max"] <= vs["bf16 math"]["max"] + vs["bf16 sdpa"]["max"] + 1e-6
-    with pytest.raises(ValueError, match="square"):
+    with pytest.raises(ValueError, match="square number"):
         models.drift("tiny", steps=1, image_tokens=15, text_tokens=8, rows=rows[:1])
 
 
