@@ -3,7 +3,9 @@
 """torch's private API as diffusers-flash uses it, each call with its fallback."""
 from __future__ import annotations
 
+import io
 import json
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -77,3 +79,33 @@ def sdpa_would_pick(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return int(choice) == int(getattr(SDPBackend, kernel).value)
     except Exception:
         return False
+
+
+def aot_compile(func: Callable[..., Any], args: tuple, kwargs: dict, options: dict) -> Any:
+    """``torch.compile(func, fullgraph=True, dynamic=False, options=options).aot_compile((args, kwargs))``:
+    dynamo's trace and inductor's compile made now for these inputs, into a function torch can serialize
+    (torch 2.11 on; ``torch._dynamo.config.enable_aot_compile``, off by default before 2.13, is switched on
+    for the ``torch.compile`` call). Moved: raises, and the model compiles as usual."""
+    patch = ({"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {})
+    with torch._dynamo.config.patch(**patch):
+        compiled = torch.compile(func, fullgraph=True, dynamic=False, options=dict(options))
+    if not hasattr(compiled, "aot_compile"):
+        raise RuntimeError(f"torch {torch.__version__} cannot compile ahead of time (aot_compile, torch 2.11 on)")
+    return compiled.aot_compile((tuple(args), dict(kwargs)))
+
+
+def aot_serialize(compiled: Any) -> tuple[bytes, dict[str, str]]:
+    """An ``aot_compile`` result as bytes, with the modules its code reaches through globals dynamo installed
+    (``___module_<name>_<id>_c<n>``, which the bytes name but do not hold): {global name: module name}.
+    Moved: raises, and nothing is kept for a new process."""
+    data = type(compiled).serialize(compiled, None).serialized_data
+    modules = {name: value.__name__ for name, value in compiled.fn.__globals__.items()
+               if name.startswith("___module_") and isinstance(value, types.ModuleType)}
+    return data, modules
+
+
+def aot_load(data: bytes, f_globals: dict[str, Any]) -> Callable[..., Any]:
+    """``torch.compiler.load_compiled_function`` of ``aot_serialize``'s bytes, in the scope ``f_globals``
+    (the compiled function's module's globals and the modules it names). Moved: raises, and the model
+    compiles as usual."""
+    return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=f_globals)

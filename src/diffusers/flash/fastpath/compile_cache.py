@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from diffusers.flash import fsio
+from diffusers.flash.fastpath import precompile
 from diffusers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -308,6 +309,10 @@ class CompileCache:
         self.loaded, self.problem, self.written = False, None, 0
         self.blocked = None  # why the file is neither loaded nor written (its place), if so
         self.missed = []  # "kind key" of what this process compiled that the loaded file did not hold
+        # precompile.py's entries: key -> {"data": the compiled function's bytes, "modules": names it reaches}
+        self.precompiled: dict[str, dict] = {}
+        self._precompiled_changed = False
+        self.ahead = {"loaded": 0, "compiled": 0, "problems": []}  # precompile.py's record, for cache_status
 
     def load(self) -> bool:
         """Hand the file's compiled artifacts to torch; False (and the reason logged) where it cannot."""
@@ -316,11 +321,15 @@ class CompileCache:
             if data is None:
                 logger.info(f"fast path: no compile cache at {self.path} yet: written after the first compile")
                 return False
-            payload = self._verify(data)
-            entries = _by_kind(_entries(payload))  # read once: checked here, merged for torch
+            header, payload = self._verify(data)
+            try:
+                artifacts, precompiled = precompile.split(header, payload)
+            except ValueError as e:
+                raise Refused(str(e)) from None
+            entries = _by_kind(_entries(artifacts))  # read once: checked here, merged for torch
             kinds = _keys(entries)
-            info = torch.compiler.load_cache_artifacts(_merge(entries))
-            if info is None:
+            info = torch.compiler.load_cache_artifacts(_merge(entries)) if entries else None
+            if entries and info is None:
                 raise Refused("torch could not read its artifacts (its log says why)")
         except Refused as e:
             self.problem = str(e)
@@ -334,10 +343,22 @@ class CompileCache:
             logger.warning(f"fast path: the compile cache {self.path} is not used ({self.problem}): compiling as "
                            f"usual, and {then}")
             return False
-        self.keys, self.loaded = _artifact_set(info), True
+        self.keys, self.loaded, self.precompiled = _artifact_set(info) if info else set(), True, precompiled
         trusted = " (on trust_cache's word)" if self._trusted(data) else ""
-        logger.info(f"fast path: loaded {sum(map(len, kinds.values()))} compiled artifacts from {self.path}{trusted}")
+        ahead = f" and {len(precompiled)} precompiled models" if precompiled else ""
+        logger.info(f"fast path: loaded {sum(map(len, kinds.values()))} compiled artifacts{ahead} from "
+                    f"{self.path}{trusted}")
         return True
+
+    def add_precompiled(self, key: str, data: bytes, modules: dict[str, str]) -> None:
+        """A model compiled ahead of time (precompile.py), written with the next ``update()``."""
+        self.precompiled[key] = {"data": data, "modules": dict(modules)}
+        self._precompiled_changed = True
+
+    def drop_precompiled(self, key: str) -> None:
+        """An entry that did not serve: left out of the file from the next ``update()`` on."""
+        if self.precompiled.pop(key, None) is not None:
+            self._precompiled_changed = True
 
     def _place(self) -> None:
         """Refused where the file's folder can be written by others without the sticky bit (they could put
@@ -363,8 +384,8 @@ class CompileCache:
     def _trusted(self, data: bytes) -> bool:
         return self.trust is True or (isinstance(self.trust, str) and hashlib.sha256(data).hexdigest() == self.trust)
 
-    def _verify(self, data: bytes) -> bytes:
-        """The payload of a file this user wrote (or said to trust); Refused, with why, otherwise."""
+    def _verify(self, data: bytes) -> tuple[dict, bytes]:
+        """The header and payload of a file this user wrote (or said to trust); Refused, with why, otherwise."""
         if data.startswith(UNSIGNED_MAGIC):
             raise Refused("an unsigned file of an earlier diffusers-flash: not trusted")
         if not data.startswith(CACHE_MAGIC):
@@ -390,7 +411,7 @@ class CompileCache:
                               f"trust_cache=True, or copy the writer's {key_path()}")
         if header.get("torch") != torch.__version__:
             raise Refused(f"written by torch {header.get('torch')}, this is torch {torch.__version__}")
-        return payload
+        return header, payload
 
     def update(self) -> None:
         """After a call that may have compiled: write the file if this process has artifacts it lacks."""
@@ -401,18 +422,22 @@ class CompileCache:
         except Exception as e:
             logger.warning(f"fast path: the compile cache {self.path} is not written ({_reason(e)})")
             return
-        if got is None or _artifact_set(got[1]) <= self.keys:
+        new_artifacts = got is not None and not _artifact_set(got[1]) <= self.keys
+        if not new_artifacts and not self._precompiled_changed:
             return
         try:
-            data, keys = merged(got[0]), _artifact_set(got[1])
+            artifacts, keys = (merged(got[0]), _artifact_set(got[1])) if got is not None else (_merge({}), set())
         except Refused as e:  # torch wrote a format this version cannot read: not written
             logger.warning(f"fast path: the compile cache {self.path} is not written ({e})")
             return
+        data, entries = precompile.join(artifacts, self.precompiled)
         try:
             self._place()
             if os.path.islink(self.path):
                 raise Refused(f"{self.path} is a symbolic link", blocks=True)
             header = {"torch": torch.__version__, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if entries:
+                header.update(artifacts=len(artifacts), precompiled=entries)
             header["hmac_sha256"] = _mac(user_key(), header, data)
             fsio.atomic_write(self.path, CACHE_MAGIC + json.dumps(header).encode() + b"\n" + data)
             self._set_mode()
@@ -423,14 +448,17 @@ class CompileCache:
             logger.warning(f"fast path: the compile cache {self.path} is not written ({why})")
             return
         dropped, new = len(self.keys - keys), sorted(keys - self.keys)
-        if self.loaded and not self.written:  # the file was used, yet something compiled here was not in it
+        self._precompiled_changed = False
+        if self.loaded and not self.written and new_artifacts:  # the file was used, yet compiles here missed it
             self.missed = [" ".join(k) for k in new]
             logger.warning(f"fast path: {len(new)} compiled artifacts of this process are not in the loaded "
                            f"file {self.path} (its compiles missed it: {', '.join(map(' '.join, new[:4]))}"
                            f"{', ...' if len(new) > 4 else ''}); TORCH_LOGS=+torch._inductor.codecache logs what "
                            f"each key is made of, to compare with the process that wrote the file")
         self.keys, self.written = keys, self.written + 1
-        logger.info(f"fast path: wrote {len(keys)} compiled artifacts ({len(data) / 2**20:.1f} MiB) to {self.path}"
+        ahead = f" and {len(entries)} precompiled models" if entries else ""
+        logger.info(f"fast path: wrote {len(keys)} compiled artifacts{ahead} ({len(data) / 2**20:.1f} MiB) to "
+                    f"{self.path}"
                     + (f"; {dropped} of the earlier file's, not used in this process, are not kept" if dropped else ""))
 
     def _set_mode(self) -> None:
@@ -447,9 +475,10 @@ class CompileCache:
 
 def cache_status(pipe: Any) -> dict | None:
     """The compile cache of ``enable(cache=...)``: its path, whether it was loaded, why not, times written,
-    and the artifacts compiled here that a loaded file did not hold."""
+    the artifacts compiled here that a loaded file did not hold, and the denoisers loaded precompiled from it
+    or compiled ahead into it (precompile.py), with why not where neither."""
     store = getattr(pipe, "__dict__", {}).get("_fast_path_cache")
     if store is None:
         return None
     return {"path": store.path, "loaded": store.loaded, "problem": store.problem, "written": store.written,
-            "missed": list(store.missed)}
+            "missed": list(store.missed), "precompiled": dict(store.ahead, problems=list(store.ahead["problems"]))}

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from diffusers.flash.fastpath.compile_cache import CACHE_MAGIC, CompileCache, cache_status  # noqa: F401
+from diffusers.flash.fastpath import precompile
 from diffusers.flash.fastpath.compiling import (INDUCTOR_OPTIONS, REGIONS, AfterNewInputs,  # noqa: F401
                                                 CompiledOrEager, RegionalCompile, _compile, _compile_regions,
                                                 _torch_compile)
@@ -87,6 +88,8 @@ def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, rep
         else:
             fn = _compile(fn, what, report, options)
             prepare = own if fn is not own else None
+            if cache is not None and prepare is not None and what in DENOISERS:
+                fn = _precompiled(model, own, what, options, cache, fn, report)
         if cache is not None and prepare is not None:
             fn = AfterNewInputs(fn, cache.update)
     after = None
@@ -102,6 +105,23 @@ def apply_to(model: torch.nn.Module, what: str, attr: str, mode: bool | str, rep
     return fn
 
 
+DENOISERS = ("UNet", "transformer")  # compiled ahead of time into a cache file (precompile.py)
+
+
+def _precompiled(model: torch.nn.Module, own: Any, what: str, options: dict | None, cache: CompileCache,
+                 fallback: Any, report: dict) -> Any:
+    """The denoiser's forward compiled ahead of time into ``cache`` (precompile.py), ``fallback`` where it
+    cannot be (the reason reported)."""
+    why = precompile.unavailable()
+    if why is None and getattr(own, "__self__", None) is not model:
+        why = f"its forward is wrapped ({type(own).__name__}), not the model's own method"
+    if why:
+        report["reasons"].append(f"the {what} is not compiled ahead of time into the cache file: {why}")
+        return fallback
+    return precompile.Precompiled(model, own.__func__, what, dict(INDUCTOR_OPTIONS if options is None else options),
+                                  cache, fallback)
+
+
 def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, channels_last: bool | None = None,
            vae: bool = True, text_encoder: bool = True, compile_vae: bool | str | None = None,
            parallel_compile: bool = True, cache: str | os.PathLike | None = None,
@@ -115,7 +135,9 @@ def enable(pipe: Any, cuda_graphs: bool = True, compile: bool | str = False, cha
     ``compile_vae`` (default: as ``compile``) sets the VAE decoder's apart, e.g. ``False``: graphed only;
     ``parallel_compile``: when both are compiled, a helper process compiles the VAE decoder while this one
     compiles the UNet (``compile_ahead``; not where ``cache`` was loaded); ``cache``: a file for
-    ``CompileCache`` (loading it runs code from it: use only files you wrote or trust like code);
+    ``CompileCache`` (loading it runs code from it: use only files you wrote or trust like code), which
+    from torch 2.11 also holds the UNet or transformer compiled ahead of time (``precompile``: a process
+    that loads it does not trace the model again);
     ``trust_cache``: ``CompileCache``'s ``trust``; ``options``: inductor options (default
     ``INDUCTOR_OPTIONS``)."""
     for name, value in (("compile", compile), ("compile_vae", compile_vae)):
