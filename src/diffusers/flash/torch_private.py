@@ -88,24 +88,55 @@ def aot_compile(func: Callable[..., Any], args: tuple, kwargs: dict, options: di
     for the ``torch.compile`` call). Moved: raises, and the model compiles as usual."""
     patch = ({"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {})
     with torch._dynamo.config.patch(**patch):
-        compiled = torch.compile(func, fullgraph=True, dynamic=False, options=dict(options))
+        held = closure_data(func)
+        names = [name for i, name in enumerate(getattr(getattr(func, "__code__", None), "co_freevars", ()))
+                 if f"closure {i}" in held]
+
+        def keep(entries: Any) -> list[bool]:  # guard names: "forward_fn", "forward_fn.__defaults__", ...
+            return [ok and not any(e.name == n or e.name.startswith((n + ".", n + "[")) for n in names)
+                    for ok, e in zip(_serializable_guards(entries), entries)]
+
+        compiled = torch.compile(func, fullgraph=True, dynamic=False, options=dict(options, guard_filter_fn=keep))
     if not hasattr(compiled, "aot_compile"):
         raise RuntimeError(f"torch {torch.__version__} cannot compile ahead of time (aot_compile, torch 2.11 on)")
     return compiled.aot_compile((tuple(args), dict(kwargs)))
 
 
-def aot_serialize(compiled: Any) -> tuple[bytes, dict[str, str]]:
-    """An ``aot_compile`` result as bytes, with the modules its code reaches through globals dynamo installed
-    (``___module_<name>_<id>_c<n>``, which the bytes name but do not hold): {global name: module name}.
-    Moved: raises, and nothing is kept for a new process."""
-    data = type(compiled).serialize(compiled, None).serialized_data
+def _serializable_guards(entries: Any) -> list[bool]:
+    """The guards kept with a function compiled ahead: torch's default for it (no guard on a global), and no
+    guard torch cannot serialize, whether by its type or by a type it derives from: upstream's Attention
+    (0.15 on) reads ``inspect.signature(self.processor.__call__)``, which dynamo guards by the code object's
+    identity (ID_MATCH), so without this no model of 0.42.1 could be saved. What those guards held is in
+    precompile.key_for's key instead (the processors' classes), and a loaded function's first output is
+    checked against the model's own. (``aot_compile`` also drops the guards on the compiled function's
+    closure: ``closure_data``'s functions, which a loading process supplies from its own code.)"""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+    return [not (e.is_global or e.guard_type in unsupported or unsupported & set(e.derived_guard_types or ()))
+            for e in entries]
+
+
+def closure_data(func: Callable[..., Any]) -> dict[str, object]:
+    """The functions in ``func``'s closure, by position: a decorated forward (upstream's ``apply_lora_scale``,
+    0.3x on) holds the undecorated one there, which pickle cannot name. They are left out of the saved bytes
+    and handed back from the loading process's own ``func`` (the same code)."""
+    return {f"closure {i}": cell.cell_contents for i, cell in enumerate(getattr(func, "__closure__", None) or ())
+            if callable(cell.cell_contents)}
+
+
+def aot_serialize(compiled: Any, external: dict[str, object]) -> tuple[bytes, dict[str, str]]:
+    """An ``aot_compile`` result as bytes (``external``: objects left out, see ``closure_data``), with the
+    modules its code reaches through globals dynamo installed (``___module_<name>_<id>_c<n>``, which the bytes
+    name but do not hold): {global name: module name}. Moved: raises, and nothing is kept for a new process."""
+    data = type(compiled).serialize(compiled, external).serialized_data
     modules = {name: value.__name__ for name, value in compiled.fn.__globals__.items()
                if name.startswith("___module_") and isinstance(value, types.ModuleType)}
     return data, modules
 
 
-def aot_load(data: bytes, f_globals: dict[str, Any]) -> Callable[..., Any]:
+def aot_load(data: bytes, f_globals: dict[str, Any], external: dict[str, object]) -> Callable[..., Any]:
     """``torch.compiler.load_compiled_function`` of ``aot_serialize``'s bytes, in the scope ``f_globals``
-    (the compiled function's module's globals and the modules it names). Moved: raises, and the model
-    compiles as usual."""
-    return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=f_globals)
+    (the compiled function's module's globals and the modules it names), ``external`` what was left out.
+    Moved: raises, and the model compiles as usual."""
+    return torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=f_globals, external_data=external)

@@ -13,7 +13,9 @@ call, loads them instead of compiling. Checks:
 
 - the key is a sha256 of what the compiled code depends on: torch's version, the model's class, config,
   weights' dtypes and layout, each input's shape, strides and dtype, inductor's options, the attention
-  backends the dispatcher can use and is told to use, and the backend flags;
+  backends the dispatcher can use and is told to use, the attention processors' classes, and the backend
+  flags; torch keeps its own guards with the function, less those it cannot save (torch_private's
+  ``_serializable_guards``);
 - before a loaded function serves, its output for the first call is compared with the model's own
   (uncompiled) output for the same inputs; one that differs is dropped with the reason logged;
 - anything that fails (a torch without ahead-of-time compile, a model whose forward breaks the graph, bytes
@@ -86,6 +88,8 @@ def _attention(model: torch.nn.Module) -> dict:
         "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "modules": {name: dispatch.current(m) for name, m in model.named_modules()
                     if isinstance(m, attention_classes())},
+        "processors": sorted({f"{type(p).__module__}:{type(p).__qualname__}" for p in
+                              (getattr(m, "processor", None) for m in model.modules()) if p is not None}),
     }
 
 
@@ -179,11 +183,11 @@ class Precompiled:
             served = self._load(key, entry, args, kwargs)
             if served is not None:
                 return served
-        from diffusers.flash.torch_private import aot_compile, aot_serialize
+        from diffusers.flash.torch_private import aot_compile, aot_serialize, closure_data
 
         try:
             compiled = aot_compile(self.func, (self.model, *args), kwargs, self.options)
-            data, modules = aot_serialize(compiled)
+            data, modules = aot_serialize(compiled, closure_data(self.func))
         except Exception as e:  # a graph break, a torch that moved: compiled as usual
             self._note(reason(e))
             return self.fallback
@@ -192,10 +196,10 @@ class Precompiled:
         return self._bound(compiled)
 
     def _load(self, key: str, entry: dict, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
-        from diffusers.flash.torch_private import aot_load
+        from diffusers.flash.torch_private import aot_load, closure_data
 
         try:
-            loaded = aot_load(entry["data"], _scope(self.func, entry["modules"]))
+            loaded = aot_load(entry["data"], _scope(self.func, entry["modules"]), closure_data(self.func))
             check_same(loaded(self.model, *args, **kwargs), self.func(self.model, *args, **kwargs))
         except Exception as e:
             why = str(e) if isinstance(e, Differs) else reason(e)
