@@ -175,6 +175,14 @@ def test_a_loaded_function_giving_other_numbers_is_dropped_and_compiled_again(ho
     assert "its output differs from the model's by 1" in store.ahead["problems"][0]
     assert store.precompiled[key]["data"] == b"compiled here"  # replaced in the file at the next update
     assert "is not used (its output differs from the model's by 1" in log.text
+    # compiled, but bytes torch cannot write: the compiled function serves, nothing is kept, nothing compiled twice
+    monkeypatch.setattr(torch_private, "aot_serialize", lambda compiled, external: 1 / 0)
+    other = fast_path.CompileCache(home / "work" / "other.bin")
+    ahead = precompile.Precompiled(model, Scaled.forward, "UNet", {}, other, None)
+    with torch.no_grad():
+        assert torch.equal(ahead(x), model(x))
+    assert other.precompiled == {} and other.ahead["compiled"] == 0
+    assert "ZeroDivisionError" in other.ahead["problems"][0] and "a new machine will compile it again" in log.text
 
 
 @pytest.mark.parametrize("model", ["sd3", "flux"])

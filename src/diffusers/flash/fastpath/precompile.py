@@ -187,10 +187,16 @@ class Precompiled:
 
         try:
             compiled = aot_compile(self.func, (self.model, *args), kwargs, self.options)
-            data, modules = aot_serialize(compiled, closure_data(self.func))
         except Exception as e:  # a graph break, a torch that moved: compiled as usual
             self._note(reason(e))
             return self.fallback
+        try:
+            data, modules = aot_serialize(compiled, closure_data(self.func))
+        except Exception as e:  # compiled, but not kept: it serves this process all the same
+            self.store.ahead["problems"].append(reason(e))
+            logger.warning(f"fast path: the {self.what} compiled ahead of time cannot be kept in {self.store.path} "
+                           f"({reason(e)}): a new machine will compile it again")
+            return self._bound(compiled)
         self.store.add_precompiled(key, data, modules)
         self.store.ahead["compiled"] += 1
         return self._bound(compiled)
