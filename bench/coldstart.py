@@ -3,10 +3,12 @@ inductor and Triton caches.
 
   python -m bench coldstart --batch-sizes 1,8 --json coldstart.json
 
-Per batch size, four processes one after the other: ``helper`` (enable_fast_path(compile=True), the VAE
+Per batch size, a process per mode, one after the other: ``helper`` (enable_fast_path(compile=True), the VAE
 decoder compiled in a helper process), ``no-helper`` (parallel_compile=False), ``cache-write``
-(cache=FILE, absent: compiled as fresh and the file written) and ``cache-load`` (the file written by
-``cache-write``, read into empty caches: a new machine with the file). Warm-up = enable_fast_path plus the
+(cache=FILE, absent: compiled as fresh and the file written, the UNet compiled ahead of time into it on torch
+2.11+), ``cache-load`` (the file written by ``cache-write``, read into empty caches: a new machine with the
+file), and ``artifacts-write`` / ``artifacts-load``, the same with torch's artifacts only in the file (the
+UNet not compiled ahead: precompile.ENABLED off). Warm-up = enable_fast_path plus the
 first pipeline call, which compiles and captures; that call makes only ``--steps`` denoising steps (default
 2: the warm-up is about compiling), and ``then_s`` is a second call of the same steps, for scale. SD 1.x
 architecture, random weights, fp16, 512x512, guidance 7.5 (``--tiny``: the tiny model on the CPU, where the
@@ -29,13 +31,18 @@ import torch
 from .common import BenchError, header, machine, parse_ints, table, write_json
 
 MODES = {"helper": dict(parallel_compile=True), "no-helper": dict(parallel_compile=False),
-         "cache-write": dict(cache=True), "cache-load": dict(cache=True)}
+         "cache-write": dict(cache=True), "cache-load": dict(cache=True),
+         "artifacts-write": dict(cache=True), "artifacts-load": dict(cache=True)}
+LOADS = {"cache-load": "cache-write", "artifacts-load": "artifacts-write"}  # reader -> the writer of its file
 CHILD_TIMEOUT_S = 540
 
 
 def child(job: dict[str, Any]) -> dict[str, Any]:
     """In the new process: build the pipeline, then time enable_fast_path + the first call, and a second."""
     from diffusers.flash.fastpath import engine as fast_path
+    from diffusers.flash.fastpath import precompile
+
+    precompile.ENABLED = not job["mode"].startswith("artifacts")  # artifacts-*: the file without the precompiled UNet
 
     from .pipeline import PROMPT, build
 
@@ -93,6 +100,9 @@ COLUMNS = [("mode", "mode", None), ("imgs", "images", None), ("warm-up s", "warm
            ("helper", lambda r: ", ".join(f"{k}: {v}" for k, v in (r.get("helper") or {}).items()) or None, None),
            ("cache", lambda r: r.get("cache") and ("loaded" if r["cache"]["loaded"] else r["cache"]["problem"]
                                                    or "not loaded") + f", written {r['cache']['written']}x", None),
+           ("UNet ahead", lambda r: ", ".join(f"{k} {v}" for k, v in ((r.get("cache") or {}).get("precompiled")
+                                                                      or {}).items() if v and k != "problems")
+            or None, None),
            ("status", lambda r: r["status"] + (f": {r['reason']}" if r.get("reason") else ""), None)]
 
 
@@ -122,8 +132,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         bad = [m for m in args.modes if m not in MODES]
         if bad or not args.modes:
             raise BenchError(f"--modes: unknown {', '.join(map(repr, bad)) or 'none given'}; from {', '.join(MODES)}")
-        if "cache-load" in args.modes and "cache-write" not in args.modes:
-            raise BenchError("--modes cache-load reads the file cache-write writes: give both")
+        for load, write in LOADS.items():
+            if load in args.modes and write not in args.modes:
+                raise BenchError(f"--modes {load} reads the file {write} writes: give both")
         if args.steps < 1:
             raise BenchError(f"--steps must be at least 1, not {args.steps}")
         if not args.tiny and not args.child and not torch.cuda.is_available():
@@ -146,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = sorted(args.modes, key=list(MODES).index)
     with tempfile.TemporaryDirectory(prefix="bench-coldstart-") as scratch:
         for images in args.batch_sizes:
-            cache = os.path.join(scratch, f"compiled-{images}.bin")
             for mode in modes:
+                cache = os.path.join(scratch, f"{mode.split('-')[0]}-{images}.bin")
                 job = dict(mode=mode, images=images, steps=args.steps, device=device, dtype=dtype, size=size,
-                           tiny=args.tiny, cache=cache if mode.startswith("cache") else None)
+                           tiny=args.tiny, cache=cache if MODES[mode].get("cache") else None)
                 row = run_one(job, scratch, args.logs)
-                if mode == "cache-write" and os.path.exists(cache):
+                if mode in LOADS.values() and os.path.exists(cache):
                     row["cache_file_mib"] = os.path.getsize(cache) / 2**20
                 report["rows"].append(row)
                 print(f"{mode} x{images}: {row.get('warmup_s', row.get('reason'))}", file=sys.stderr)

@@ -344,6 +344,7 @@ def test_coldstart_options_and_table(capsys):
     assert args.batch_sizes == [1, 8] and args.modes == ["cache-load", "cache-write"] and args.steps == 3
     for argv, message in ((["--tiny", "--modes", "fast"], "unknown 'fast'"),
                           (["--tiny", "--modes", "cache-load"], "give both"),
+                          (["--tiny", "--modes", "artifacts-load,cache-write"], "artifacts-write writes: give both"),
                           (["--tiny", "--batch-sizes", "0"], "positive integers"),
                           (["--tiny", "--steps", "0"], "at least 1")):
         with pytest.raises(SystemExit):
@@ -360,12 +361,15 @@ def test_coldstart_options_and_table(capsys):
         dict(mode="helper", images=1, status="ok", warmup_s=61.2, then_s=0.31, models_s={"UNet step": 50.1},
              helper={"1x4x64x64": "compiled"}, cache=None),
         dict(mode="cache-load", images=1, status="ok", warmup_s=14.0, then_s=0.3, models_s={}, helper={},
+             cache=dict(loaded=True, problem=None, written=0, precompiled=dict(loaded=1, compiled=0, problems=[]))),
+        dict(mode="artifacts-load", images=1, status="ok", warmup_s=19.0, then_s=0.3, models_s={}, helper={},
              cache=dict(loaded=True, problem=None, written=0)),
         dict(mode="no-helper", images=8, status="error", reason="exit status 1: boom")])
     text = coldstart.render(report)
     assert "first call of 2 steps (not 50" in text and "# card: H200" in text
-    assert "| helper | 1 | 61.2 | 50.1 | - | 0.31 | 1x4x64x64: compiled | - | ok |" in text
-    assert "| cache-load | 1 | 14.0 | - | - | 0.30 | - | loaded, written 0x | ok |" in text
+    assert "| helper | 1 | 61.2 | 50.1 | - | 0.31 | 1x4x64x64: compiled | - | - | ok |" in text
+    assert "| cache-load | 1 | 14.0 | - | - | 0.30 | - | loaded, written 0x | loaded 1 | ok |" in text
+    assert "| artifacts-load | 1 | 19.0 | - | - | 0.30 | - | loaded, written 0x | - | ok |" in text
     assert "| no-helper | 8 | - |" in text and "error: exit status 1: boom" in text
 
 
@@ -393,14 +397,16 @@ def test_coldstart_keeps_each_childs_log_where_asked(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_coldstart_tiny_runs_each_mode_in_a_new_process(tmp_path):
     out = tmp_path / "cold.json"
-    proc = _run("coldstart", "--tiny", "--batch-sizes", "1", "--modes", "no-helper,cache-write,cache-load",
+    proc = _run("coldstart", "--tiny", "--batch-sizes", "1", "--modes",
+                "no-helper,cache-write,cache-load,artifacts-write,artifacts-load",
                 "--json", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["complete"] and report["kind"] == "coldstart" and report["machine"]["date"]
     rows = report["rows"]
     assert [(r["mode"], r["images"], r["status"]) for r in rows] == [
-        ("no-helper", 1, "ok"), ("cache-write", 1, "ok"), ("cache-load", 1, "ok")], rows
+        ("no-helper", 1, "ok"), ("cache-write", 1, "ok"), ("cache-load", 1, "ok"), ("artifacts-write", 1, "ok"),
+        ("artifacts-load", 1, "ok")], rows
     assert all(r["warmup_s"] > 0 and r["then_s"] > 0 for r in rows)
     assert "no CUDA device" in rows[0]["applied"]["reasons"][0]  # the CPU: the fast path does not apply
     assert "| cache-load | 1 |" in proc.stdout and "first call of 2 steps" in proc.stdout

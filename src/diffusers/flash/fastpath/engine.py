@@ -112,6 +112,8 @@ def _precompiled(model: torch.nn.Module, own: Any, what: str, options: dict | No
                  fallback: Any, report: dict) -> Any:
     """The denoiser's forward compiled ahead of time into ``cache`` (precompile.py), ``fallback`` where it
     cannot be (the reason reported)."""
+    if not precompile.ENABLED:
+        return fallback
     why = precompile.unavailable()
     if why is None and getattr(own, "__self__", None) is not model:
         why = f"its forward is wrapped ({type(own).__name__}), not the model's own method"
