@@ -207,6 +207,60 @@ def test_fast_path_gives_the_same_images(compile, compile_vae):
     np.testing.assert_array_equal(_run(pipe, "cuda", 1), plain[1])
 
 
+CACHE_FILE_RUN = """
+import json, sys, numpy as np, torch
+from diffusers.flash import local_pipelines
+from diffusers.flash.fastpath import engine as fast_path
+pipe = local_pipelines.stable_diffusion("tiny").to("cuda")
+def run(n):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return pipe(["a lighthouse"] * n, num_inference_steps=4, height=128, width=128, generator=g,
+                output_type="np").images
+plain = run(1)
+report = pipe.enable_fast_path(compile=True, cache=sys.argv[1])
+fast = run(1)
+again = run(1)  # replayed
+print(json.dumps({"diff": float(np.abs(fast - plain).max() * 255), "same": bool((fast == again).all()),
+                  "reasons": report["reasons"], "cache": fast_path.cache_status(pipe),
+                  "graphs": len(pipe.unet.forward.graphs), "failed": pipe.unet.forward.graphed.failed}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cache_file_serves_a_new_process_the_unet_compiled_ahead(tmp_path):
+    """cache=FILE across two processes with empty inductor and Triton caches of their own: the first compiles
+    the UNet ahead of time into the file (torch 2.11+, precompile.py), the second loads it (no trace, no
+    compile) and writes nothing; both give the plain pipeline's images within 1/255."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from diffusers.flash.fastpath import precompile
+
+    (tmp_path / "work").mkdir(mode=0o700)
+    path = tmp_path / "work" / "compiled.bin"
+
+    def run(name):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / name / "inductor"),
+                   TRITON_CACHE_DIR=str(tmp_path / name / "triton"), XDG_CACHE_HOME=str(tmp_path / "user"))
+        proc = subprocess.run([sys.executable, "-c", CACHE_FILE_RUN, str(path)], capture_output=True, text=True,
+                              env=env, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    ahead = int(precompile.unavailable() is None)
+    first, second = run("machine-1"), run("machine-2")
+    for out in (first, second):
+        print(f"cache file: {out['diff']:.3f}/255 from the plain pipeline, {out['cache']}")
+        assert out["diff"] <= 1 and out["same"] and out["graphs"] == 1 and out["failed"] is None, out
+        assert out["cache"]["precompiled"]["problems"] == [], out
+    assert first["cache"]["precompiled"]["compiled"] == ahead and first["cache"]["written"] >= 1, first
+    assert second["cache"]["loaded"] and second["cache"]["precompiled"]["loaded"] == ahead, second
+    assert second["cache"]["written"] == 0 and second["cache"]["missed"] == [], second
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_capture_that_fails_falls_back_with_the_reason(caplog):
