@@ -56,6 +56,11 @@ def _flag(path: str) -> tuple[Any, str]:
     return obj, name
 
 
+def backend_flags() -> dict[str, Any]:
+    """The backend settings of ``FLAGS`` this torch has, as this process has them set."""
+    return {path: getattr(*_flag(path)) for path in FLAGS if hasattr(*_flag(path))}
+
+
 def spec_for(model: torch.nn.Module, attr: str, what: str, shape: Sequence[int], target: str, extra: dict) -> dict:
     """What a helper needs to build ``model`` and call ``target`` ("module:function", run there as
     ``function(model, spec)``, returning None or why it failed) on inputs of ``shape``; ``extra`` is for
@@ -71,7 +76,6 @@ def spec_for(model: torch.nn.Module, attr: str, what: str, shape: Sequence[int],
         raise ValueError(f"parameters of {len({p.dtype for p in params})} dtypes")
     if len({p.requires_grad for p in params}) != 1 or len({m.training for m in model.modules()}) != 1:
         raise ValueError("partly frozen or partly in training mode")
-    flags = {path: getattr(*_flag(path)) for path in FLAGS if hasattr(*_flag(path))}
     return {
         "module": cls.__module__, "class": cls.__qualname__, "target": target, "extra": extra,
         "config": {k: v for k, v in dict(model.config).items() if not k.startswith("_")},
@@ -80,7 +84,7 @@ def spec_for(model: torch.nn.Module, attr: str, what: str, shape: Sequence[int],
         "training": model.training, "requires_grad": params[0].requires_grad,
         "backends": {name: attention_dispatch.current(m) for name, m in model.named_modules()
                      if isinstance(m, attention_classes())},
-        "flags": flags,
+        "flags": backend_flags(),
         "sdp": {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in SDP
                 if hasattr(torch.backends.cuda, f"{n}_sdp_enabled")},
         "deterministic": [torch.are_deterministic_algorithms_enabled(),

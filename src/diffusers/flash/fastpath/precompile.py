@@ -98,7 +98,7 @@ def key_for(model: torch.nn.Module, func: Callable[..., Any], args: tuple, kwarg
             options: dict) -> str | None:
     """The sha256 naming ``func(model, *args, **kwargs)``'s compiled code (see the module's notes); None where
     an input cannot be described."""
-    from diffusers.flash.fastpath.compile_ahead import FLAGS, _flag
+    from diffusers.flash.fastpath.compile_ahead import backend_flags
 
     inputs = _describe([list(args), dict(kwargs)])
     if inputs is None:
@@ -111,7 +111,7 @@ def key_for(model: torch.nn.Module, func: Callable[..., Any], args: tuple, kwarg
         "weights": sorted({(str(p.dtype), p.device.type, _layout(p)) for p in model.parameters()}),
         "training": model.training, "inputs": inputs, "options": options,
         "attention": _attention(model),
-        "flags": {path: getattr(*_flag(path)) for path in FLAGS if hasattr(*_flag(path))},
+        "flags": backend_flags(),
     }
     text = json.dumps(desc, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -128,8 +128,13 @@ def _scope(func: Callable[..., Any], modules: dict[str, str]) -> dict[str, Any]:
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
-            if isinstance(t, torch.Tensor)]
+    """The tensors of a model's output: a tensor, an output class (``to_tuple``), or tuples, lists and dicts."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in _leaves(item)]
 
 
 class Differs(ValueError):
