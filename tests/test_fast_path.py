@@ -1,7 +1,11 @@
 """The fast path: on the CPU it says why it does not apply and changes nothing; on CUDA the graphed UNet,
 VAE decode and text encoder (and the compiled path) give the same images as the plain pipeline, the
 denoising loop keeps its timesteps on the host, and a new batch captures new graphs."""
+import json
 import logging
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -232,11 +236,6 @@ def test_a_cache_file_serves_a_new_process_the_unet_compiled_ahead(tmp_path):
     """cache=FILE across two processes with empty inductor and Triton caches of their own: the first compiles
     the UNet ahead of time into the file (torch 2.11+, precompile.py), the second loads it (no trace, no
     compile) and writes nothing; both give the plain pipeline's images within 1/255."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     from diffusers.flash.fastpath import precompile
 
     (tmp_path / "work").mkdir(mode=0o700)

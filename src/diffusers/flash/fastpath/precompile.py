@@ -179,10 +179,9 @@ class Precompiled:
         logger.warning(f"fast path: the {self.what} is compiled as usual, not ahead of time ({why})")
 
     def _prepare(self, args: tuple, kwargs: dict) -> Callable[..., Any]:
-        why = unavailable()
-        key = None if why else key_for(self.model, self.func, args, kwargs, self.options)
-        if why or key is None:
-            self._note(why or "an input is neither a tensor nor plain data")
+        key = key_for(self.model, self.func, args, kwargs, self.options)  # torch's support: checked by the engine
+        if key is None:
+            self._note("an input is neither a tensor nor plain data")
             return self.fallback
         entry = self.store.precompiled.get(key)
         if entry is not None:
